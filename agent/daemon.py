@@ -1,0 +1,401 @@
+"""`agent run`: the node agent (control plane of one node).
+
+It owns the node's enrollments and keeps three things in agreement with them:
+- the redirection rules inside every enrolled network namespace (through the backend, in a
+  dedicated netns thread),
+- every connected proxy (over `control.sock`: a full snapshot on each (re)connect, then
+  incremental adds and dels, every message acked),
+- the enrollment store on disk (so a restart loses nothing).
+
+Enrollment order: persist, hand the workload to the proxies (so its listeners exist), then program
+redirection; any failure rolls all three back and the caller gets the error.  Unenrollment removes
+redirection first (traffic goes direct again), then tells the proxies.  A periodic reconcile
+(`reconcile.plan_reconcile`) repairs drifted rules, forgets namespaces that disappeared and
+enrolls declared workloads whose namespace appeared.  Everything runs on one asyncio loop; blocking
+kernel work goes to the netns thread, so requests stay serialized by `_mutate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.admin import AGENT_SOCKET, Reply, prepare_state_dir, serve_async
+from agent.config import Config, WorkloadSpec, validate_name
+from agent.control.channel import CONTROL_SOCKET, AsyncChannel, ChannelClosed
+from agent.control.protocol import (
+    Ack,
+    AddWorkload,
+    DelWorkload,
+    Hello,
+    Message,
+    ProtocolError,
+    SnapshotSent,
+)
+from agent.netns import (
+    NETNS_RUN_DIR,
+    NetnsError,
+    NetnsExecutor,
+    netns_inode,
+    open_netns,
+    resolve_netns,
+)
+from agent.reconcile import (
+    EnrollDeclared,
+    Forget,
+    Observation,
+    ReconcileAction,
+    Repair,
+    describe,
+    plan_reconcile,
+)
+from agent.redirect.iptables import IptablesRedirection
+from agent.workloads import (
+    EnrollmentError,
+    EnrollmentStore,
+    Workload,
+    plan_enroll,
+    plan_unenroll,
+)
+
+log = logging.getLogger("ferry.agent")
+ACK_TIMEOUT = 10.0
+HELLO_TIMEOUT = 5.0
+
+
+def make_workload(netns_arg: str, namespace: str, service_account: str) -> Workload:
+    """Validate an enrollment request into a `Workload` (raises with the bad value named)."""
+    validate_name("namespace", namespace)
+    validate_name("service account", service_account)
+    path = resolve_netns(netns_arg)
+    return Workload(
+        uid=str(path),
+        name=path.name,
+        netns=str(path),
+        netns_inode=netns_inode(path),
+        namespace=namespace,
+        service_account=service_account,
+    )
+
+
+@dataclass
+class ProxyLink:
+    """One connected proxy; `lock` keeps each message paired with its ack."""
+
+    channel: AsyncChannel
+    hello: Hello
+    connected_at: float = field(default_factory=time.time)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def request(self, message: Message, fds: tuple[int, ...] = ()) -> None:
+        await self.channel.send(message, fds)
+        reply, extra = await asyncio.wait_for(self.channel.recv(), ACK_TIMEOUT)
+        for fd in extra:
+            os.close(fd)
+        if not isinstance(reply, Ack):
+            raise ProtocolError(f"expected ack, proxy sent {type(reply).__name__}")
+        if reply.error:
+            raise EnrollmentError(f"proxy (pid {self.hello.pid}) refused: {reply.error}")
+
+
+class Agent:
+    def __init__(self, config: Config, state_dir: Path) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.store = EnrollmentStore(state_dir)
+        self.executor = NetnsExecutor()
+        self.backend = IptablesRedirection(config.redirection, self.executor)
+        self.enrollments: dict[str, Workload] = {}
+        self.proxies: list[ProxyLink] = []
+        self.started_at = time.time()
+        self.last_reconcile: dict[str, Any] = {}
+        self._mutate = asyncio.Lock()
+        self._stop = asyncio.Event()
+
+    # ----------------------------------------------------------------- proxies
+    async def _send_to_proxies(self, message: Message, workload: Workload | None = None) -> int:
+        """Send to every connected proxy; returns how many acked.  A broken link is dropped."""
+        acked = 0
+        for link in list(self.proxies):
+            fd = open_netns(workload.netns) if workload is not None else None
+            try:
+                async with link.lock:
+                    await link.request(message, (fd,) if fd is not None else ())
+                acked += 1
+            except (ChannelClosed, ProtocolError, OSError, TimeoutError) as exc:
+                log.warning("dropping proxy pid %s: %s", link.hello.pid, exc)
+                self._drop(link)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        return acked
+
+    def _drop(self, link: ProxyLink) -> None:
+        if link in self.proxies:
+            self.proxies.remove(link)
+        link.channel.close()
+
+    async def _on_proxy(self, sock: socket.socket) -> None:
+        channel = AsyncChannel(sock)
+        try:
+            hello, fds = await asyncio.wait_for(channel.recv(), HELLO_TIMEOUT)
+            for fd in fds:
+                os.close(fd)
+            if not isinstance(hello, Hello):
+                raise ProtocolError(f"expected hello, got {type(hello).__name__}")
+        except (ChannelClosed, ProtocolError, OSError, TimeoutError) as exc:
+            log.warning("rejected proxy connection: %s", exc)
+            channel.close()
+            return
+        link = ProxyLink(channel, hello)
+        async with self._mutate, link.lock:
+            try:
+                for workload in list(self.enrollments.values()):
+                    try:
+                        fd = open_netns(workload.netns)
+                    except (OSError, NetnsError):
+                        continue  # gone: the next reconcile forgets it
+                    try:
+                        await link.request(AddWorkload(workload), (fd,))
+                    finally:
+                        os.close(fd)
+                await link.request(SnapshotSent())
+            except (ChannelClosed, ProtocolError, EnrollmentError, OSError, TimeoutError) as exc:
+                log.warning("snapshot to proxy pid %s failed: %s", hello.pid, exc)
+                channel.close()
+                return
+            self.proxies.append(link)
+        log.info(
+            "proxy pid %s (version %s) connected; sent snapshot of %d workload(s)",
+            hello.pid, hello.proxy_version, len(self.enrollments),
+        )
+        await self._watch(link)
+
+    async def _watch(self, link: ProxyLink) -> None:
+        """Notice a proxy that goes away while idle: poll for EOF between requests."""
+        while link in self.proxies:
+            await asyncio.sleep(0.5)
+            if link.lock.locked():
+                continue  # a request is reading from the socket right now
+            try:
+                alive = bool(link.channel.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                continue
+            except OSError:
+                alive = False
+            if not alive:
+                log.warning("proxy pid %s disconnected", link.hello.pid)
+                self._drop(link)
+
+    # ------------------------------------------------------------- enrollment
+    async def enroll(self, workload: Workload) -> Reply:
+        started = time.monotonic()
+        async with self._mutate:
+            new = plan_enroll(self.enrollments, workload)
+            with self.store.locked():
+                self.store.save(new)
+            try:
+                acked = await self._send_to_proxies(AddWorkload(workload), workload)
+                await asyncio.to_thread(self.backend.apply, Path(workload.netns))
+            except Exception as exc:
+                await asyncio.to_thread(self.backend.remove, Path(workload.netns))
+                await self._send_to_proxies(DelWorkload(workload.uid))
+                with self.store.locked():
+                    self.store.save(self.enrollments)
+                raise EnrollmentError(f"enrolling {workload.name!r} failed: {exc}") from exc
+            self.enrollments = new
+        elapsed = time.monotonic() - started
+        log.info(
+            "enrolled %s as %s/%s in %.1f ms (%d proxy ack(s))",
+            workload.name, workload.namespace, workload.service_account, elapsed * 1e3, acked,
+        )
+        return {
+            "ok": True,
+            "workload": workload.to_json(),
+            "proxies": acked,
+            "elapsed_ms": round(elapsed * 1e3, 2),
+        }
+
+    async def unenroll(self, netns_arg: str) -> Reply:
+        async with self._mutate:
+            path = Path(netns_arg) if "/" in netns_arg else resolve_name(netns_arg)
+            workload = self.enrollments.get(str(path))
+            new = plan_unenroll(self.enrollments, str(path), netns_arg)
+            with self.store.locked():
+                self.store.save(new)
+            self.enrollments = new
+            if workload is not None and path.exists():
+                await asyncio.to_thread(self.backend.remove, path)
+            await self._send_to_proxies(DelWorkload(str(path)))
+        log.info("unenrolled %s", netns_arg)
+        return {"ok": True}
+
+    # -------------------------------------------------------------- reconcile
+    def _observe(self) -> tuple[dict[str, Observation], dict[str, WorkloadSpec]]:
+        observed: dict[str, Observation] = {}
+        for uid, workload in self.enrollments.items():
+            try:
+                inode = netns_inode(workload.netns)
+            except OSError:
+                observed[uid] = Observation(None, "unknown")
+                continue
+            if inode != workload.netns_inode:
+                observed[uid] = Observation(inode, "unknown")
+                continue
+            report = self.backend.inspect(Path(workload.netns))
+            observed[uid] = Observation(inode, report.state, report.missing + report.unexpected)
+        declared: dict[str, WorkloadSpec] = {}
+        for spec in self.config.workloads:
+            try:
+                declared[str(resolve_netns(spec.netns))] = spec
+            except NetnsError:
+                continue
+        return observed, declared
+
+    async def reconcile(self) -> list[str]:
+        async with self._mutate:
+            observed, declared = await asyncio.to_thread(self._observe)
+            actions = plan_reconcile(self.enrollments, observed, declared)
+            done = [await self._perform(action) for action in actions]
+        report = [line for line in done if line]
+        self.last_reconcile = {"at": time.time(), "actions": report}
+        for line in report:
+            log.info("reconcile: %s", line)
+        return report
+
+    async def _perform(self, action: ReconcileAction) -> str:
+        try:
+            match action:
+                case Forget(workload=w):
+                    self.enrollments = {k: v for k, v in self.enrollments.items() if k != w.uid}
+                    with self.store.locked():
+                        self.store.save(self.enrollments)
+                    await self._send_to_proxies(DelWorkload(w.uid))
+                case Repair(workload=w):
+                    await asyncio.to_thread(self.backend.apply, Path(w.netns))
+                case EnrollDeclared(spec=spec):
+                    workload = make_workload(spec.netns, spec.namespace, spec.service_account)
+                    self.enrollments = plan_enroll(self.enrollments, workload)
+                    with self.store.locked():
+                        self.store.save(self.enrollments)
+                    await self._send_to_proxies(AddWorkload(workload), workload)
+                    await asyncio.to_thread(self.backend.apply, Path(workload.netns))
+        except Exception as exc:  # retried on the next tick
+            log.error("reconcile: %s failed: %s", describe(action), exc)
+            return f"FAILED: {describe(action)}: {exc}"
+        return describe(action)
+
+    # ------------------------------------------------------------------ admin
+    async def handle(self, body: dict[str, Any]) -> Reply:
+        op = body.get("op")
+        try:
+            if op == "enroll":
+                workload = await asyncio.to_thread(
+                    make_workload,
+                    str(body.get("netns", "")),
+                    str(body.get("namespace", "")),
+                    str(body.get("service_account", "")),
+                )
+                return await self.enroll(workload)
+            if op == "unenroll":
+                return await self.unenroll(str(body.get("netns", "")))
+            if op == "reconcile":
+                return {"ok": True, "actions": await self.reconcile()}
+            if op == "status":
+                return self.status()
+        except (EnrollmentError, NetnsError, ValueError) as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def status(self) -> Reply:
+        return {
+            "ok": True,
+            "version": __version__,
+            "pid": os.getpid(),
+            "node": self.config.node_name,
+            "backend": self.config.redirection.backend,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "proxies": [
+                {"pid": p.hello.pid, "version": p.hello.proxy_version, "since": p.connected_at}
+                for p in self.proxies
+            ],
+            "workloads": sorted(self.enrollments),
+            "last_reconcile": self.last_reconcile,
+        }
+
+    # -------------------------------------------------------------------- run
+    async def run(self) -> None:
+        prepare_state_dir(self.state_dir)
+        with self.store.locked():
+            self.enrollments = self.store.load()
+        admin = await serve_async(self.state_dir / AGENT_SOCKET, self.handle)
+        control = self._listen_control()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        tasks = [
+            asyncio.create_task(self._accept_proxies(control), name="accept-proxies"),
+            asyncio.create_task(self._reconcile_forever(), name="reconcile"),
+        ]
+        log.info(
+            "agent %s on node %s: state dir %s, %d enrolled workload(s)",
+            __version__, self.config.node_name, self.state_dir, len(self.enrollments),
+        )
+        stop = asyncio.create_task(self._stop.wait(), name="stop")
+        done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in [stop, *tasks]:
+            task.cancel()
+        for task in done:
+            if task is not stop and not task.cancelled() and task.exception():
+                log.error("agent task %s died: %s", task.get_name(), task.exception())
+        admin.close()
+        control.close()
+        for link in list(self.proxies):
+            self._drop(link)
+        for name in (AGENT_SOCKET, CONTROL_SOCKET):
+            with contextlib.suppress(FileNotFoundError):
+                (self.state_dir / name).unlink()
+        log.info("agent stopped; redirection stays in place (fail closed while no proxy runs)")
+
+    def _listen_control(self) -> socket.socket:
+        path = self.state_dir / CONTROL_SOCKET
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        sock.setblocking(False)
+        return sock
+
+    async def _accept_proxies(self, control: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        handlers: set[asyncio.Task[None]] = set()
+        while True:
+            conn, _ = await loop.sock_accept(control)
+            task = asyncio.create_task(self._on_proxy(conn), name="proxy-link")
+            handlers.add(task)
+            task.add_done_callback(handlers.discard)
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            await self.reconcile()
+            await asyncio.sleep(self.config.agent.reconcile_interval)
+
+
+def resolve_name(netns_arg: str) -> Path:
+    """The path an enrolled netns name stands for, even when the namespace is already gone."""
+    return NETNS_RUN_DIR / netns_arg
+
+
+def run_agent(config: Config, state_dir: Path) -> None:
+    asyncio.run(Agent(config, state_dir).run())

@@ -1,0 +1,222 @@
+"""`agent status`: what is enrolled, whether redirection is really in place, how the proxy does.
+
+`gather` is the only part with effects: it reads the enrollment store, asks the agent and the
+proxy over their admin sockets (either may be down: that is part of the answer), and reads the
+redirection rules and addresses back from the kernel inside every enrolled namespace.  `assess`
+(pure) lists the problems an operator must act on; `render` (pure) draws the table.  The JSON form
+(`--json`) is the gathered document itself; its schema is `ferry.status/v1`, see docs/status.md.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from agent.admin import AGENT_SOCKET, PROXY_SOCKET, AdminUnavailable, request
+from agent.config import Config
+from agent.netns import NetnsExecutor, netns_inode
+from agent.redirect.iptables import IptablesRedirection
+from agent.workloads import EnrollmentStore
+
+SCHEMA = "ferry.status/v1"
+
+
+def _ask(path: Path, body: dict[str, Any]) -> dict[str, Any]:
+    try:
+        reply = request(path, body, timeout=10.0)
+    except (AdminUnavailable, OSError, ValueError) as exc:
+        return {"running": False, "error": str(exc)}
+    if not reply.get("ok"):
+        return {"running": False, "error": str(reply.get("error"))}
+    reply.pop("ok", None)
+    reply["running"] = True
+    return reply
+
+
+def _addresses() -> list[str]:
+    with IPRoute() as ipr:
+        return sorted(
+            f"{dict(a['attrs'])['IFA_ADDRESS']}/{a['prefixlen']}"
+            for a in ipr.get_addr()
+            if a["scope"] == 0 and dict(a["attrs"]).get("IFA_LABEL", "") != "lo"
+            and not dict(a["attrs"])["IFA_ADDRESS"].startswith("fe80")
+        )
+
+
+def gather(config: Config, state_dir: Path) -> dict[str, Any]:
+    store = EnrollmentStore(state_dir)
+    with store.locked():
+        enrollments = store.load()
+    agent = _ask(state_dir / AGENT_SOCKET, {"op": "status"})
+    proxy = _ask(state_dir / PROXY_SOCKET, {"op": "status"})
+    served: dict[str, Any] = proxy.pop("workloads", {}) if proxy["running"] else {}
+    executor = NetnsExecutor()
+    backend = IptablesRedirection(config.redirection, executor)
+    workloads = []
+    try:
+        for uid, w in sorted(enrollments.items(), key=lambda kv: kv[1].name):
+            entry: dict[str, Any] = {
+                "name": w.name,
+                "netns": w.netns,
+                "namespace": w.namespace,
+                "service_account": w.service_account,
+                "identity": w.identity(),
+                "ips": [],
+                "netns_present": False,
+                "redirection": "gone",
+                "differences": [],
+                "served_by_proxy": uid in served,
+                "listeners": served.get(uid, {}).get("listeners", []),
+                "traffic": served.get(uid, {}).get("traffic", {}),
+            }
+            try:
+                present = netns_inode(w.netns) == w.netns_inode
+            except OSError:
+                present = False
+            if present:
+                report = backend.inspect(Path(w.netns))
+                entry.update(
+                    netns_present=True,
+                    ips=executor.call(w.netns, _addresses),
+                    redirection=report.state,
+                    differences=[*report.missing, *report.unexpected],
+                )
+            workloads.append(entry)
+    finally:
+        executor.shutdown()
+    document: dict[str, Any] = {
+        "schema": SCHEMA,
+        "generated_at": time.time(),
+        "node": agent.get("node", config.node_name),
+        "backend": config.redirection.backend,
+        "state_dir": str(state_dir),
+        "agent": agent,
+        "proxy": proxy,
+        "workloads": workloads,
+    }
+    document["problems"] = assess(document)
+    document["healthy"] = not document["problems"]
+    return document
+
+
+def assess(document: dict[str, Any]) -> list[str]:
+    """Everything an operator must act on; empty when all is well."""
+    problems = []
+    agent, proxy = document["agent"], document["proxy"]
+    if not agent["running"]:
+        problems.append(
+            "agent is not running: enrollments are not reconciled (start `agent run`)"
+        )
+    if not proxy["running"]:
+        if document["workloads"]:
+            problems.append(
+                "proxy is not running: connections of enrolled workloads are refused "
+                "(fail closed) until `agent proxy` runs"
+            )
+        else:
+            problems.append("proxy is not running (start `agent proxy`)")
+    elif not proxy.get("agent_connected"):
+        problems.append("proxy is not connected to the agent")
+    elif proxy.get("workers_alive", 0) < proxy.get("workers", 0):
+        problems.append(f"only {proxy['workers_alive']} of {proxy['workers']} proxy workers alive")
+    for w in document["workloads"]:
+        label = f"{w['namespace']}/{w['name']}"
+        if not w["netns_present"]:
+            problems.append(f"{label}: network namespace {w['netns']} is gone")
+            continue
+        if w["redirection"] != "ok":
+            problems.append(f"{label}: redirection is {w['redirection']}")
+        if proxy["running"] and not w["served_by_proxy"]:
+            problems.append(f"{label}: the proxy has no listeners for it")
+        elif any(not lst.get("listening") for lst in w["listeners"]):
+            problems.append(f"{label}: a proxy listener is not listening")
+    return problems
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n = n / 1024  # type: ignore[assignment]
+    return f"{n}B"
+
+
+def render(document: dict[str, Any]) -> str:
+    """The human table (pure; golden-tested)."""
+    now = document["generated_at"]
+    agent, proxy = document["agent"], document["proxy"]
+    lines = [f"Node {document['node']}   backend {document['backend']}   "
+             f"state {document['state_dir']}"]
+    if agent["running"]:
+        last = agent.get("last_reconcile") or {}
+        recon = "not yet"
+        if last:
+            actions = last.get("actions") or []
+            recon = f"{_ago(now - last['at'])} ago, " + (
+                f"{len(actions)} action(s)" if actions else "no changes"
+            )
+        lines.append(
+            f"Agent   running   v{agent['version']} pid {agent['pid']} "
+            f"up {_ago(agent['uptime_seconds'])}   last reconcile {recon}"
+        )
+    else:
+        lines.append("Agent   DOWN      " + agent.get("error", ""))
+    if proxy["running"]:
+        link = "agent connected" if proxy.get("agent_connected") else "AGENT NOT CONNECTED"
+        lines.append(
+            f"Proxy   running   v{proxy['version']} pid {proxy['pid']} "
+            f"{proxy['workers_alive']}/{proxy['workers']} workers   {link}   "
+            f"{proxy['active_connections']} active connection(s)"
+        )
+    else:
+        lines.append("Proxy   DOWN      " + proxy.get("error", ""))
+    lines.append("")
+    header = ("WORKLOAD", "IDENTITY", "IPS", "REDIRECTION", "LISTENERS", "CONNS OUT/IN",
+              "BYTES OUT/IN")
+    rows = [header]
+    for w in document["workloads"]:
+        listening = sum(1 for lst in w["listeners"] if lst.get("listening"))
+        traffic = w["traffic"]
+        out, inb = traffic.get("outbound", {}), traffic.get("inbound", {})
+
+        def moved(d: dict[str, int]) -> int:
+            return int(d.get("bytes_received", 0)) + int(d.get("bytes_sent", 0))
+
+        rows.append((
+            w["name"],
+            f"{w['namespace']}/{w['service_account']}",
+            ",".join(ip.split("/")[0] for ip in w["ips"]) or "-",
+            w["redirection"],
+            f"{listening}/{len(w['listeners'])}" if w["served_by_proxy"] else "none",
+            f"{out.get('connections_opened', 0)}/{inb.get('connections_opened', 0)}",
+            f"{_bytes(moved(out))}/{_bytes(moved(inb))}",
+        ))
+    if len(rows) == 1:
+        lines.append("No workloads enrolled (agent enroll NETNS --namespace NS "
+                     "--service-account SA).")
+    else:
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+        for r in rows:
+            lines.append("  ".join(str(c).ljust(widths[i]) for i, c in enumerate(r)).rstrip())
+    for w in document["workloads"]:
+        for diff in w["differences"]:
+            lines.append(f"  {w['name']}: {diff}")
+    lines.append("")
+    if document["problems"]:
+        lines.append("Problems:")
+        lines.extend(f"  - {p}" for p in document["problems"])
+    else:
+        lines.append("All good.")
+    return "\n".join(lines)
