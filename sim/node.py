@@ -287,8 +287,8 @@ http {{
     keepalive_timeout 65;
     keepalive_requests 1000000;
     server {{
-        listen {port} reuseport;
-        listen [::]:{port} reuseport ipv6only=on;
+        listen {port};
+        listen [::]:{port} ipv6only=on;
         root {www};
     }}
 }}
@@ -326,7 +326,10 @@ http {{
         proc: subprocess.Popen[Any] | None = None,
         log: Path | None = None,
     ) -> None:
-        """Block until a TCP socket listens on `port` in this pod (or `proc` dies: SimError)."""
+        """Block until a TCP socket listens on `port` in this pod (owned by `proc`, if given).
+
+        Raises SimError when `proc` exits first or on timeout, with the tail of `log`.
+        """
         _wait_listening(self.netns, port, timeout, proc, log)
 
     def _stop_processes(self) -> None:
@@ -344,8 +347,8 @@ def _wait_listening(
 ) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        listening = _run(["ip", "netns", "exec", netns, "ss", "-Hltn", f"sport = :{port}"])
-        if listening.stdout.strip():
+        listening = _run(["ip", "netns", "exec", netns, "ss", "-Hltnp", f"sport = :{port}"])
+        if listening.stdout.strip() and (proc is None or f"pid={proc.pid}," in listening.stdout):
             return
         tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
         if proc is not None and proc.poll() is not None:
