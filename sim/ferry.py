@@ -1,0 +1,137 @@
+"""Ferry on a simulated node: `agent run` and `agent proxy` as real processes in the node netns.
+
+Used by the end-to-end tests, `make demo` and the benchmarks.  Each `FerryNode` has its own state
+dir and config file under the node's temp dir, so several nodes (and test runs) share a machine.
+Commands go through the real CLI (`python -m agent ...`), exactly as an operator would type them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sim.node import Pod, SimNode
+
+
+class FerryError(RuntimeError):
+    """A Ferry process did not start or a command failed unexpectedly."""
+
+
+class FerryNode:
+    def __init__(self, node: SimNode, workers: int = 1, config: dict[str, Any] | None = None):
+        self.node = node
+        self.workers = workers
+        self.state_dir = node.tmpdir / "ferry-state"
+        self.config_path = node.tmpdir / "ferry.yaml"
+        self.write_config(config or {})
+        self.agent: subprocess.Popen[Any] | None = None
+        self.proxy: subprocess.Popen[Any] | None = None
+        self.logs = node.tmpdir / "logs"
+        self.logs.mkdir(exist_ok=True)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.config_path.write_text(yaml.safe_dump({"node_name": self.node.name, **config}))
+
+    def _argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "agent", *args]
+
+    def _daemon(self, what: str, *args: str) -> subprocess.Popen[Any]:
+        log = open(self.logs / f"{what}.log", "ab")  # noqa: SIM115 - owned by the process
+        return self.node.popen(
+            self._argv(
+                what, "--state-dir", str(self.state_dir), "--config", str(self.config_path), *args
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def start_agent(self) -> None:
+        self.agent = self._daemon("run")
+        self._wait_for(lambda: (self.state_dir / "agent.sock").exists(), "agent.sock", self.agent)
+
+    def start_proxy(self) -> None:
+        self.proxy = self._daemon("proxy", "--workers", str(self.workers))
+        self._wait_for(lambda: (self.state_dir / "proxy.sock").exists(), "proxy.sock", self.proxy)
+
+    def start(self) -> None:
+        self.start_agent()
+        self.start_proxy()
+        self.wait_connected()
+
+    def wait_connected(self, timeout: float = 10.0) -> None:
+        def connected() -> bool:
+            proxy = self.status()["proxy"]
+            return bool(proxy.get("running") and proxy.get("agent_connected"))
+
+        self._wait_for(connected, "proxy connected to agent", None, timeout)
+
+    def _wait_for(
+        self, ready: Any, what: str, proc: subprocess.Popen[Any] | None, timeout: float = 10.0
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            if proc is not None and proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        logs = "\n".join(p.read_text()[-2000:] for p in sorted(self.logs.glob("*.log")))
+        raise FerryError(f"timed out waiting for {what} on {self.node.name}\n{logs}")
+
+    def stop(self, proc: subprocess.Popen[Any] | None, kill: bool = False) -> None:
+        if proc is None or proc.poll() is not None:
+            return
+        if kill:
+            proc.kill()
+        else:
+            proc.terminate()
+        proc.wait(10)
+
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        result: subprocess.CompletedProcess[str] = self.node.exec(
+            self._argv(*args, "--state-dir", str(self.state_dir)), timeout=60
+        )
+        if check and result.returncode != 0:
+            raise FerryError(f"agent {' '.join(args)} failed: {result.stderr}{result.stdout}")
+        return result
+
+    def enroll(
+        self, pod: Pod, namespace: str = "default", service_account: str = "default"
+    ) -> None:
+        self.cli(
+            "enroll",
+            pod.netns,
+            "--namespace",
+            namespace,
+            "--service-account",
+            service_account,
+            check=True,
+        )
+
+    def status(self) -> dict[str, Any]:
+        result = self.cli("status", "--json", "--config", str(self.config_path))
+        try:
+            document: dict[str, Any] = json.loads(result.stdout)
+        except ValueError as exc:
+            raise FerryError(f"agent status --json printed no JSON: {result.stderr}") from exc
+        return document
+
+    def workload(self, pod: Pod) -> dict[str, Any]:
+        for entry in self.status()["workloads"]:
+            if entry["name"] == pod.netns:
+                return dict(entry)
+        raise FerryError(f"{pod.netns} is not in agent status")
+
+    def log_text(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text()}" for p in sorted(self.logs.glob("*.log")))
+
+    @property
+    def state(self) -> Path:
+        return self.state_dir

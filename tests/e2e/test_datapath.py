@@ -1,0 +1,295 @@
+"""End to end on a simulated node: real pods (CNI), real agent and proxy processes, real traffic.
+
+Each test builds its own node netns with pods wired by the CNI bridge plugin, starts `agent run`
+and `agent proxy` in it, enrolls pods with the CLI and talks to real servers with curl/iperf3.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import psutil
+import pytest
+
+from sim.ferry import FerryNode
+from sim.node import Pod, SimNode
+
+Opened = Callable[[FerryNode, Pod, str], int]
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+def opened(ferry: FerryNode, pod: Pod, direction: str) -> int:
+    traffic = ferry.workload(pod)["traffic"]
+    return int(traffic.get(direction, {}).get("connections_opened", 0))
+
+
+def save(pod: Pod, family: int = 4) -> str:
+    tool = "iptables-legacy-save" if family == 4 else "ip6tables-legacy-save"
+    out = pod.exec([tool]).stdout
+    return "\n".join(line for line in out.splitlines() if not line.startswith("#"))
+
+
+@pytest.fixture
+def mesh(sim_node: SimNode) -> Iterator[tuple[FerryNode, Pod, Pod]]:
+    """A node with Ferry running and two pods: `client`, and `server` (echo on 8080 and 8081)."""
+    server = sim_node.add_pod("server")
+    client = sim_node.add_pod("client")
+    server.start_http_server(8080)
+    server.start_http_server(8081)
+    ferry = FerryNode(
+        sim_node,
+        workers=2,
+        config={
+            "redirection": {"exclude_outbound_ports": [8081]},
+            "agent": {"reconcile_interval": 0.5},
+        },
+    )
+    ferry.start()
+    try:
+        yield ferry, client, server
+    except BaseException:
+        print(ferry.log_text())
+        raise
+
+
+def test_outbound_and_inbound_are_intercepted_and_the_app_sees_the_client(
+    mesh: tuple[FerryNode, Pod, Pod],
+) -> None:
+    ferry, client, server = mesh
+    ferry.enroll(client, "shop", "client")
+    ferry.enroll(server, "shop", "server")
+    reply = client.fetch_json(f"http://{server.ip4}:8080/hello")
+    assert reply["peer"] == client.ip4
+    assert opened(ferry, client, "outbound") == 1
+    assert opened(ferry, server, "inbound") == 1
+    status = ferry.status()
+    assert status["healthy"], status["problems"]
+    entry = ferry.workload(server)
+    assert entry["redirection"] == "ok"
+    assert entry["identity"] == "spiffe://cluster.local/ns/shop/sa/server"
+    assert any(ip.startswith(server.ip4 + "/") for ip in entry["ips"])
+    assert {(lst["direction"], lst["family"]) for lst in entry["listeners"]} == {
+        ("outbound", 4), ("outbound", 6), ("inbound", 4), ("inbound", 6)
+    }
+    traffic = entry["traffic"]["inbound"]
+    assert traffic["bytes_received"] > 0 and traffic["bytes_sent"] > traffic["bytes_received"]
+
+
+def test_original_destination_is_preserved(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    ferry, client, server = mesh
+    server.start_http_server(9090)
+    ferry.enroll(client)
+    assert client.fetch_json(f"http://{server.ip4}:9090/x")["port"] == 9090
+    assert client.fetch_json(f"http://{server.ip4}:8080/y")["port"] == 8080
+    assert opened(ferry, client, "outbound") == 2
+
+
+def test_excluded_port_bypasses_the_proxy(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    ferry, client, server = mesh
+    ferry.enroll(client)
+    assert client.fetch_json(f"http://{server.ip4}:8081/")["port"] == 8081
+    assert opened(ferry, client, "outbound") == 0
+    client.fetch_json(f"http://{server.ip4}:8080/")
+    assert opened(ferry, client, "outbound") == 1
+
+
+def test_loopback_and_own_ip_are_not_captured(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    ferry, _client, server = mesh
+    ferry.enroll(server)
+    assert server.fetch_json("http://127.0.0.1:8080/")["peer"] == "127.0.0.1"
+    assert server.fetch_json(f"http://{server.ip4}:8080/")["peer"] == server.ip4
+    assert opened(ferry, server, "outbound") == 0
+    assert opened(ferry, server, "inbound") == 0
+
+
+def test_ipv6_is_intercepted(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    ferry, client, server = mesh
+    ferry.enroll(client)
+    ferry.enroll(server)
+    assert client.fetch_json(f"http://[{server.ip6}]:8080/")["peer"] == client.ip6
+    assert opened(ferry, client, "outbound") == 1
+    assert opened(ferry, server, "inbound") == 1
+
+
+def test_bulk_transfer_through_the_proxy(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    ferry, client, server = mesh
+    server.start_iperf3_server(5201)
+    ferry.enroll(client)
+    ferry.enroll(server)
+    result = client.exec(["iperf3", "-c", server.ip4, "-p", "5201", "-t", "2", "-J"], timeout=30)
+    assert result.returncode == 0, result.stderr
+    received = json.loads(result.stdout)["end"]["sum_received"]["bytes"]
+    assert received > 10_000_000
+    counted = ferry.workload(client)["traffic"]["outbound"]["bytes_received"]
+    assert counted >= received
+
+
+def test_proxy_down_fails_closed_and_a_restart_recovers(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    ferry, client, server = mesh
+    ferry.enroll(client)
+    client.fetch_json(f"http://{server.ip4}:8080/")
+    ferry.stop(ferry.proxy, kill=True)
+    refused = client.curl(f"http://{server.ip4}:8080/", timeout=3)
+    assert refused.returncode != 0  # never a silent bypass
+    result = ferry.cli("status", "--config", str(ferry.config_path))
+    assert result.returncode == 1
+    assert "proxy is not running" in result.stdout and "fail closed" in result.stdout
+    ferry.start_proxy()
+    ferry.wait_connected()
+    assert client.fetch_json(f"http://{server.ip4}:8080/")["peer"] == client.ip4
+    assert ferry.status()["healthy"]
+
+
+def test_agent_restart_keeps_traffic_and_enrollments(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    ferry, client, server = mesh
+    ferry.enroll(client)
+    ferry.stop(ferry.agent, kill=True)
+    assert client.fetch_json(f"http://{server.ip4}:8080/")["peer"] == client.ip4
+    ferry.start_agent()
+    ferry.wait_connected()
+    status = ferry.status()
+    assert status["healthy"], status["problems"]
+    assert [w["name"] for w in status["workloads"]] == [client.netns]
+    assert opened(ferry, client, "outbound") == 1  # the proxy kept its listeners and counters
+    ferry.enroll(server)
+    assert client.fetch_json(f"http://{server.ip4}:8080/")["peer"] == client.ip4
+
+
+def test_drift_is_repaired(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    ferry, client, server = mesh
+    ferry.enroll(client)
+    before = save(client)
+    client.exec(["iptables-legacy", "-t", "nat", "-F", "FERRY_OUTPUT"], check=True)
+    wait_until(lambda: save(client) == before, "the agent re-applied the flushed chain")
+    client.fetch_json(f"http://{server.ip4}:8080/")
+    assert opened(ferry, client, "outbound") == 1
+    agent_status = ferry.status()["agent"]
+    assert agent_status["running"]
+
+
+def test_status_reports_drift_read_back_from_the_kernel(sim_node: SimNode) -> None:
+    pod = sim_node.add_pod("app")
+    ferry = FerryNode(sim_node, config={"agent": {"reconcile_interval": 3600}})
+    ferry.start()
+    ferry.enroll(pod)
+    pod.exec(["iptables-legacy", "-t", "nat", "-F", "FERRY_OUTPUT"], check=True)
+    result = ferry.cli("status", "--config", str(ferry.config_path))
+    assert result.returncode == 1
+    assert "redirection is drifted" in result.stdout
+    assert "REDIRECT --to-ports 15001" in result.stdout  # the missing rule is named
+    assert ferry.cli("status", "--json", "--config", str(ferry.config_path)).returncode == 1
+
+
+def test_deleted_netns_is_forgotten(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    ferry, client, server = mesh
+    ferry.enroll(client)
+    ferry.enroll(server)
+    ferry.node.remove_pod(client)
+
+    def forgotten() -> bool:
+        names = [w["name"] for w in ferry.status()["workloads"]]
+        return names == [server.netns]
+
+    wait_until(forgotten, "the agent forgot the deleted netns")
+    status = ferry.status()
+    assert status["healthy"], status["problems"]
+    assert "forgot default/" in ferry.log_text() and "disappeared" in ferry.log_text()
+
+
+def test_enrollment_errors_change_nothing(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    ferry, client, _server = mesh
+    missing = ferry.cli("enroll", "no-such-netns", "--namespace", "a", "--service-account", "b")
+    assert missing.returncode != 0 and "'no-such-netns' does not exist" in missing.stderr
+    bad = ferry.cli("enroll", client.netns, "--namespace", "Bad_NS", "--service-account", "b")
+    assert bad.returncode != 0 and "'Bad_NS'" in bad.stderr
+    assert save(client).count("FERRY") == 0
+    ferry.enroll(client, "a", "b")
+    twice = ferry.cli("enroll", client.netns, "--namespace", "a", "--service-account", "c")
+    assert twice.returncode != 0 and "already enrolled as a/b" in twice.stderr
+    assert ferry.workload(client)["service_account"] == "b"
+    notenrolled = ferry.cli("unenroll", "no-such-netns")
+    assert notenrolled.returncode != 0 and "is not enrolled" in notenrolled.stderr
+
+
+def test_unenroll_removes_redirection(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    ferry, client, server = mesh
+    fresh = save(client)
+    ferry.enroll(client)
+    assert save(client) != fresh
+    ferry.cli("unenroll", client.netns, check=True)
+    assert save(client) == fresh
+    client.fetch_json(f"http://{server.ip4}:8080/")
+    assert ferry.status()["workloads"] == []
+
+
+def test_enrollment_recorded_while_the_agent_is_down_applies_on_start(sim_node: SimNode) -> None:
+    pod = sim_node.add_pod("app")
+    ferry = FerryNode(sim_node)
+    result = ferry.cli("enroll", pod.netns, "--namespace", "a", "--service-account", "b")
+    assert result.returncode == 0 and "agent is not running" in result.stdout
+    assert "FERRY" not in save(pod)
+    ferry.start()
+    wait_until(lambda: "FERRY_OUTPUT" in save(pod), "the agent applied the recorded enrollment")
+
+
+def test_cleanup_leaves_no_residue(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    ferry, client, server = mesh
+    fresh4, fresh6 = save(client, 4), save(client, 6)
+    rules_before = client.exec(["ip", "rule"]).stdout
+    ferry.enroll(client)
+    ferry.enroll(server)
+    ferry.stop(ferry.agent)
+    refused = ferry.cli("cleanup")
+    assert refused.returncode == 0, refused.stderr
+    for pod in (client, server):
+        assert save(pod, 4) == fresh4
+        assert save(pod, 6) == fresh6
+        assert pod.exec(["ip", "rule"]).stdout == rules_before
+        assert pod.exec(["ip", "route", "show", "table", "100"]).stdout == ""
+    assert not (ferry.state_dir / "enrollments.json").exists()
+    client.fetch_json(f"http://{server.ip4}:8080/")
+
+
+def test_cleanup_refuses_while_the_agent_runs(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    ferry, _client, _server = mesh
+    result = ferry.cli("cleanup")
+    assert result.returncode != 0 and "stop it first" in result.stderr
+
+
+def test_metrics_are_served_on_localhost(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    ferry, client, server = mesh
+    ferry.enroll(client, "shop", "client")
+    client.fetch_json(f"http://{server.ip4}:8080/")
+    metrics = ferry.node.exec(["curl", "-sS", "http://127.0.0.1:15020/metrics"]).stdout
+    wanted = (
+        'ferry_proxy_connections_opened_total{direction="outbound",service_account="client",'
+        f'workload="{client.netns}",workload_namespace="shop"}} 1.0'
+    )
+    assert wanted in metrics
+    assert "ferry_proxy_received_bytes_total" in metrics
+    listening = ferry.node.exec(["ss", "-Htln", "sport = :15020"]).stdout
+    assert "127.0.0.1:15020" in listening and "0.0.0.0:15020" not in listening
+
+
+def test_proxy_sigterm_is_clean(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    ferry, client, _server = mesh
+    ferry.enroll(client)
+    assert ferry.proxy is not None
+    workers = psutil.Process(ferry.proxy.pid).children()
+    assert len(workers) == 2
+    ferry.proxy.send_signal(signal.SIGTERM)
+    assert ferry.proxy.wait(10) == 0
+    assert not (ferry.state_dir / "proxy.sock").exists()
+    assert not any(w.is_running() for w in workers)
+
