@@ -97,5 +97,5 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     message = f"leaked network namespaces from this run (now deleted): {', '.join(leaked)}"
     if reporter is not None:
-        reporter.write_line(f"ERROR: {message}", red=True, bold=True)
+        reporter.write_line(f"\nERROR: {message}", red=True, bold=True)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
