@@ -9,6 +9,7 @@ is one line of JSON with `"ok": true` or `"ok": false, "error": "..."`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -35,10 +36,8 @@ def prepare_state_dir(state_dir: Path) -> None:
 
 
 def _unlink_stale(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def request(path: Path, body: dict[str, Any], timeout: float = 30.0) -> Reply:

@@ -75,10 +75,17 @@ def run(state_dir: Path, config_path: Path | None, verbose: bool) -> None:
 @main.command()
 @state_dir_option
 @config_option
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Worker processes (default: config proxy.workers; 0 = one per core).")
-@click.option("--metrics-address", default=None,
-              help="host:port for /metrics (default: config, 127.0.0.1:15020).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Worker processes (default: config proxy.workers; 0 = one per core).",
+)
+@click.option(
+    "--metrics-address",
+    default=None,
+    help="host:port for /metrics (default: config, 127.0.0.1:15020).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def proxy(
     state_dir: Path,
@@ -99,7 +106,9 @@ def proxy(
             checked = parse_config({"proxy": {"metrics_address": metrics_address}}).proxy
         except ConfigError as exc:
             raise click.BadParameter(str(exc), param_hint="--metrics-address") from exc
-        config = replace(config, proxy=replace(config.proxy, metrics_address=checked.metrics_address))
+        config = replace(
+            config, proxy=replace(config.proxy, metrics_address=checked.metrics_address)
+        )
     _logging(verbose)
     run_proxy(config, state_dir, config.proxy.workers if workers is None else workers)
 
@@ -113,8 +122,12 @@ def enroll(netns: str, namespace: str, service_account: str, state_dir: Path) ->
     """Enroll network namespace NETNS (a name under /var/run/netns, or a path)."""
     from agent.daemon import make_workload
 
-    body = {"op": "enroll", "netns": netns, "namespace": namespace,
-            "service_account": service_account}
+    body = {
+        "op": "enroll",
+        "netns": netns,
+        "namespace": namespace,
+        "service_account": service_account,
+    }
     try:
         reply = request(state_dir / AGENT_SOCKET, body)
     except AdminUnavailable:
@@ -125,8 +138,10 @@ def enroll(netns: str, namespace: str, service_account: str, state_dir: Path) ->
                 store.save(plan_enroll(store.load(), workload))
         except (EnrollmentError, NetnsError, ConfigError) as exc:
             raise click.ClickException(str(exc)) from exc
-        click.echo(f"enrolled {workload.name} as {namespace}/{service_account} (recorded; the "
-                   "agent is not running, redirection starts when `agent run` starts)")
+        click.echo(
+            f"enrolled {workload.name} as {namespace}/{service_account} (recorded; the "
+            "agent is not running, redirection starts when `agent run` starts)"
+        )
         return
     if not reply.get("ok"):
         raise click.ClickException(str(reply.get("error")))

@@ -176,7 +176,9 @@ class Agent:
             self.proxies.append(link)
         log.info(
             "proxy pid %s (version %s) connected; sent snapshot of %d workload(s)",
-            hello.pid, hello.proxy_version, len(self.enrollments),
+            hello.pid,
+            hello.proxy_version,
+            len(self.enrollments),
         )
         await self._watch(link)
 
@@ -216,7 +218,11 @@ class Agent:
         elapsed = time.monotonic() - started
         log.info(
             "enrolled %s as %s/%s in %.1f ms (%d proxy ack(s))",
-            workload.name, workload.namespace, workload.service_account, elapsed * 1e3, acked,
+            workload.name,
+            workload.namespace,
+            workload.service_account,
+            elapsed * 1e3,
+            acked,
         )
         return {
             "ok": True,
@@ -348,7 +354,10 @@ class Agent:
         ]
         log.info(
             "agent %s on node %s: state dir %s, %d enrolled workload(s)",
-            __version__, self.config.node_name, self.state_dir, len(self.enrollments),
+            __version__,
+            self.config.node_name,
+            self.state_dir,
+            len(self.enrollments),
         )
         stop = asyncio.create_task(self._stop.wait(), name="stop")
         done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)

@@ -77,4 +77,5 @@ def describe(action: ReconcileAction) -> str:
             detail = f" ({len(diff)} rule(s) differed)" if diff else ""
             return f"repaired redirection of {w.namespace}/{w.name}: was {state}{detail}"
         case EnrollDeclared(spec=spec):
-            return f"enrolled declared workload {spec.netns} as {spec.namespace}/{spec.service_account}"
+            identity = f"{spec.namespace}/{spec.service_account}"
+            return f"enrolled declared workload {spec.netns} as {identity}"

@@ -41,7 +41,8 @@ def _addresses() -> list[str]:
         return sorted(
             f"{dict(a['attrs'])['IFA_ADDRESS']}/{a['prefixlen']}"
             for a in ipr.get_addr()
-            if a["scope"] == 0 and dict(a["attrs"]).get("IFA_LABEL", "") != "lo"
+            if a["scope"] == 0
+            and dict(a["attrs"]).get("IFA_LABEL", "") != "lo"
             and not dict(a["attrs"])["IFA_ADDRESS"].startswith("fe80")
         )
 
@@ -107,9 +108,7 @@ def assess(document: dict[str, Any]) -> list[str]:
     problems = []
     agent, proxy = document["agent"], document["proxy"]
     if not agent["running"]:
-        problems.append(
-            "agent is not running: enrollments are not reconciled (start `agent run`)"
-        )
+        problems.append("agent is not running: enrollments are not reconciled (start `agent run`)")
     if not proxy["running"]:
         if document["workloads"]:
             problems.append(
@@ -157,8 +156,9 @@ def render(document: dict[str, Any]) -> str:
     """The human table (pure; golden-tested)."""
     now = document["generated_at"]
     agent, proxy = document["agent"], document["proxy"]
-    lines = [f"Node {document['node']}   backend {document['backend']}   "
-             f"state {document['state_dir']}"]
+    lines = [
+        f"Node {document['node']}   backend {document['backend']}   state {document['state_dir']}"
+    ]
     if agent["running"]:
         last = agent.get("last_reconcile") or {}
         recon = "not yet"
@@ -183,8 +183,15 @@ def render(document: dict[str, Any]) -> str:
     else:
         lines.append("Proxy   DOWN      " + proxy.get("error", ""))
     lines.append("")
-    header = ("WORKLOAD", "IDENTITY", "IPS", "REDIRECTION", "LISTENERS", "CONNS OUT/IN",
-              "BYTES OUT/IN")
+    header = (
+        "WORKLOAD",
+        "IDENTITY",
+        "IPS",
+        "REDIRECTION",
+        "LISTENERS",
+        "CONNS OUT/IN",
+        "BYTES OUT/IN",
+    )
     rows = [header]
     for w in document["workloads"]:
         listening = sum(1 for lst in w["listeners"] if lst.get("listening"))
@@ -194,18 +201,21 @@ def render(document: dict[str, Any]) -> str:
         def moved(d: dict[str, int]) -> int:
             return int(d.get("bytes_received", 0)) + int(d.get("bytes_sent", 0))
 
-        rows.append((
-            w["name"],
-            f"{w['namespace']}/{w['service_account']}",
-            ",".join(ip.split("/")[0] for ip in w["ips"]) or "-",
-            w["redirection"],
-            f"{listening}/{len(w['listeners'])}" if w["served_by_proxy"] else "none",
-            f"{out.get('connections_opened', 0)}/{inb.get('connections_opened', 0)}",
-            f"{_bytes(moved(out))}/{_bytes(moved(inb))}",
-        ))
+        rows.append(
+            (
+                w["name"],
+                f"{w['namespace']}/{w['service_account']}",
+                ",".join(ip.split("/")[0] for ip in w["ips"]) or "-",
+                w["redirection"],
+                f"{listening}/{len(w['listeners'])}" if w["served_by_proxy"] else "none",
+                f"{out.get('connections_opened', 0)}/{inb.get('connections_opened', 0)}",
+                f"{_bytes(moved(out))}/{_bytes(moved(inb))}",
+            )
+        )
     if len(rows) == 1:
-        lines.append("No workloads enrolled (agent enroll NETNS --namespace NS "
-                     "--service-account SA).")
+        lines.append(
+            "No workloads enrolled (agent enroll NETNS --namespace NS --service-account SA)."
+        )
     else:
         widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
         for r in rows:

@@ -41,8 +41,9 @@ def main() -> int:
 
         step("enrolling both pods")
         for pod, sa in ((web, "web"), (client, "client")):
-            result = ferry.cli("enroll", pod.netns, "--namespace", "demo", "--service-account",
-                               sa, check=True)
+            result = ferry.cli(
+                "enroll", pod.netns, "--namespace", "demo", "--service-account", sa, check=True
+            )
             print("  " + result.stdout.strip())
 
         step("client -> web through the proxy (IPv4 and IPv6)")
@@ -66,10 +67,13 @@ def main() -> int:
         if keep:
             step("KEEP=1: leaving it running")
             print(f"  ip netns exec {client.netns} curl http://{web.ip4}/")
-            print(f"  ip netns exec {node.netns} .venv/bin/agent status --state-dir "
-                  f"{ferry.state_dir}")
-            print(f"  remove with: ip netns exec {node.netns} true; python -m demo.teardown "
-                  f"{node.name}  (or reboot)")
+            print(
+                f"  ip netns exec {node.netns} .venv/bin/agent status --state-dir {ferry.state_dir}"
+            )
+            print(
+                f"  remove with: ip netns exec {node.netns} true; python -m demo.teardown "
+                f"{node.name}  (or reboot)"
+            )
             return 0
         return 0 if status.returncode == 0 else 1
     finally:

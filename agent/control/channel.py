@@ -12,7 +12,14 @@ import asyncio
 import os
 import socket
 
-from agent.control.protocol import MAX_DATAGRAM, Message, ProtocolError, decode, encode, fds_expected
+from agent.control.protocol import (
+    MAX_DATAGRAM,
+    Message,
+    ProtocolError,
+    decode,
+    encode,
+    fds_expected,
+)
 
 CONTROL_SOCKET = "control.sock"
 
@@ -21,7 +28,9 @@ class ChannelClosed(ConnectionError):
     """The peer closed the control socket."""
 
 
-def send_message(sock: socket.socket, message: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
+def send_message(
+    sock: socket.socket, message: Message, fds: list[int] | tuple[int, ...] = ()
+) -> None:
     data = encode(message)
     if fds:
         socket.send_fds(sock, [data], list(fds))

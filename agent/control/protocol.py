@@ -98,8 +98,7 @@ def decode(data: bytes) -> Message:
             version = int(body["version"])
             if version != PROTOCOL_VERSION:
                 raise ProtocolError(
-                    f"unsupported protocol version {version} (this side speaks "
-                    f"{PROTOCOL_VERSION})"
+                    f"unsupported protocol version {version} (this side speaks {PROTOCOL_VERSION})"
                 )
             return Hello(proxy_version=str(body["proxy_version"]), pid=int(body["pid"]))
         if kind == "add_workload":

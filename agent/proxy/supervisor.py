@@ -2,9 +2,9 @@
 
 The supervisor never touches payload.  It:
 - connects to the agent's `control.sock` (retrying with backoff, 10 ms doubling to 2 s), says
-  hello, and applies what the agent sends through `ProxySession`: for each workload it opens the
-  in-pod listeners once (`sockets.open_listeners`, inside the pod's netns) and hands the netns fd and
-  the listener fds to every worker; a snapshot drops what the agent no longer holds;
+  hello, and applies what the agent sends through `ProxySession`: for each workload it opens
+  the in-pod listeners once (`sockets.open_listeners`, inside the pod's netns) and hands the netns
+  fd and the listener fds to every worker; a snapshot drops what the agent no longer holds;
 - starts N worker processes (`agent.proxy.worker`), each running its own epoll loop over the
   *same* listening sockets (EPOLLEXCLUSIVE), so N cores share the work without N copies of any
   pod's listeners; a worker that dies is restarted and given every workload again;
@@ -110,10 +110,15 @@ class Supervisor:
         }
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "agent.proxy.worker",
-                "--control-fd", str(theirs.fileno()),
-                "--worker-id", str(index),
-                "--config-json", json.dumps(settings),
+                sys.executable,
+                "-m",
+                "agent.proxy.worker",
+                "--control-fd",
+                str(theirs.fileno()),
+                "--worker-id",
+                str(index),
+                "--config-json",
+                json.dumps(settings),
             ],
             pass_fds=[theirs.fileno()],
         )
@@ -180,7 +185,10 @@ class Supervisor:
                 self._send_add(worker, served)
         log.info(
             "serving %s (%s/%s): %d listener(s)",
-            workload.name, workload.namespace, workload.service_account, len(listeners),
+            workload.name,
+            workload.namespace,
+            workload.service_account,
+            len(listeners),
         )
 
     def remove(self, uid: str) -> None:
@@ -309,7 +317,11 @@ class Supervisor:
         control.start()
         log.info(
             "proxy %s: %d worker(s), metrics on http://%s:%d/metrics, state dir %s",
-            __version__, self.worker_count, host, port, self.state_dir,
+            __version__,
+            self.worker_count,
+            host,
+            port,
+            self.state_dir,
         )
         self.stopping.wait()
         admin.shutdown()
@@ -385,7 +397,9 @@ class MetricsCollector(Collector):
         enrolled = GaugeMetricFamily("ferry_proxy_workloads", "workloads served by this proxy")
         enrolled.add_metric([], len(workloads))
         yield enrolled
-        connected = GaugeMetricFamily("ferry_proxy_agent_connected", "1 when the agent is connected")
+        connected = GaugeMetricFamily(
+            "ferry_proxy_agent_connected", "1 when the agent is connected"
+        )
         connected.add_metric([], 1 if sup.agent_connected else 0)
         yield connected
         info = GaugeMetricFamily("ferry_build_info", "Ferry version", labels=["version"])

@@ -80,7 +80,10 @@ def test_outbound_and_inbound_are_intercepted_and_the_app_sees_the_client(
     assert entry["identity"] == "spiffe://cluster.local/ns/shop/sa/server"
     assert any(ip.startswith(server.ip4 + "/") for ip in entry["ips"])
     assert {(lst["direction"], lst["family"]) for lst in entry["listeners"]} == {
-        ("outbound", 4), ("outbound", 6), ("inbound", 4), ("inbound", 6)
+        ("outbound", 4),
+        ("outbound", 6),
+        ("inbound", 4),
+        ("inbound", 6),
     }
     traffic = entry["traffic"]["inbound"]
     assert traffic["bytes_received"] > 0 and traffic["bytes_sent"] > traffic["bytes_received"]
@@ -292,4 +295,3 @@ def test_proxy_sigterm_is_clean(mesh: tuple[FerryNode, Pod, Pod]) -> None:
     assert ferry.proxy.wait(10) == 0
     assert not (ferry.state_dir / "proxy.sock").exists()
     assert not any(w.is_running() for w in workers)
-

@@ -42,8 +42,9 @@ def test_store_round_trip_is_private(tmp_path: Path) -> None:
 
 
 def test_reconcile_plan() -> None:
-    enrolled = {w.uid: w for w in (workload("ok"), workload("gone"), workload("new", 1),
-                                   workload("drift"))}
+    enrolled = {
+        w.uid: w for w in (workload("ok"), workload("gone"), workload("new", 1), workload("drift"))
+    }
     observed = {
         "/var/run/netns/ok": Observation(7, "ok"),
         "/var/run/netns/gone": Observation(None, "unknown"),
@@ -51,11 +52,14 @@ def test_reconcile_plan() -> None:
         "/var/run/netns/drift": Observation(7, "drifted", ("-A FERRY_OUTPUT ...",)),
     }
     spec = WorkloadSpec("declared", "shop", "api")
-    actions = plan_reconcile(enrolled, observed, {"/var/run/netns/declared": spec,
-                                                  "/var/run/netns/ok": spec})
+    actions = plan_reconcile(
+        enrolled, observed, {"/var/run/netns/declared": spec, "/var/run/netns/ok": spec}
+    )
     assert actions == [
         Repair(workload("drift"), "drifted", ("-A FERRY_OUTPUT ...",)),
         Forget(workload("gone"), "network namespace /var/run/netns/gone disappeared"),
-        Forget(workload("new", 1), "network namespace /var/run/netns/new was replaced by a new one"),
+        Forget(
+            workload("new", 1), "network namespace /var/run/netns/new was replaced by a new one"
+        ),
         EnrollDeclared(spec),
     ]
