@@ -134,11 +134,11 @@ def _section(name: str, raw: Any, cls: type[Any]) -> dict[str, Any]:
 
 
 def _redirection(raw: Any) -> RedirectionConfig:
-    values = _section("redirection", raw, RedirectionConfig)
-    cfg = replace(
-        RedirectionConfig(),
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()},
-    )
+    values: dict[str, Any] = {
+        key: tuple(value) if isinstance(value, list) else value
+        for key, value in _section("redirection", raw, RedirectionConfig).items()
+    }
+    cfg = replace(RedirectionConfig(), **values)
     if cfg.backend != "iptables":
         raise ConfigError(f"redirection.backend: {cfg.backend!r} is not supported (iptables)")
     for key in ("outbound_port", "inbound_port", "tunnel_port"):
