@@ -1,0 +1,393 @@
+"""A real worker process relaying real redirected traffic between two throwaway namespaces.
+
+    client netns (10.77.0.1/30, veth0)  <--veth-->  server netns (10.77.0.2/30, veth0)
+
+Outbound: in the client netns, nat OUTPUT redirects unmarked TCP leaving via veth0 to 15001.
+Inbound: in the server netns, nat PREROUTING redirects unmarked TCP arriving on veth0 to 15006,
+and the mangle connmark + `ip rule fwmark` + `local 0.0.0.0/0 dev lo table 100` return path lets
+the worker's transparent socket (bound to the client's IP) receive the app's replies.
+
+Everything runs inside namespaces created here (names `ferry-t-<random>`); they, their rules and
+every process started are removed at the end, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import ProxyConfig, RedirectionConfig
+from agent.netns import entered, open_netns
+from agent.proxy.sockets import open_listeners
+
+REPO = Path(__file__).resolve().parents[2]
+CLIENT_IP = "10.77.0.1"
+SERVER_IP = "10.77.0.2"
+HTTP_PORT = 8080
+MARK = "0x539/0xfff"
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("iptables-legacy"),
+    reason="needs root, iproute2 and iptables-legacy",
+)
+
+SERVER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def do_GET(self):
+            body = self.client_address[0].encode()
+            if self.path.startswith("/big"):
+                body = b"z" * int(self.path.split("/")[-1])
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a):
+            pass
+
+    ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+    """
+)
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=60)
+
+
+class Env:
+    """The two namespaces, their rules, and the processes started in them."""
+
+    def __init__(self, tmp: Path) -> None:
+        tag = secrets.token_hex(4)
+        self.client = f"ferry-t-{tag}-c"
+        self.server = f"ferry-t-{tag}-s"
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.fds: list[int] = []
+        self.controls: list[socket.socket] = []
+        self.redirection = RedirectionConfig()
+        self.proxy = ProxyConfig(connect_timeout=2.0, idle_timeout=30.0)
+        sh("ip", "netns", "add", self.client)
+        sh("ip", "netns", "add", self.server)
+        sh("ip", "-n", self.client, "link", "add", "veth0", "type", "veth", "peer", "name",
+           "veth0", "netns", self.server)  # fmt: skip
+        for ns, ip in ((self.client, CLIENT_IP), (self.server, SERVER_IP)):
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", "veth0")
+            sh("ip", "-n", ns, "link", "set", "veth0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        self.client_fd = self._fd(self.client)
+        self.server_fd = self._fd(self.server)
+
+    def _fd(self, ns: str) -> int:
+        fd = open_netns(f"/var/run/netns/{ns}")
+        self.fds.append(fd)
+        return fd
+
+    def ipt(self, ns: str, *rule: str) -> None:
+        sh("ip", "netns", "exec", ns, "iptables-legacy", "-w", *rule)
+
+    def redirect_outbound(self) -> None:
+        self.ipt(self.client, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "!",
+                 "--mark", MARK, "-o", "veth0", "-j", "REDIRECT", "--to-ports",
+                 str(self.redirection.outbound_port))  # fmt: skip
+
+    def redirect_inbound(self) -> None:
+        s = self.server
+        self.ipt(s, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-i", "veth0", "-m", "mark",
+                 "!", "--mark", MARK, "-j", "REDIRECT", "--to-ports",
+                 str(self.redirection.inbound_port))  # fmt: skip
+        self.ipt(s, "-t", "mangle", "-A", "PREROUTING", "-m", "mark", "--mark", MARK,
+                 "-j", "CONNMARK", "--set-xmark", "0x111/0xfff")  # fmt: skip
+        self.ipt(s, "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "-m", "connmark", "--mark",
+                 "0x111/0xfff", "-j", "CONNMARK", "--restore-mark", "--nfmask", "0xffffffff",
+                 "--ctmask", "0xffffffff")  # fmt: skip
+        sh("ip", "-n", s, "rule", "add", "fwmark", "0x111/0xfff", "lookup", "100")
+        sh("ip", "-n", s, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
+
+    def spawn(self, ns: str | None, *cmd: str) -> subprocess.Popen[bytes]:
+        prefix = ["ip", "netns", "exec", ns] if ns else []
+        proc = subprocess.Popen(
+            [*prefix, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.procs.append(proc)
+        return proc
+
+    def wait_port(self, netns_fd: int, addr: tuple[str, int], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with entered(netns_fd):
+                probe = socket.socket()
+            try:
+                probe.settimeout(1)
+                # Marked so that the redirection rules (if any) let the probe through.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.redirection.mark)
+                probe.connect(addr)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+            finally:
+                probe.close()
+
+    def http_server(self) -> None:
+        script = self.tmp / "server.py"
+        script.write_text(SERVER_SCRIPT)
+        self.spawn(self.server, sys.executable, str(script), SERVER_IP, str(HTTP_PORT))
+        self.wait_port(self.server_fd, (SERVER_IP, HTTP_PORT))
+
+    def worker(self, workloads: dict[str, int]) -> socket.socket:
+        """Start a worker and give it the listeners of `workloads` (uid -> netns fd)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.controls.append(ours)
+        settings = {"proxy": asdict(self.proxy), "redirection": asdict(self.redirection)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.proxy.worker", "--control-fd", str(theirs.fileno()),
+             "--worker-id", "7", "--config-json", json.dumps(settings)],
+            pass_fds=[theirs.fileno()],
+            cwd=REPO,
+        )  # fmt: skip
+        self.procs.append(proc)
+        theirs.close()
+        for uid, netns_fd in workloads.items():
+            listeners = open_listeners(netns_fd, self.redirection)
+            msg = {
+                "op": "add",
+                "uid": uid,
+                "listeners": [{"direction": x.direction, "family": x.family} for x in listeners],
+            }
+            fds = [netns_fd, *(x.sock.fileno() for x in listeners)]
+            socket.send_fds(ours, [json.dumps(msg).encode()], fds)
+            for x in listeners:  # the worker holds its own copies now
+                x.sock.close()
+        return ours
+
+    def close(self) -> None:
+        for ctl in self.controls:
+            ctl.close()  # a worker exits on EOF
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        for fd in self.fds:
+            os.close(fd)
+        for ns in (self.client, self.server):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    e = Env(tmp_path)
+    try:
+        yield e
+    finally:
+        e.close()
+
+
+def stats(ctl: socket.socket) -> dict[str, Any]:
+    """Ask for counters; return the newest stats message that arrives."""
+    ctl.send(b'{"op":"stats"}')
+    ctl.settimeout(5)
+    latest: dict[str, Any] = json.loads(ctl.recv(1 << 20))
+    ctl.settimeout(0.05)
+    try:
+        while True:
+            latest = json.loads(ctl.recv(1 << 20))
+    except TimeoutError:
+        pass
+    assert latest["op"] == "stats"
+    return latest
+
+
+def wait_stats(
+    ctl: socket.socket, pred: Callable[[dict[str, Any]], bool], timeout: float = 5.0
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = stats(ctl)
+        if pred(s):
+            return s
+        assert time.monotonic() < deadline, f"stats never matched: {s}"
+        time.sleep(0.1)
+
+
+def curl(ns: str, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "curl", "-sS", "--max-time", "10", *extra, url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_outbound_relay_keeps_client_ip_and_counts(env: Env) -> None:
+    env.redirect_outbound()
+    env.http_server()
+    ctl = env.worker({"client": env.client_fd})
+    out = curl(env.client, f"http://{SERVER_IP}:{HTTP_PORT}/peer", "-w",
+               "\n%{size_request} %{size_header} %{size_download}")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    body, sizes = out.stdout.rsplit("\n", 1)
+    assert body == CLIENT_IP  # the upstream socket lives in the client netns
+    request, header, download = map(int, sizes.split())
+    s = wait_stats(ctl, lambda s: s["workloads"]["client"]["outbound"]["connections_closed"] == 1)
+    assert s["worker"] == 7 and s["active"] == 0
+    assert s["workloads"]["client"]["outbound"] == {
+        "connections_opened": 1,
+        "connections_closed": 1,
+        "connect_failures": 0,
+        "bytes_received": request,
+        "bytes_sent": header + download,
+    }
+    assert s["workloads"]["client"]["inbound"]["connections_opened"] == 0
+
+
+def test_connect_failure_resets_client_fast(env: Env) -> None:
+    env.redirect_outbound()
+    ctl = env.worker({"client": env.client_fd})
+    started = time.monotonic()
+    out = curl(env.client, f"http://{SERVER_IP}:9/")  # nothing listens on 9
+    assert out.returncode != 0
+    assert time.monotonic() - started < 3
+    s = wait_stats(ctl, lambda s: s["workloads"]["client"]["outbound"]["connect_failures"] == 1)
+    assert s["workloads"]["client"]["outbound"]["connections_opened"] == 0
+    assert s["active"] == 0
+
+
+def test_connect_timeout_counts_failure(env: Env) -> None:
+    env.redirect_outbound()
+    # Drop SYNs to the server so that the worker's connect hangs until connect_timeout (2 s).
+    env.ipt(env.server, "-A", "INPUT", "-p", "tcp", "--dport", "9999", "-j", "DROP")
+    ctl = env.worker({"client": env.client_fd})
+    started = time.monotonic()
+    out = curl(env.client, f"http://{SERVER_IP}:9999/")
+    elapsed = time.monotonic() - started
+    assert out.returncode != 0
+    assert 1.5 < elapsed < 5, elapsed
+    wait_stats(ctl, lambda s: s["workloads"]["client"]["outbound"]["connect_failures"] == 1)
+
+
+def test_inbound_relay_shows_the_real_client_ip(env: Env) -> None:
+    env.redirect_inbound()
+    env.http_server()
+    ctl = env.worker({"server": env.server_fd})
+    out = curl(env.client, f"http://{SERVER_IP}:{HTTP_PORT}/peer")
+    assert out.returncode == 0, out.stderr
+    # Through the proxy, yet the app sees the client and not its own pod IP.
+    assert out.stdout == CLIENT_IP
+    s = wait_stats(ctl, lambda s: s["workloads"]["server"]["inbound"]["connections_closed"] == 1)
+    inbound = s["workloads"]["server"]["inbound"]
+    assert inbound["connections_opened"] == 1 and inbound["connect_failures"] == 0
+    assert inbound["bytes_received"] > 0 and inbound["bytes_sent"] > len(CLIENT_IP)
+
+
+def test_both_directions_and_del(env: Env) -> None:
+    env.redirect_outbound()
+    env.redirect_inbound()
+    env.http_server()
+    ctl = env.worker({"client": env.client_fd, "server": env.server_fd})
+    out = curl(env.client, f"http://{SERVER_IP}:{HTTP_PORT}/big/3000000", "-o", "/dev/null",
+               "-w", "%{size_download}")  # fmt: skip
+    assert out.returncode == 0 and out.stdout == "3000000", out.stderr
+    s = wait_stats(
+        ctl,
+        lambda s: (
+            s["workloads"]["client"]["outbound"]["connections_closed"] == 1
+            and s["workloads"]["server"]["inbound"]["connections_closed"] == 1
+        ),
+    )
+    assert s["workloads"]["client"]["outbound"]["bytes_sent"] > 3_000_000
+    assert s["workloads"]["server"]["inbound"]["bytes_sent"] > 3_000_000
+    ctl.send(b'{"op":"del","uid":"server"}')
+    s = wait_stats(ctl, lambda s: "server" not in s["workloads"])
+    assert "client" in s["workloads"]
+    # Nobody accepts on the server's inbound port now: the connection queues and times out.
+    out = curl(env.client, f"http://{SERVER_IP}:{HTTP_PORT}/peer", "--max-time", "2")
+    assert out.returncode != 0
+
+
+def test_100mb_through_outbound_and_inbound(env: Env) -> None:
+    """100 MiB client -> server and a digest back, via both proxies, with half-close."""
+    env.redirect_outbound()
+    env.redirect_inbound()
+    ctl = env.worker({"client": env.client_fd, "server": env.server_fd})
+    size = 100 * 1024 * 1024
+    block = os.urandom(1 << 20)
+    expected = hashlib.sha256(block * (size // len(block))).hexdigest()
+    with entered(env.server_fd):
+        srv = socket.create_server((SERVER_IP, 5001))
+    result: dict[str, Any] = {}
+
+    def serve() -> None:
+        conn, peer = srv.accept()
+        with conn:
+            digest, n = hashlib.sha256(), 0
+            while chunk := conn.recv(1 << 20):
+                digest.update(chunk)
+                n += len(chunk)
+            result.update(peer=peer[0], n=n)
+            conn.sendall(f"{n} {digest.hexdigest()}".encode())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with entered(env.client_fd):
+            cli = socket.socket()
+        with cli:
+            cli.settimeout(60)
+            cli.connect((SERVER_IP, 5001))
+            started = time.monotonic()
+            for _ in range(size // len(block)):
+                cli.sendall(block)
+            cli.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := cli.recv(1000):
+                answer += chunk
+            elapsed = time.monotonic() - started
+    finally:
+        thread.join(60)
+        srv.close()
+    assert answer.decode() == f"{size} {expected}"
+    assert result["peer"] == CLIENT_IP
+    print(f"100 MiB through two relays in {elapsed:.2f}s: {size * 8 / elapsed / 1e9:.1f} Gbit/s")
+    s = wait_stats(ctl, lambda s: s["active"] == 0)
+    for uid, direction in (("client", "outbound"), ("server", "inbound")):
+        assert s["workloads"][uid][direction] == {
+            "connections_opened": 1,
+            "connections_closed": 1,
+            "connect_failures": 0,
+            "bytes_received": size,
+            "bytes_sent": len(answer),
+        }
+
+
+def test_worker_exits_when_supervisor_goes_away(env: Env) -> None:
+    ctl = env.worker({"client": env.client_fd})
+    proc = env.procs[-1]
+    stats(ctl)  # it is up
+    ctl.close()
+    assert proc.wait(5) == 0
