@@ -53,7 +53,6 @@ import iptc
 from agent.config import RedirectionConfig
 from agent.netns import NetnsExecutor
 from agent.redirect.routing import (
-    Routing,
     apply_routing,
     desired_routing,
     read_routing,
@@ -129,10 +128,6 @@ class IptablesRedirection:
     def installed(self, netns: Path) -> bool:
         """Whether anything of Ferry's (a chain, a jump or a route) is present in `netns`."""
         return self.inspect(netns).state != "missing"
-
-    def observed(self, netns: Path) -> tuple[RuleSet, Routing]:
-        """Ferry's rules and routing as read back from `netns` (for status output and tests)."""
-        return self._call(netns, lambda: (_read_all(), read_routing(self.cfg)))
 
     def _call(self, netns: Path, fn: Callable[[], T]) -> T:
         try:
