@@ -131,7 +131,8 @@ def _exec_in(
         kw["capture_output"] = True
     kw.setdefault("text", True)
     kw.setdefault("timeout", 60)
-    return subprocess.run(["ip", "netns", "exec", netns, *argv], check=False, **kw)
+    kw.setdefault("check", False)
+    return subprocess.run(["ip", "netns", "exec", netns, *argv], **kw)
 
 
 # --- subnet reservations -------------------------------------------------------------------------

@@ -34,10 +34,26 @@ def opened(ferry: FerryNode, pod: Pod, direction: str) -> int:
     return int(traffic.get(direction, {}).get("connections_opened", 0))
 
 
+BUILTIN_CHAINS = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
+
+
 def save(pod: Pod, family: int = 4) -> str:
+    """The pod's rules and user chains, per table, as iptables-legacy-save prints them.
+
+    Only rules and user-defined chains count: an empty table the kernel keeps after use (and
+    counters, comments, table order) is not residue.
+    """
     tool = "iptables-legacy-save" if family == 4 else "ip6tables-legacy-save"
-    out = pod.exec([tool]).stdout
-    return "\n".join(line for line in out.splitlines() if not line.startswith("#"))
+    tables: dict[str, list[str]] = {}
+    table = ""
+    for line in pod.exec([tool], check=True).stdout.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith("-A") or (
+            line.startswith(":") and line[1:].split()[0] not in BUILTIN_CHAINS
+        ):
+            tables.setdefault(table, []).append(line)
+    return "\n".join(f"*{name}\n" + "\n".join(lines) for name, lines in sorted(tables.items()))
 
 
 @pytest.fixture
