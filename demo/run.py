@@ -62,7 +62,7 @@ def main() -> int:
         step("what the proxy moved (Prometheus, 127.0.0.1:15020/metrics in the node)")
         metrics = node.exec(["curl", "-sS", "--noproxy", "*", "http://127.0.0.1:15020/metrics"])
         for line in metrics.stdout.splitlines():
-            if line.startswith("ferry_proxy_") and not line.startswith("#"):
+            if line.startswith("ferry_proxy_") and not line.endswith(" 0.0"):
                 print("  " + line)
         if keep:
             step("KEEP=1: leaving it running")
