@@ -26,6 +26,17 @@ proxy:
   metrics_address: 127.0.0.1:15020
 agent:
   reconcile_interval: 10.0       # seconds between full drift checks
+identity:
+  trust_domain: cluster.local    # spiffe://<trust_domain>/ns/<namespace>/sa/<service account>
+  node_credentials: ""           # dir with node.crt, node.key, bundle.pem (`agent ca issue-node`);
+                                 # default: <state-dir>/identity
+  workload_cert_ttl: 86400.0     # seconds; renewed at half their lifetime
+mesh:
+  directory: ""                  # shared dir where every node publishes its workloads;
+                                 # default: <state-dir>/directory (this node only)
+  default_mode: permissive       # permissive | strict (only tunnelled, authenticated inbound)
+  namespace_modes: {prod: strict}
+  egress: passthrough            # passthrough | refuse: destinations outside the mesh
 workloads:                       # declarative standalone enrollments
   - netns: web                   # a name under /var/run/netns, or a path
     namespace: shop
@@ -82,6 +93,29 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class IdentityConfig:
+    trust_domain: str = "cluster.local"
+    node_credentials: str = ""
+    workload_cert_ttl: float = 86400.0
+
+
+MODES = ("permissive", "strict")
+EGRESS = ("passthrough", "refuse")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    directory: str = ""
+    default_mode: str = "permissive"
+    namespace_modes: tuple[tuple[str, str], ...] = ()
+    egress: str = "passthrough"
+
+    def mode_for(self, namespace: str, explicit: str | None = None) -> str:
+        """A workload's mode: its own, else its namespace's, else the default."""
+        return explicit or dict(self.namespace_modes).get(namespace, self.default_mode)
+
+
+@dataclass(frozen=True)
 class WorkloadSpec:
     """One declarative enrollment from the config's `workloads` list."""
 
@@ -96,6 +130,8 @@ class Config:
     redirection: RedirectionConfig = RedirectionConfig()
     proxy: ProxyConfig = ProxyConfig()
     agent: AgentConfig = AgentConfig()
+    identity: IdentityConfig = IdentityConfig()
+    mesh: MeshConfig = MeshConfig()
     workloads: tuple[WorkloadSpec, ...] = ()
 
 
@@ -195,6 +231,48 @@ def _agent(raw: Any) -> AgentConfig:
     return cfg
 
 
+TRUST_DOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,253}[a-z0-9])?$")
+
+
+def _identity(raw: Any) -> IdentityConfig:
+    cfg = replace(IdentityConfig(), **_section("identity", raw, IdentityConfig))
+    if not isinstance(cfg.trust_domain, str) or not TRUST_DOMAIN.match(cfg.trust_domain):
+        raise ConfigError(
+            f"identity.trust_domain: {cfg.trust_domain!r} is not a trust domain (lower-case "
+            "letters, digits, '-' and '.')"
+        )
+    if not isinstance(cfg.node_credentials, str):
+        raise ConfigError(f"identity.node_credentials: {cfg.node_credentials!r} is not a path")
+    ttl = _positive("identity.workload_cert_ttl", cfg.workload_cert_ttl)
+    if ttl < 60:
+        raise ConfigError(f"identity.workload_cert_ttl: {ttl!r} is below 60 seconds")
+    return replace(cfg, workload_cert_ttl=ttl)
+
+
+def _mode(key: str, value: Any) -> str:
+    if value not in MODES:
+        raise ConfigError(f"{key}: {value!r} is not a mode ({' or '.join(MODES)})")
+    return str(value)
+
+
+def _mesh(raw: Any) -> MeshConfig:
+    values = _section("mesh", raw, MeshConfig)
+    modes = values.get("namespace_modes") or {}
+    if not isinstance(modes, dict):
+        raise ConfigError(f"mesh.namespace_modes: expected a mapping, got {modes!r}")
+    for namespace, mode in modes.items():
+        validate_name("mesh.namespace_modes namespace", namespace)
+        _mode(f"mesh.namespace_modes.{namespace}", mode)
+    values["namespace_modes"] = tuple(sorted(modes.items()))
+    cfg = replace(MeshConfig(), **values)
+    _mode("mesh.default_mode", cfg.default_mode)
+    if cfg.egress not in EGRESS:
+        raise ConfigError(f"mesh.egress: {cfg.egress!r} is not one of {', '.join(EGRESS)}")
+    if not isinstance(cfg.directory, str):
+        raise ConfigError(f"mesh.directory: {cfg.directory!r} is not a path")
+    return cfg
+
+
 def _workloads(raw: Any) -> tuple[WorkloadSpec, ...]:
     if raw is None:
         return ()
@@ -226,6 +304,8 @@ def parse_config(raw: Any) -> Config:
         redirection=_redirection(values.get("redirection")),
         proxy=_proxy(values.get("proxy")),
         agent=_agent(values.get("agent")),
+        identity=_identity(values.get("identity")),
+        mesh=_mesh(values.get("mesh")),
         workloads=_workloads(values.get("workloads")),
     )
 
