@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -72,6 +72,7 @@ from bench.envoy import ENVOY, EnvoyPod, EnvoyProcess
 from sim.ferry import FerryNode
 from sim.node import Pod, SimNode
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / ".bench-out"
 HTTP_PORT = 80
@@ -80,6 +81,8 @@ PATH_NAMES = ("direct", "envoy", "ferry")
 FERRY_CONFIG: dict[str, Any] = {}
 """The config Ferry runs with; the Envoy path applies the redirection of the same config."""
 MB = 1024 * 1024
+PIN_CPU = max(os.sched_getaffinity(0))
+"""The CPU that wrk, nginx and the proxy share for the pinned c=1 run."""
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6}
 
@@ -100,6 +103,7 @@ class Wrk:
 class PathResult:
     name: str
     c1: Wrk | None = None
+    c1_free: Wrk | None = None
     c64: Wrk | None = None
     close64: Wrk | None = None
     iperf1_gbps: float | None = None
@@ -115,6 +119,15 @@ class PathResult:
 class Enrollment:
     agent_ms: list[float] = field(default_factory=list)
     cli_ms: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A proxy under test: the pid to account CPU and memory to, and its connection counters
+    (connections opened for the client pod's outbound and the server pod's inbound)."""
+
+    pid: Callable[[], int]
+    opened: Callable[[], tuple[int, int]]
 
 
 @dataclass
@@ -179,6 +192,36 @@ def parse_wrk(output: str) -> Wrk:
     )
 
 
+def _threads(root_pids: Sequence[int]) -> list[int]:
+    tids: list[int] = []
+    for pid in root_pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for proc in _procs(pid):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    tids.extend(t.id for t in proc.threads())
+    return tids
+
+
+@contextlib.contextmanager
+def pinned(root_pids: Sequence[int], cpu: int) -> Iterator[None]:
+    """Pin every thread of these processes and their descendants to `cpu`, then unpin them.
+
+    At c=1 each hop is a wake-up; on a VM a wake-up on the other vCPU costs tens of us (an IPI),
+    so unpinned latency depends on where the scheduler happened to put the processes.  On one CPU
+    the figure is the software cost of the path, repeatable from run to run.
+    """
+    everything = os.sched_getaffinity(0)
+    for tid in _threads(root_pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(tid, {cpu})
+    try:
+        yield
+    finally:
+        for tid in _threads(root_pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(tid, everything)
+
+
 def _procs(root_pid: int) -> list[Any]:
     root = psutil.Process(root_pid)
     return [root, *root.children(recursive=True)]
@@ -215,6 +258,7 @@ class Bench:
         self.client: Pod | None = None
         self.server: Pod | None = None
         self.idle: list[Pod] = []
+        self.nginx: subprocess.Popen[Any] | None = None
         self.results: dict[str, PathResult] = {}
         self.enrollment = Enrollment()
         self.interrupted = False
@@ -229,7 +273,7 @@ class Bench:
         self.node = SimNode("bench")
         self.server = self.node.add_pod("server")
         self.client = self.node.add_pod("client")
-        self.server.start_nginx(HTTP_PORT)
+        self.nginx = self.server.start_nginx(HTTP_PORT)
         self.server.start_iperf3_server(IPERF_PORT)
         if {"envoy", "ferry"} & set(self.opts.paths):
             started = time.monotonic()
@@ -268,10 +312,18 @@ class Bench:
 
     # -- traffic --
 
-    def wrk(self, threads: int, conns: int, close: bool = False, duration: float = 0.0) -> Wrk:
+    def wrk(
+        self,
+        threads: int,
+        conns: int,
+        close: bool = False,
+        duration: float = 0.0,
+        cpu: int | None = None,
+    ) -> Wrk:
         _, client, server = self.pods
         seconds = duration or self.opts.duration
-        argv = ["wrk", "--latency", "-t", str(threads), "-c", str(conns), "-d", f"{seconds:g}s"]
+        argv = [] if cpu is None else ["taskset", "-c", str(cpu)]
+        argv += ["wrk", "--latency", "-t", str(threads), "-c", str(conns), "-d", f"{seconds:g}s"]
         argv += ["--timeout", "5s"]
         if close:
             argv += ["-H", "Connection: close"]
@@ -296,26 +348,63 @@ class Bench:
         received = report["end"]["sum_received"]
         return float(received["bits_per_second"]) / 1e9, int(received["bytes"])
 
-    def measure_traffic(self, result: PathResult, proxy_pid: Callable[[], int] | None) -> None:
+    def measure_traffic(self, result: PathResult, probe: Probe | None) -> None:
+        def through_proxy(what: str, expected: int, run: Callable[[], T]) -> T:
+            """Run `run`; check that at least `expected` connections went through the proxy."""
+            before = probe.opened() if probe else (0, 0)
+            value = run()
+            if probe is not None:
+                after = probe.opened()
+                seen = min(after[0] - before[0], after[1] - before[1])
+                if seen < expected:
+                    result.notes.append(
+                        f"{what}: only {seen} of at least {expected} connections went through "
+                        f"the proxy (client outbound, server inbound: {before} -> {after})"
+                    )
+            return value
+
         log(f"{result.name}: warm-up")
         self.wrk(2, 64, duration=1)
-        log(f"{result.name}: wrk keep-alive c=1")
-        result.c1 = self.wrk(1, 1)
+        log(f"{result.name}: wrk keep-alive c=1, wrk, nginx and proxy pinned to CPU {PIN_CPU}")
+        assert self.nginx is not None
+        pids = [self.nginx.pid, *([probe.pid()] if probe else [])]
+        with pinned(pids, PIN_CPU):
+            result.c1 = through_proxy("wrk c=1", 1, lambda: self.wrk(1, 1, cpu=PIN_CPU))
+        log(f"{result.name}: wrk keep-alive c=1, not pinned")
+        result.c1_free = through_proxy("wrk c=1 free", 1, lambda: self.wrk(1, 1))
         log(f"{result.name}: wrk keep-alive c=64")
-        result.c64 = self.wrk(2, 64)
+        result.c64 = through_proxy("wrk c=64", 64, lambda: self.wrk(2, 64))
         log(f"{result.name}: wrk Connection: close c=64")
-        result.close64 = self.wrk(2, 64, close=True)
-        for run in (result.c1, result.c64, result.close64):
+        close = self.wrk(2, 64, close=True) if probe is None else None
+        if probe is not None:
+            before = probe.opened()
+            close = self.wrk(2, 64, close=True)
+            after = probe.opened()
+            seen = min(after[0] - before[0], after[1] - before[1])
+            if seen < close.requests:
+                result.notes.append(
+                    f"wrk close c=64: {close.requests} requests but only {seen} connections "
+                    "through the proxy"
+                )
+        assert close is not None
+        result.close64 = close
+        runs = (
+            ("c=1", result.c1),
+            ("c=1 free", result.c1_free),
+            ("c=64", result.c64),
+            ("close c=64", close),
+        )
+        for name, run in runs:
             if run.errors:
-                result.notes.append(f"wrk reported {run.errors} errors")
+                result.notes.append(f"wrk {name} reported {run.errors} errors")
         log(f"{result.name}: iperf3 1 stream")
-        cpu_before = proxy_cpu_seconds(proxy_pid()) if proxy_pid else 0.0
-        result.iperf1_gbps, moved = self.iperf(1)
-        if proxy_pid is not None:
-            cpu = proxy_cpu_seconds(proxy_pid()) - cpu_before
+        cpu_before = proxy_cpu_seconds(probe.pid()) if probe else 0.0
+        result.iperf1_gbps, moved = through_proxy("iperf3 -P 1", 2, lambda: self.iperf(1))
+        if probe is not None:
+            cpu = proxy_cpu_seconds(probe.pid()) - cpu_before
             result.cpu_s_per_gb = cpu / (moved / 1e9) if moved else None
         log(f"{result.name}: iperf3 4 streams")
-        result.iperf4_gbps, _ = self.iperf(4)
+        result.iperf4_gbps, _ = through_proxy("iperf3 -P 4", 5, lambda: self.iperf(4))
 
     # -- paths --
 
@@ -344,7 +433,7 @@ class Bench:
             )
             envoy.wait_ready()
             self.check_envoy_path(envoy)
-            self.measure_traffic(result, lambda: envoy.pid if envoy else 0)
+            self.measure_traffic(result, self.envoy_probe(envoy))
         finally:
             if envoy is not None:
                 envoy.stop()
@@ -363,6 +452,26 @@ class Bench:
                 log(f"envoy: {count} pods, RSS {result.rss_mb[count]:.1f} MiB")
             finally:
                 scale.stop()
+
+    @staticmethod
+    def envoy_probe(envoy: EnvoyProcess) -> Probe:
+        def opened() -> tuple[int, int]:
+            names = ("tcp.out-client.downstream_cx_total", "tcp.in-server.downstream_cx_total")
+            stats = envoy.stats("^tcp\\.(out-client|in-server)\\.downstream_cx_total$")
+            return stats.get(names[0], 0), stats.get(names[1], 0)
+
+        return Probe(lambda: envoy.pid, opened)
+
+    def ferry_probe(self, ferry: FerryNode, proxy_pid: int) -> Probe:
+        _, client, server = self.pods
+
+        def opened() -> tuple[int, int]:
+            by_name = {w["name"]: w.get("traffic", {}) for w in ferry.status()["workloads"]}
+            out = by_name.get(client.netns, {}).get("outbound", {})
+            inb = by_name.get(server.netns, {}).get("inbound", {})
+            return int(out.get("connections_opened", 0)), int(inb.get("connections_opened", 0))
+
+        return Probe(lambda: proxy_pid, opened)
 
     def check_envoy_path(self, envoy: EnvoyProcess) -> None:
         _, client, server = self.pods
@@ -391,9 +500,10 @@ class Bench:
             self.check_ferry_path(ferry)
             assert ferry.proxy is not None
             proxy_pid = ferry.proxy.pid
-            self.measure_traffic(result, lambda: proxy_pid)
+            self.measure_traffic(result, self.ferry_probe(ferry, proxy_pid))
             if ferry.proxy.poll() is not None:
                 raise RuntimeError(f"agent proxy exited ({ferry.proxy.returncode})")
+            self.ferry_health(ferry, result)
             for pod in (client, server):
                 ferry.cli("unenroll", pod.netns, check=True)
                 enrolled.remove(pod)
@@ -436,6 +546,42 @@ class Bench:
                     f"-> {after}"
                 )
             time.sleep(0.2)
+
+    def ferry_health(self, ferry: FerryNode, result: PathResult) -> None:
+        """After the traffic: workers alive, no connection left open, no failures, clean logs."""
+        _, client, server = self.pods
+        deadline = time.monotonic() + 10
+        while True:
+            proxy = ferry.status()["proxy"]
+            active = int(proxy.get("active_connections", 0))
+            if active == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if active:
+            result.notes.append(f"{active} relayed connection(s) still open 10 s after the traffic")
+        if proxy.get("workers_alive") != proxy.get("workers"):
+            result.notes.append(
+                f"only {proxy.get('workers_alive')} of {proxy.get('workers')} workers alive"
+            )
+        for pod, direction in ((client, "outbound"), (server, "inbound")):
+            counters = ferry.workload(pod).get("traffic", {}).get(direction, {})
+            opened = int(counters.get("connections_opened", 0))
+            closed = int(counters.get("connections_closed", 0))
+            failures = int(counters.get("connect_failures", 0))
+            if failures or opened != closed:
+                result.notes.append(
+                    f"{pod.name} {direction}: {opened} opened, {closed} closed, "
+                    f"{failures} connect failures"
+                )
+        problems = [
+            line
+            for line in ferry.log_text().splitlines()
+            if "Traceback" in line or " ERROR " in line or "error" in line.lower()
+        ]
+        if problems:
+            result.notes.append(
+                f"{len(problems)} error line(s) in the Ferry logs, e.g. {problems[0]}"
+            )
 
     def ferry_scale(self, ferry: FerryNode, result: PathResult, proxy_pid: int) -> None:
         counts = set(self.opts.pod_counts)
@@ -487,6 +633,11 @@ def _us(value: float | None) -> str:
     return f"{value / 1e3:.2f} ms" if value >= 1000 else f"{value:.0f} us"
 
 
+def _mem(r: PathResult, count: int) -> str:
+    rss, pss = r.rss_mb.get(count), r.pss_mb.get(count)
+    return "-" if rss is None or pss is None else f"{rss:.1f} ({pss:.1f})"
+
+
 def table(bench: Bench) -> str:
     counts = bench.opts.pod_counts
     direct = bench.results.get("direct")
@@ -496,6 +647,7 @@ def table(bench: Bench) -> str:
         "c=1 p50",
         "c=1 p99",
         "c=1 added p50",
+        "c=1 unpinned p50",
         "c=64 req/s",
         "c=64 p50",
         "c=64 p99",
@@ -503,7 +655,7 @@ def table(bench: Bench) -> str:
         "iperf3 1 (Gbit/s)",
         "iperf3 4 (Gbit/s)",
         "proxy CPU s/GB",
-        *(f"RSS {n} pod{'s' if n > 1 else ''} (MiB)" for n in counts),
+        *(f"RSS (PSS) {n} pod{'s' if n > 1 else ''}, MiB" for n in counts),
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in bench.opts.paths:
@@ -517,6 +669,7 @@ def table(bench: Bench) -> str:
             _us(r.c1.p50_us if r.c1 else None),
             _us(r.c1.p99_us if r.c1 else None),
             _us(added),
+            _us(r.c1_free.p50_us if r.c1_free else None),
             _f(r.c64.rps if r.c64 else None, ",.0f"),
             _us(r.c64.p50_us if r.c64 else None),
             _us(r.c64.p99_us if r.c64 else None),
@@ -524,7 +677,7 @@ def table(bench: Bench) -> str:
             _f(r.iperf1_gbps, ".1f"),
             _f(r.iperf4_gbps, ".1f"),
             _f(r.cpu_s_per_gb, ".2f"),
-            *(_f(r.rss_mb.get(n), ".1f") for n in counts),
+            *(_mem(r, n) for n in counts),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     e = bench.enrollment
@@ -653,6 +806,8 @@ def report(bench: Bench, elapsed: float) -> str:
     lines = [
         f"## Ferry benchmark: {bench.opts.workers} proxy worker(s), wrk {bench.opts.duration:g}s, "
         f"iperf3 {bench.opts.iperf_seconds}s{', --quick' if bench.opts.quick else ''}",
+        "",
+        f"c=1 columns: wrk, nginx and the proxy pinned to CPU {PIN_CPU}, except `c=1 unpinned`.",
         "",
         table(bench),
         "",
