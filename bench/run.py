@@ -783,6 +783,7 @@ def to_json(bench: Bench, elapsed: float) -> dict[str, Any]:
         "machine": {
             "kernel": platform.release(),
             "cpus": os.cpu_count(),
+            "pin_cpu": PIN_CPU,
             "python": platform.python_version(),
             "commit": _git_commit(),
         },
