@@ -247,3 +247,8 @@ def cleanup(state_dir: Path, config_path: Path | None) -> None:
             leftover.unlink()
             click.echo(f"removed {leftover}")
     click.echo(f"cleanup done: {len(cleaned)} network namespace(s) had Ferry redirection")
+
+
+from agent.identity.cli import ca  # noqa: E402
+
+main.add_command(ca)

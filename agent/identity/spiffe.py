@@ -1,0 +1,118 @@
+"""SPIFFE IDs of workloads: formatting and strict parsing (pure, no I/O).
+
+A Ferry workload identity is `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+Only that exact shape is accepted: a lower-case DNS-name trust domain (no port, no user info) and
+exactly the four path segments `ns`, namespace, `sa`, service account, where namespace and service
+account are DNS labels, as in Kubernetes.  No query, no fragment, no percent-encoding, no empty or
+extra segments, no upper case anywhere.  Anything else raises `IdentityError` (a `ValueError`)
+naming the offending value, so a peer certificate with a surprising URI is refused rather than
+half-understood.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+SCHEME = "spiffe://"
+LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+DNS_LABEL = re.compile(LABEL)
+DNS_NAME = re.compile(rf"{LABEL}(\.{LABEL})*")
+TRUST_DOMAIN = DNS_NAME
+MAX_TRUST_DOMAIN = 253
+
+
+class IdentityError(ValueError):
+    """An identity, certificate or CA operation was refused; the message names the bad value."""
+
+
+@dataclass(frozen=True)
+class SpiffeId:
+    """A parsed workload identity; `str()` gives the URI."""
+
+    trust_domain: str
+    namespace: str
+    service_account: str
+
+    @property
+    def uri(self) -> str:
+        return f"{SCHEME}{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def validate_trust_domain(trust_domain: str) -> str:
+    """Return `trust_domain` if it is a lower-case DNS name, else raise `IdentityError`."""
+    if (
+        not isinstance(trust_domain, str)
+        or len(trust_domain) > MAX_TRUST_DOMAIN
+        or not TRUST_DOMAIN.fullmatch(trust_domain)
+    ):
+        raise IdentityError(
+            f"invalid trust domain {trust_domain!r}: must be a lower-case DNS name (labels of "
+            "letters, digits and '-' separated by '.', at most 253 characters)"
+        )
+    return trust_domain
+
+
+def validate_label(kind: str, value: str) -> str:
+    """Return `value` if it is a DNS label (namespace, service account), else raise."""
+    if not isinstance(value, str) or not DNS_LABEL.fullmatch(value):
+        raise IdentityError(
+            f"invalid {kind} {value!r}: must be a DNS label (lower-case letters, digits and '-', "
+            "at most 63 characters, starting and ending with a letter or digit)"
+        )
+    return value
+
+
+def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
+    """The SPIFFE ID URI of a workload; every part is validated."""
+    return SpiffeId(
+        validate_trust_domain(trust_domain),
+        validate_label("namespace", namespace),
+        validate_label("service account", service_account),
+    ).uri
+
+
+def parse_spiffe_id(uri: str) -> SpiffeId:
+    """Parse `spiffe://<td>/ns/<ns>/sa/<sa>`; anything else raises `IdentityError`."""
+
+    def bad(reason: str) -> IdentityError:
+        return IdentityError(f"invalid SPIFFE ID {uri!r}: {reason}")
+
+    if not isinstance(uri, str):
+        raise bad("not a string")
+    if "?" in uri or "#" in uri:
+        raise bad("a query or fragment is not allowed")
+    if "%" in uri:
+        raise bad("percent-encoding is not allowed")
+    if not uri.startswith(SCHEME):
+        if uri.lower().startswith(SCHEME):
+            raise bad("the scheme must be lower-case 'spiffe://'")
+        raise bad("the scheme must be 'spiffe://'")
+    authority, slash, path = uri[len(SCHEME) :].partition("/")
+    if not authority:
+        raise bad("the trust domain is empty")
+    if "@" in authority or ":" in authority:
+        raise bad(f"the trust domain {authority!r} must not carry user info or a port")
+    if authority != authority.lower():
+        raise bad(f"the trust domain {authority!r} must be lower-case")
+    try:
+        validate_trust_domain(authority)
+    except IdentityError as exc:
+        raise bad(str(exc)) from exc
+    segments = path.split("/") if slash else []
+    if any(segment == "" for segment in segments):
+        raise bad("empty path segment")
+    if len(segments) != 4 or segments[0] != "ns" or segments[2] != "sa":
+        raise bad("the path must be exactly /ns/<namespace>/sa/<service account>")
+    namespace, service_account = segments[1], segments[3]
+    for kind, value in (("namespace", namespace), ("service account", service_account)):
+        if value != value.lower():
+            raise bad(f"the {kind} {value!r} must be lower-case")
+        try:
+            validate_label(kind, value)
+        except IdentityError as exc:
+            raise bad(str(exc)) from exc
+    return SpiffeId(authority, namespace, service_account)
