@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -100,6 +101,7 @@ class Supervisor:
         self.agent_connected = False
         self.started_at = time.time()
         self.stopping = threading.Event()
+        self.respawn: queue.Queue[int] = queue.Queue()
 
     # ---------------------------------------------------------------- workers
     def _spawn(self, index: int) -> WorkerHandle:
@@ -143,13 +145,18 @@ class Supervisor:
                     handle.stats = body
                     handle.replies += 1
                     self.stats_changed.notify_all()
-        if self.stopping.is_set():
-            return
-        log.error("worker %d (pid %d) exited; restarting it", handle.index, handle.process.pid)
-        handle.process.wait()
+        if not self.stopping.is_set():
+            self.respawn.put(handle.index)
+
+    def _respawn(self, index: int) -> None:
+        """Restart a dead worker (from the main thread: PDEATHSIG follows the spawning thread)."""
         with self.lock:
-            replacement = self._spawn(handle.index)
-            self.workers[handle.index] = replacement
+            old = self.workers[index]
+            log.error("worker %d (pid %d) exited; restarting it", index, old.process.pid)
+            old.process.wait()
+            old.control.close()
+            replacement = self._spawn(index)
+            self.workers[index] = replacement
             for served in self.served.values():
                 self._send_add(replacement, served)
 
@@ -323,7 +330,9 @@ class Supervisor:
             port,
             self.state_dir,
         )
-        self.stopping.wait()
+        while not self.stopping.is_set():
+            with contextlib.suppress(queue.Empty):
+                self._respawn(self.respawn.get(timeout=0.5))
         admin.shutdown()
         metrics_server.shutdown()
         with self.lock:

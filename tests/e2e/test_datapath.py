@@ -311,3 +311,22 @@ def test_proxy_sigterm_is_clean(mesh: tuple[FerryNode, Pod, Pod]) -> None:
     assert ferry.proxy.wait(10) == 0
     assert not (ferry.state_dir / "proxy.sock").exists()
     assert not any(w.is_running() for w in workers)
+
+
+def test_dead_workers_are_restarted_with_every_workload(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    ferry, client, server = mesh
+    ferry.enroll(client)
+    assert ferry.proxy is not None
+    supervisor = psutil.Process(ferry.proxy.pid)
+    old = {w.pid for w in supervisor.children()}
+    for worker in supervisor.children():
+        worker.kill()
+
+    def replaced() -> bool:
+        fresh = [w for w in supervisor.children() if w.pid not in old and w.is_running()]
+        return len(fresh) == 2
+
+    wait_until(replaced, "the supervisor restarted both workers")
+    for _ in range(4):  # connections land on either worker
+        assert client.fetch_json(f"http://{server.ip4}:8080/")["peer"] == client.ip4
+    wait_until(lambda: ferry.status()["healthy"], "status is healthy again")
