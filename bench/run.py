@@ -83,6 +83,8 @@ FERRY_CONFIG: dict[str, Any] = {}
 MB = 1024 * 1024
 PIN_CPU = max(os.sched_getaffinity(0))
 """The CPU that wrk, nginx and the proxy share for the pinned c=1 run."""
+C1_REPEATS = 3
+"""Pinned c=1 runs per path; the one with the median p50 is reported."""
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6}
 
@@ -104,6 +106,7 @@ class PathResult:
     name: str
     c1: Wrk | None = None
     c1_free: Wrk | None = None
+    c1_p50s_us: list[float] = field(default_factory=list)
     c64: Wrk | None = None
     close64: Wrk | None = None
     iperf1_gbps: float | None = None
@@ -369,7 +372,12 @@ class Bench:
         assert self.nginx is not None
         pids = [self.nginx.pid, *([probe.pid()] if probe else [])]
         with pinned(pids, PIN_CPU):
-            result.c1 = through_proxy("wrk c=1", 1, lambda: self.wrk(1, 1, cpu=PIN_CPU))
+            repeats = [
+                through_proxy("wrk c=1", 1, lambda: self.wrk(1, 1, cpu=PIN_CPU))
+                for _ in range(C1_REPEATS)
+            ]
+        result.c1 = sorted(repeats, key=lambda run: run.p50_us)[len(repeats) // 2]
+        result.c1_p50s_us = [run.p50_us for run in repeats]
         log(f"{result.name}: wrk keep-alive c=1, not pinned")
         result.c1_free = through_proxy("wrk c=1 free", 1, lambda: self.wrk(1, 1))
         log(f"{result.name}: wrk keep-alive c=64")
@@ -808,7 +816,8 @@ def report(bench: Bench, elapsed: float) -> str:
         f"## Ferry benchmark: {bench.opts.workers} proxy worker(s), wrk {bench.opts.duration:g}s, "
         f"iperf3 {bench.opts.iperf_seconds}s{', --quick' if bench.opts.quick else ''}",
         "",
-        f"c=1 columns: wrk, nginx and the proxy pinned to CPU {PIN_CPU}, except `c=1 unpinned`.",
+        f"c=1 columns: wrk, nginx and the proxy pinned to CPU {PIN_CPU} (the median-p50 run of "
+        f"{C1_REPEATS}), except `c=1 unpinned`.",
         "",
         table(bench),
         "",
