@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from agent.config import RedirectionConfig
-from agent.netns import CLONE_NEWNET, entered
+
+# agent.netns (and with it pyroute2, ~20 MB per process) is imported only where `entered` is used:
+# workers switch namespaces with a bare setns(2) and stay small.
+CLONE_NEWNET = 0x40000000
 
 Direction = Literal["outbound", "inbound"]
 Family = Literal[4, 6]
@@ -83,6 +86,8 @@ def open_listeners(netns_fd: int, cfg: RedirectionConfig) -> list[Listener]:
     IPv4 failures raise (after closing whatever was opened).  IPv6 listeners are skipped when
     `cfg.ipv6` is false or the namespace has no IPv6 (EAFNOSUPPORT, EADDRNOTAVAIL).
     """
+    from agent.netns import entered
+
     listeners: list[Listener] = []
     try:
         with entered(netns_fd):
@@ -163,6 +168,8 @@ def upstream_socket(
     """
     af = socket.AF_INET6 if family in (6, socket.AF_INET6) else socket.AF_INET
     if home_fd is None:
+        from agent.netns import entered
+
         with entered(netns_fd):
             return _make_upstream(af, mark, bind_to)
     _setns(netns_fd)

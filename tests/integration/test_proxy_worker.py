@@ -38,6 +38,8 @@ from agent.proxy.sockets import open_listeners
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_IP = "10.77.0.1"
 SERVER_IP = "10.77.0.2"
+CLIENT_IP6 = "fd00:77::1"
+SERVER_IP6 = "fd00:77::2"
 HTTP_PORT = 8080
 MARK = "0x539/0xfff"
 
@@ -383,6 +385,31 @@ def test_100mb_through_outbound_and_inbound(env: Env) -> None:
             "bytes_received": size,
             "bytes_sent": len(answer),
         }
+
+
+@pytest.mark.skipif(not shutil.which("ip6tables-legacy"), reason="needs ip6tables-legacy")
+def test_ipv6_outbound(env: Env) -> None:
+    for ns, ip in ((env.client, CLIENT_IP6), (env.server, SERVER_IP6)):
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/126", "dev", "veth0", "nodad")
+    sh("ip", "netns", "exec", env.client, "ip6tables-legacy", "-w", "-t", "nat", "-A", "OUTPUT",
+       "-p", "tcp", "-m", "mark", "!", "--mark", MARK, "-o", "veth0", "-j", "REDIRECT",
+       "--to-ports", str(env.redirection.outbound_port))  # fmt: skip
+    ctl = env.worker({"client": env.client_fd})
+    with entered(env.server_fd):
+        srv = socket.create_server((SERVER_IP6, 5002), family=socket.AF_INET6)
+    with srv:
+        with entered(env.client_fd):
+            cli = socket.socket(socket.AF_INET6)
+        with cli:
+            cli.settimeout(10)
+            cli.connect((SERVER_IP6, 5002))
+            srv.settimeout(10)
+            conn, peer = srv.accept()
+            with conn:
+                conn.sendall(peer[0].encode())
+            assert cli.recv(100).decode() == CLIENT_IP6
+    s = wait_stats(ctl, lambda s: s["workloads"]["client"]["outbound"]["connections_closed"] == 1)
+    assert s["workloads"]["client"]["outbound"]["bytes_sent"] == len(CLIENT_IP6)
 
 
 def test_worker_exits_when_supervisor_goes_away(env: Env) -> None:
