@@ -412,6 +412,27 @@ def test_ipv6_outbound(env: Env) -> None:
     assert s["workloads"]["client"]["outbound"]["bytes_sent"] == len(CLIENT_IP6)
 
 
+def test_idle_timeout_closes_the_relay(env: Env) -> None:
+    env.proxy = ProxyConfig(connect_timeout=2.0, idle_timeout=1.0)
+    env.redirect_outbound()
+    ctl = env.worker({"client": env.client_fd})
+    with entered(env.server_fd):
+        srv = socket.create_server((SERVER_IP, 5003))
+    with srv:
+        with entered(env.client_fd):
+            cli = socket.socket()
+        with cli:
+            cli.settimeout(10)
+            cli.connect((SERVER_IP, 5003))
+            srv.settimeout(10)
+            conn, _ = srv.accept()
+            with conn:
+                started = time.monotonic()
+                assert cli.recv(1) == b""  # closed by the worker, not by either end
+                assert 0.9 < time.monotonic() - started < 4
+    wait_stats(ctl, lambda s: s["workloads"]["client"]["outbound"]["connections_closed"] == 1)
+
+
 def test_worker_exits_when_supervisor_goes_away(env: Env) -> None:
     ctl = env.worker({"client": env.client_fd})
     proc = env.procs[-1]
