@@ -26,7 +26,7 @@ from agent.config import RedirectionConfig
 # workers switch namespaces with a bare setns(2) and stay small.
 CLONE_NEWNET = 0x40000000
 
-Direction = Literal["outbound", "inbound"]
+Direction = Literal["outbound", "inbound", "tunnel"]
 Family = Literal[4, 6]
 
 SO_ORIGINAL_DST = 80  # SOL_IP; the same number as IP6T_SO_ORIGINAL_DST under SOL_IPV6
@@ -58,8 +58,14 @@ def _listen_addresses(cfg: RedirectionConfig) -> list[tuple[Direction, Family, s
         ("outbound", 4, "127.0.0.1", cfg.outbound_port),
         ("inbound", 4, "0.0.0.0", cfg.inbound_port),
     ]
+    # The tunnel listener: mTLS from other proxies; the redirection rules never touch its port.
+    addrs.append(("tunnel", 4, "0.0.0.0", cfg.tunnel_port))
     if cfg.ipv6:
-        addrs += [("outbound", 6, "::1", cfg.outbound_port), ("inbound", 6, "::", cfg.inbound_port)]
+        addrs += [
+            ("outbound", 6, "::1", cfg.outbound_port),
+            ("inbound", 6, "::", cfg.inbound_port),
+            ("tunnel", 6, "::", cfg.tunnel_port),
+        ]
     return addrs
 
 
@@ -81,7 +87,7 @@ def _listener(family: Family, host: str, port: int, mark: int) -> socket.socket:
 
 
 def open_listeners(netns_fd: int, cfg: RedirectionConfig) -> list[Listener]:
-    """Open the outbound (loopback) and inbound (wildcard) listeners inside `netns_fd`.
+    """Open the outbound (loopback), inbound and tunnel (wildcard) listeners inside `netns_fd`.
 
     IPv4 failures raise (after closing whatever was opened).  IPv6 listeners are skipped when
     `cfg.ipv6` is false or the namespace has no IPv6 (EAFNOSUPPORT, EADDRNOTAVAIL).
