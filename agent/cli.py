@@ -17,7 +17,7 @@ import click
 
 from agent import __version__
 from agent.admin import AGENT_SOCKET, AdminUnavailable, request
-from agent.config import DEFAULT_STATE_DIR, Config, ConfigError, load_config
+from agent.config import DEFAULT_STATE_DIR, MODES, Config, ConfigError, load_config
 from agent.netns import NETNS_RUN_DIR, NetnsError, NetnsExecutor, is_netns_fd
 from agent.workloads import EnrollmentError, EnrollmentStore, plan_enroll, plan_unenroll
 
@@ -117,8 +117,17 @@ def proxy(
 @click.argument("netns")
 @click.option("--namespace", required=True, help="Kubernetes-style namespace of the workload.")
 @click.option("--service-account", required=True, help="Service account the workload runs as.")
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default=None,
+    help="permissive: plaintext inbound from non-mesh clients still accepted; strict: only "
+    "tunnelled, authenticated inbound (default: mesh.namespace_modes, then mesh.default_mode).",
+)
 @state_dir_option
-def enroll(netns: str, namespace: str, service_account: str, state_dir: Path) -> None:
+def enroll(
+    netns: str, namespace: str, service_account: str, mode: str | None, state_dir: Path
+) -> None:
     """Enroll network namespace NETNS (a name under /var/run/netns, or a path)."""
     from agent.daemon import make_workload
 
@@ -127,12 +136,13 @@ def enroll(netns: str, namespace: str, service_account: str, state_dir: Path) ->
         "netns": netns,
         "namespace": namespace,
         "service_account": service_account,
+        "mode": mode,
     }
     try:
         reply = request(state_dir / AGENT_SOCKET, body)
     except AdminUnavailable:
         try:
-            workload = make_workload(netns, namespace, service_account)
+            workload = make_workload(netns, namespace, service_account, mode)
             store = EnrollmentStore(state_dir)
             with store.locked():
                 store.save(plan_enroll(store.load(), workload))

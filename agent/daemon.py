@@ -19,28 +19,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import ipaddress
 import logging
 import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pyroute2 import IPRoute
+
 from agent import __version__
 from agent.admin import AGENT_SOCKET, Reply, prepare_state_dir, serve_async
-from agent.config import Config, WorkloadSpec, validate_name
+from agent.config import MODES, Config, WorkloadSpec, validate_name
 from agent.control.channel import CONTROL_SOCKET, AsyncChannel, ChannelClosed
 from agent.control.protocol import (
     Ack,
     AddWorkload,
     DelWorkload,
+    Directory,
+    DirectoryEntry,
     Hello,
     Message,
     ProtocolError,
     SnapshotSent,
+    TrustBundle,
+    WorkloadCertificate,
 )
+from agent.directory import entries_for, merge, publish, read_folder
+from agent.identity.certs import NodeSigner, renewal_due
+from agent.identity.certs import WorkloadCertificate as MintedCertificate
+from agent.identity.spiffe import IdentityError
 from agent.netns import (
     NETNS_RUN_DIR,
     NetnsError,
@@ -72,10 +84,14 @@ ACK_TIMEOUT = 10.0
 HELLO_TIMEOUT = 5.0
 
 
-def make_workload(netns_arg: str, namespace: str, service_account: str) -> Workload:
+def make_workload(
+    netns_arg: str, namespace: str, service_account: str, mode: str | None = None
+) -> Workload:
     """Validate an enrollment request into a `Workload` (raises with the bad value named)."""
     validate_name("namespace", namespace)
     validate_name("service account", service_account)
+    if mode is not None and mode not in MODES:
+        raise EnrollmentError(f"invalid mode {mode!r}: must be one of {', '.join(MODES)}")
     path = resolve_netns(netns_arg)
     return Workload(
         uid=str(path),
@@ -84,7 +100,33 @@ def make_workload(netns_arg: str, namespace: str, service_account: str) -> Workl
         netns_inode=netns_inode(path),
         namespace=namespace,
         service_account=service_account,
+        mode=mode,
     )
+
+
+def pod_addresses() -> tuple[str, ...]:
+    """The global unicast addresses of the calling thread's netns (run it inside a pod)."""
+    with IPRoute() as ipr:
+        found = []
+        for message in ipr.get_addr():
+            attrs = dict(message["attrs"])
+            address = ipaddress.ip_address(attrs["IFA_ADDRESS"])
+            if not (address.is_loopback or address.is_link_local):
+                found.append(str(address))
+        return tuple(sorted(found))
+
+
+def load_signer(config: Config, state_dir: Path) -> NodeSigner | None:
+    """The node's signing credentials; None (plaintext mesh) when there are none at all."""
+    folder = Path(config.identity.node_credentials or state_dir / "identity")
+    if not folder.exists():
+        log.warning(
+            "no node credentials in %s: workloads get no certificates and traffic stays "
+            "plaintext (create them with `agent ca issue-node`)",
+            folder,
+        )
+        return None
+    return NodeSigner.load(folder, config.identity.trust_domain)
 
 
 @dataclass
@@ -118,6 +160,10 @@ class Agent:
         self.proxies: list[ProxyLink] = []
         self.started_at = time.time()
         self.last_reconcile: dict[str, Any] = {}
+        self.signer: NodeSigner | None = None
+        self.certificates: dict[str, MintedCertificate] = {}
+        self.directory_folder = Path(config.mesh.directory or state_dir / "directory")
+        self.directory: tuple[DirectoryEntry, ...] = ()
         self._mutate = asyncio.Lock()
         self._stop = asyncio.Event()
 
@@ -138,6 +184,72 @@ class Agent:
                 if fd is not None:
                     os.close(fd)
         return acked
+
+    async def _add_everywhere(self, workload: Workload) -> int:
+        """Hand a workload and its certificate to every proxy; returns how many acked."""
+        acked = await self._send_to_proxies(AddWorkload(workload, self._mode(workload)), workload)
+        cert = self._certificate(workload)
+        if cert is not None:
+            await self._send_to_proxies(self._certificate_message(workload.uid, cert))
+        return acked
+
+    def _mode(self, workload: Workload) -> str:
+        return self.config.mesh.mode_for(workload.namespace, workload.mode)
+
+    def _certificate(self, workload: Workload, renew: bool = False) -> MintedCertificate | None:
+        """The workload's current certificate, minted (again) when missing, due or asked."""
+        if self.signer is None:
+            return None
+        now = dt.datetime.now(dt.UTC)
+        current = self.certificates.get(workload.uid)
+        if current is None or renew or renewal_due(current, now):
+            current = self.signer.mint(
+                workload.namespace,
+                workload.service_account,
+                self.config.identity.workload_cert_ttl,
+                now,
+            )
+            self.certificates[workload.uid] = current
+            log.info(
+                "issued certificate for %s (%s), serial %x, expires %s",
+                workload.name,
+                current.spiffe_id,
+                current.serial,
+                current.not_after.isoformat(),
+            )
+        return current
+
+    @staticmethod
+    def _certificate_message(uid: str, cert: MintedCertificate) -> WorkloadCertificate:
+        return WorkloadCertificate(
+            uid, cert.chain_pem.decode(), cert.key_pem.decode(), cert.not_after.timestamp()
+        )
+
+    def _trust_message(self) -> TrustBundle | None:
+        if self.signer is None:
+            return None
+        return TrustBundle(self.config.identity.trust_domain, self.signer.bundle_pem.decode())
+
+    def _directory_message(self) -> Directory:
+        return Directory(self.directory, self.config.mesh.egress)
+
+    async def _publish_directory(self) -> None:
+        """Publish this node's entries and refresh the merged view (sent when it changed)."""
+        own = entries_for(
+            self.config.node_name, self.enrollments.values(), self.config.identity.trust_domain
+        )
+        await asyncio.to_thread(publish, self.directory_folder, self.config.node_name, own)
+        await self._refresh_directory()
+
+    async def _refresh_directory(self) -> None:
+        per_node = await asyncio.to_thread(read_folder, self.directory_folder)
+        per_node[self.config.node_name] = entries_for(
+            self.config.node_name, self.enrollments.values(), self.config.identity.trust_domain
+        )
+        merged = merge(per_node)
+        if merged != self.directory:
+            self.directory = merged
+            await self._send_to_proxies(self._directory_message())
 
     def _drop(self, link: ProxyLink) -> None:
         if link in self.proxies:
@@ -165,9 +277,17 @@ class Agent:
                     except (OSError, NetnsError):
                         continue  # gone: the next reconcile forgets it
                     try:
-                        await link.request(AddWorkload(workload), (fd,))
+                        await link.request(AddWorkload(workload, self._mode(workload)), (fd,))
                     finally:
                         os.close(fd)
+                trust = self._trust_message()
+                if trust is not None:
+                    await link.request(trust)
+                for workload in list(self.enrollments.values()):
+                    cert = self._certificate(workload)
+                    if cert is not None:
+                        await link.request(self._certificate_message(workload.uid, cert))
+                await link.request(self._directory_message())
                 await link.request(SnapshotSent())
             except (ChannelClosed, ProtocolError, EnrollmentError, OSError, TimeoutError) as exc:
                 log.warning("snapshot to proxy pid %s failed: %s", hello.pid, exc)
@@ -202,19 +322,24 @@ class Agent:
     async def enroll(self, workload: Workload) -> Reply:
         started = time.monotonic()
         async with self._mutate:
+            plan_enroll(self.enrollments, workload)  # refuse early: nothing changes
+            ips = await asyncio.to_thread(self.executor.call, workload.netns, pod_addresses)
+            workload = replace(workload, ips=ips)
             new = plan_enroll(self.enrollments, workload)
             with self.store.locked():
                 self.store.save(new)
             try:
-                acked = await self._send_to_proxies(AddWorkload(workload), workload)
+                acked = await self._add_everywhere(workload)
                 await asyncio.to_thread(self.backend.apply, Path(workload.netns))
             except Exception as exc:
                 await asyncio.to_thread(self.backend.remove, Path(workload.netns))
                 await self._send_to_proxies(DelWorkload(workload.uid))
                 with self.store.locked():
                     self.store.save(self.enrollments)
+                self.certificates.pop(workload.uid, None)
                 raise EnrollmentError(f"enrolling {workload.name!r} failed: {exc}") from exc
             self.enrollments = new
+            await self._publish_directory()
         elapsed = time.monotonic() - started
         log.info(
             "enrolled %s as %s/%s in %.1f ms (%d proxy ack(s))",
@@ -242,6 +367,8 @@ class Agent:
             if workload is not None and path.exists():
                 await asyncio.to_thread(self.backend.remove, path)
             await self._send_to_proxies(DelWorkload(str(path)))
+            self.certificates.pop(str(path), None)
+            await self._publish_directory()
         log.info("unenrolled %s", netns_arg)
         return {"ok": True}
 
@@ -286,15 +413,20 @@ class Agent:
                     with self.store.locked():
                         self.store.save(self.enrollments)
                     await self._send_to_proxies(DelWorkload(w.uid))
+                    self.certificates.pop(w.uid, None)
+                    await self._publish_directory()
                 case Repair(workload=w):
                     await asyncio.to_thread(self.backend.apply, Path(w.netns))
                 case EnrollDeclared(spec=spec):
                     workload = make_workload(spec.netns, spec.namespace, spec.service_account)
+                    ips = await asyncio.to_thread(self.executor.call, workload.netns, pod_addresses)
+                    workload = replace(workload, ips=ips)
                     self.enrollments = plan_enroll(self.enrollments, workload)
                     with self.store.locked():
                         self.store.save(self.enrollments)
-                    await self._send_to_proxies(AddWorkload(workload), workload)
+                    await self._add_everywhere(workload)
                     await asyncio.to_thread(self.backend.apply, Path(workload.netns))
+                    await self._publish_directory()
         except Exception as exc:  # retried on the next tick
             log.error("reconcile: %s failed: %s", describe(action), exc)
             return f"FAILED: {describe(action)}: {exc}"
@@ -310,6 +442,7 @@ class Agent:
                     str(body.get("netns", "")),
                     str(body.get("namespace", "")),
                     str(body.get("service_account", "")),
+                    None if body.get("mode") is None else str(body["mode"]),
                 )
                 return await self.enroll(workload)
             if op == "unenroll":
@@ -336,13 +469,33 @@ class Agent:
             ],
             "workloads": sorted(self.enrollments),
             "last_reconcile": self.last_reconcile,
+            "identity": {
+                "enabled": self.signer is not None,
+                "trust_domain": self.config.identity.trust_domain,
+                "node_certificate_expires": (
+                    self.signer.not_after.timestamp() if self.signer is not None else None
+                ),
+                "certificates": {
+                    uid: {
+                        "spiffe_id": cert.spiffe_id,
+                        "serial": f"{cert.serial:x}",
+                        "not_before": cert.not_before.timestamp(),
+                        "not_after": cert.not_after.timestamp(),
+                    }
+                    for uid, cert in self.certificates.items()
+                },
+            },
+            "modes": {uid: self._mode(w) for uid, w in self.enrollments.items()},
+            "directory": {"folder": str(self.directory_folder), "entries": len(self.directory)},
         }
 
     # -------------------------------------------------------------------- run
     async def run(self) -> None:
         prepare_state_dir(self.state_dir)
+        self.signer = load_signer(self.config, self.state_dir)
         with self.store.locked():
             self.enrollments = self.store.load()
+        await self._publish_directory()
         admin = await serve_async(self.state_dir / AGENT_SOCKET, self.handle)
         control = self._listen_control()
         loop = asyncio.get_running_loop()
@@ -351,6 +504,7 @@ class Agent:
         tasks = [
             asyncio.create_task(self._accept_proxies(control), name="accept-proxies"),
             asyncio.create_task(self._reconcile_forever(), name="reconcile"),
+            asyncio.create_task(self._identity_forever(), name="identity"),
         ]
         log.info(
             "agent %s on node %s: state dir %s, %d enrolled workload(s)",
@@ -395,6 +549,20 @@ class Agent:
             handlers.add(task)
             task.add_done_callback(handlers.discard)
 
+    async def _identity_forever(self) -> None:
+        """Renew certificates at half-life and follow the shared directory, once a second."""
+        while True:
+            await asyncio.sleep(1.0)
+            async with self._mutate:
+                now = dt.datetime.now(dt.UTC)
+                for workload in list(self.enrollments.values()):
+                    current = self.certificates.get(workload.uid)
+                    if current is not None and renewal_due(current, now):
+                        cert = self._certificate(workload, renew=True)
+                        assert cert is not None
+                        await self._send_to_proxies(self._certificate_message(workload.uid, cert))
+                await self._refresh_directory()
+
     async def _reconcile_forever(self) -> None:
         while True:
             await self.reconcile()
@@ -407,4 +575,7 @@ def resolve_name(netns_arg: str) -> Path:
 
 
 def run_agent(config: Config, state_dir: Path) -> None:
-    asyncio.run(Agent(config, state_dir).run())
+    try:
+        asyncio.run(Agent(config, state_dir).run())
+    except IdentityError as exc:
+        raise SystemExit(f"agent: node credentials are unusable: {exc}") from exc

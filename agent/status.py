@@ -69,6 +69,9 @@ def gather(config: Config, state_dir: Path) -> dict[str, Any]:
                 "netns_present": False,
                 "redirection": "gone",
                 "differences": [],
+                "mode": agent.get("modes", {}).get(uid, served.get(uid, {}).get("mode")),
+                "certificate": agent.get("identity", {}).get("certificates", {}).get(uid),
+                "security": security_counts(served.get(uid, {}).get("flows", [])),
                 "served_by_proxy": uid in served,
                 "listeners": served.get(uid, {}).get("listeners", []),
                 "traffic": served.get(uid, {}).get("traffic", {}),
@@ -103,6 +106,16 @@ def gather(config: Config, state_dir: Path) -> dict[str, Any]:
     return document
 
 
+def security_counts(flows: list[dict[str, Any]]) -> dict[str, int]:
+    """Connections relayed for a workload, by security (mtls / plaintext) and denied."""
+    counts = {"mtls": 0, "plaintext": 0, "denied": 0}
+    for flow in flows:
+        security = str(flow.get("security", "plaintext"))
+        counts[security] = counts.get(security, 0) + int(flow.get("connections_opened", 0))
+        counts["denied"] += int(flow.get("denied", 0))
+    return counts
+
+
 def assess(document: dict[str, Any]) -> list[str]:
     """Everything an operator must act on; empty when all is well."""
     problems = []
@@ -128,6 +141,9 @@ def assess(document: dict[str, Any]) -> list[str]:
             continue
         if w["redirection"] != "ok":
             problems.append(f"{label}: redirection is {w['redirection']}")
+        cert = w.get("certificate")
+        if cert and cert["not_after"] <= document["generated_at"]:
+            problems.append(f"{label}: its certificate expired")
         if proxy["running"] and not w["served_by_proxy"]:
             problems.append(f"{label}: the proxy has no listeners for it")
         elif any(not lst.get("listening") for lst in w["listeners"]):
@@ -142,6 +158,13 @@ def _ago(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.0f}h"
+
+
+def _expiry(cert: dict[str, Any] | None, now: float) -> str:
+    if not cert:
+        return "no cert"
+    left = cert["not_after"] - now
+    return f"in {_ago(left)}" if left > 0 else "EXPIRED"
 
 
 def _bytes(n: int) -> str:
@@ -186,13 +209,16 @@ def render(document: dict[str, Any]) -> str:
     header = (
         "WORKLOAD",
         "IDENTITY",
+        "MODE",
         "IPS",
         "REDIRECTION",
         "LISTENERS",
+        "CERT EXPIRES",
+        "MTLS/PLAIN",
         "CONNS OUT/IN",
         "BYTES OUT/IN",
     )
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for w in document["workloads"]:
         listening = sum(1 for lst in w["listeners"] if lst.get("listening"))
         traffic = w["traffic"]
@@ -205,9 +231,12 @@ def render(document: dict[str, Any]) -> str:
             (
                 w["name"],
                 f"{w['namespace']}/{w['service_account']}",
+                w.get("mode") or "-",
                 ",".join(ip.split("/")[0] for ip in w["ips"]) or "-",
                 w["redirection"],
                 f"{listening}/{len(w['listeners'])}" if w["served_by_proxy"] else "none",
+                _expiry(w.get("certificate"), now),
+                f"{w['security']['mtls']}/{w['security']['plaintext']}",
                 f"{out.get('connections_opened', 0)}/{inb.get('connections_opened', 0)}",
                 f"{_bytes(moved(out))}/{_bytes(moved(inb))}",
             )

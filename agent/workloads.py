@@ -40,12 +40,16 @@ class Workload:
     netns_inode: int
     namespace: str
     service_account: str
+    mode: str | None = None  # permissive | strict; None: the namespace's or the default
+    ips: tuple[str, ...] = ()  # the pod's addresses, read in its netns at enrollment
 
     def identity(self, trust_domain: str = "cluster.local") -> str:
         return f"spiffe://{trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        body = asdict(self)
+        body["ips"] = list(self.ips)
+        return body
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> Workload:
@@ -57,6 +61,8 @@ class Workload:
                 netns_inode=int(raw["netns_inode"]),
                 namespace=str(raw["namespace"]),
                 service_account=str(raw["service_account"]),
+                mode=None if raw.get("mode") is None else str(raw["mode"]),
+                ips=tuple(str(ip) for ip in raw.get("ips", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EnrollmentError(f"malformed workload record {dict(raw)!r}: {exc}") from exc

@@ -8,8 +8,17 @@ agent sends is answered by exactly one `ack`, in order.
     proxy -> agent   {"type": "hello", "version": 1, "proxy_version": "0.1.0", "pid": 42}
     agent -> proxy   {"type": "add_workload", "uid": "...", "workload": {...}}   + netns fd
     agent -> proxy   {"type": "del_workload", "uid": "..."}
+    agent -> proxy   {"type": "workload_certificate", "uid": "...", "chain_pem": "...",
+                      "key_pem": "...", "not_after": 1764400000.0}
+    agent -> proxy   {"type": "trust_bundle", "trust_domain": "cluster.local", "bundle_pem": "..."}
+    agent -> proxy   {"type": "directory", "egress": "passthrough",
+                      "entries": [{"ip": "10.1.2.3", "identity": "spiffe://...", "node": "a"}]}
     agent -> proxy   {"type": "snapshot_sent"}
     proxy -> agent   {"type": "ack", "error": null | "what went wrong"}
+
+`add_workload` also carries the workload's resolved `mode` (permissive | strict).  Key material
+only ever travels in `workload_certificate`, on this root-only socket; `repr` of that message
+hides it, so it cannot reach a log by accident.
 
 After `hello` the agent sends one `add_workload` per enrolled workload, then `snapshot_sent`; the
 proxy then drops every workload it holds that the snapshot did not name.  Later adds and dels are
@@ -46,6 +55,34 @@ class Hello:
 @dataclass(frozen=True)
 class AddWorkload:
     workload: Workload
+    mode: str = "permissive"
+
+
+@dataclass(frozen=True)
+class WorkloadCertificate:
+    uid: str
+    chain_pem: str
+    key_pem: str = field(repr=False)
+    not_after: float
+
+
+@dataclass(frozen=True)
+class TrustBundle:
+    trust_domain: str
+    bundle_pem: str
+
+
+@dataclass(frozen=True)
+class DirectoryEntry:
+    ip: str
+    identity: str
+    node: str
+
+
+@dataclass(frozen=True)
+class Directory:
+    entries: tuple[DirectoryEntry, ...]
+    egress: str = "passthrough"
 
 
 @dataclass(frozen=True)
@@ -63,7 +100,16 @@ class Ack:
     error: str | None = None
 
 
-Message = Hello | AddWorkload | DelWorkload | SnapshotSent | Ack
+Message = (
+    Hello
+    | AddWorkload
+    | DelWorkload
+    | SnapshotSent
+    | Ack
+    | WorkloadCertificate
+    | TrustBundle
+    | Directory
+)
 
 
 def encode(message: Message) -> bytes:
@@ -71,8 +117,24 @@ def encode(message: Message) -> bytes:
     match message:
         case Hello(proxy_version=pv, pid=pid, version=version):
             body = {"type": "hello", "version": version, "proxy_version": pv, "pid": pid}
-        case AddWorkload(workload=w):
-            body = {"type": "add_workload", "uid": w.uid, "workload": w.to_json()}
+        case AddWorkload(workload=w, mode=mode):
+            body = {"type": "add_workload", "uid": w.uid, "workload": w.to_json(), "mode": mode}
+        case WorkloadCertificate(uid=uid, chain_pem=chain, key_pem=key, not_after=not_after):
+            body = {
+                "type": "workload_certificate",
+                "uid": uid,
+                "chain_pem": chain,
+                "key_pem": key,
+                "not_after": not_after,
+            }
+        case TrustBundle(trust_domain=td, bundle_pem=bundle):
+            body = {"type": "trust_bundle", "trust_domain": td, "bundle_pem": bundle}
+        case Directory(entries=entries, egress=egress):
+            body = {
+                "type": "directory",
+                "egress": egress,
+                "entries": [{"ip": e.ip, "identity": e.identity, "node": e.node} for e in entries],
+            }
         case DelWorkload(uid=uid):
             body = {"type": "del_workload", "uid": uid}
         case SnapshotSent():
@@ -105,7 +167,28 @@ def decode(data: bytes) -> Message:
             workload = Workload.from_json(body["workload"])
             if workload.uid != body["uid"]:
                 raise ProtocolError(f"add_workload uid {body['uid']!r} != {workload.uid!r}")
-            return AddWorkload(workload)
+            mode = str(body.get("mode", "permissive"))
+            if mode not in ("permissive", "strict"):
+                raise ProtocolError(f"add_workload mode {mode!r} is not permissive or strict")
+            return AddWorkload(workload, mode)
+        if kind == "workload_certificate":
+            return WorkloadCertificate(
+                uid=str(body["uid"]),
+                chain_pem=str(body["chain_pem"]),
+                key_pem=str(body["key_pem"]),
+                not_after=float(body["not_after"]),
+            )
+        if kind == "trust_bundle":
+            return TrustBundle(str(body["trust_domain"]), str(body["bundle_pem"]))
+        if kind == "directory":
+            egress = str(body.get("egress", "passthrough"))
+            if egress not in ("passthrough", "refuse"):
+                raise ProtocolError(f"directory egress {egress!r} is not passthrough or refuse")
+            entries = tuple(
+                DirectoryEntry(str(e["ip"]), str(e["identity"]), str(e["node"]))
+                for e in body["entries"]
+            )
+            return Directory(entries, egress)
         if kind == "del_workload":
             return DelWorkload(uid=str(body["uid"]))
         if kind == "snapshot_sent":
@@ -128,6 +211,7 @@ def fds_expected(message: Message) -> int:
 @dataclass(frozen=True)
 class Add:
     workload: Workload
+    mode: str
 
 
 @dataclass(frozen=True)
@@ -135,7 +219,7 @@ class Remove:
     uids: tuple[str, ...]
 
 
-Action = Add | Remove
+Action = Add | Remove | WorkloadCertificate | TrustBundle | Directory
 
 
 @dataclass
@@ -153,11 +237,17 @@ class ProxySession:
 
     def receive(self, message: Message) -> list[Action]:
         match message:
-            case AddWorkload(workload=w):
+            case AddWorkload(workload=w, mode=mode):
                 if self.in_snapshot:
                     self.snapshot.add(w.uid)
                 self.held.add(w.uid)
-                return [Add(w)]
+                return [Add(w, mode)]
+            case WorkloadCertificate(uid=uid):
+                if uid not in self.held:
+                    raise ProtocolError(f"certificate for {uid!r}, which is not a workload here")
+                return [message]
+            case TrustBundle() | Directory():
+                return [message]
             case DelWorkload(uid=uid):
                 self.held.discard(uid)
                 self.snapshot.discard(uid)

@@ -41,7 +41,17 @@ from agent import __version__
 from agent.admin import PROXY_SOCKET, Reply, prepare_state_dir, serve_thread
 from agent.config import Config, parse_address
 from agent.control.channel import CONTROL_SOCKET, ChannelClosed, recv_message, send_message
-from agent.control.protocol import Ack, Add, Hello, ProtocolError, ProxySession, Remove
+from agent.control.protocol import (
+    Ack,
+    Add,
+    Directory,
+    Hello,
+    ProtocolError,
+    ProxySession,
+    Remove,
+    TrustBundle,
+    WorkloadCertificate,
+)
 from agent.proxy.sockets import Listener, open_listeners
 from agent.workloads import Workload
 
@@ -64,6 +74,8 @@ class Served:
     workload: Workload
     netns_fd: int
     listeners: list[Listener]
+    mode: str = "permissive"
+    certificate: WorkloadCertificate | None = None
 
     def close(self) -> None:
         for listener in self.listeners:
@@ -102,6 +114,9 @@ class Supervisor:
         self.started_at = time.time()
         self.stopping = threading.Event()
         self.respawn: queue.Queue[int] = queue.Queue()
+        self.trust: TrustBundle | None = None
+        self.directory: Directory | None = None
+        self.trust_domain = config.identity.trust_domain
 
     # ---------------------------------------------------------------- workers
     def _spawn(self, index: int) -> WorkerHandle:
@@ -157,14 +172,69 @@ class Supervisor:
             old.control.close()
             replacement = self._spawn(index)
             self.workers[index] = replacement
-            for served in self.served.values():
-                self._send_add(replacement, served)
+            self._send_state(replacement)
+
+    def _send_state(self, worker: WorkerHandle) -> None:
+        """Everything a (new) worker needs: trust, directory, every workload and its cert."""
+        if self.trust is not None:
+            worker.send(self._trust_op(self.trust))
+        if self.directory is not None:
+            worker.send(self._directory_op(self.directory))
+        for served in self.served.values():
+            self._send_add(worker, served)
+            if served.certificate is not None:
+                worker.send(self._cert_op(served.certificate))
+
+    @staticmethod
+    def _trust_op(trust: TrustBundle) -> dict[str, Any]:
+        return {"op": "trust", "trust_domain": trust.trust_domain, "bundle_pem": trust.bundle_pem}
+
+    @staticmethod
+    def _directory_op(directory: Directory) -> dict[str, Any]:
+        entries = {e.ip: {"identity": e.identity, "node": e.node} for e in directory.entries}
+        return {"op": "directory", "entries": entries, "egress": directory.egress}
+
+    @staticmethod
+    def _cert_op(cert: WorkloadCertificate) -> dict[str, Any]:
+        return {
+            "op": "cert",
+            "uid": cert.uid,
+            "chain_pem": cert.chain_pem,
+            "key_pem": cert.key_pem,
+        }
+
+    def _broadcast(self, body: dict[str, Any]) -> None:
+        for worker in self.workers:
+            with contextlib.suppress(OSError):  # a dead worker gets everything on respawn
+                worker.send(body)
+
+    def set_certificate(self, cert: WorkloadCertificate) -> None:
+        with self.lock:
+            served = self.served.get(cert.uid)
+            if served is None:
+                raise ValueError(f"certificate for {cert.uid!r}, which this proxy does not serve")
+            served.certificate = cert
+            self._broadcast(self._cert_op(cert))
+        log.info("installed certificate for %s", served.workload.name)
+
+    def set_trust(self, trust: TrustBundle) -> None:
+        with self.lock:
+            self.trust = trust
+            self._broadcast(self._trust_op(trust))
+
+    def set_directory(self, directory: Directory) -> None:
+        with self.lock:
+            self.directory = directory
+            self._broadcast(self._directory_op(directory))
 
     def _send_add(self, worker: WorkerHandle, served: Served) -> None:
         worker.send(
             {
                 "op": "add",
                 "uid": served.workload.uid,
+                "identity": served.workload.identity(self.trust_domain),
+                "mode": served.mode,
+                "ips": list(served.workload.ips),
                 "listeners": [
                     {"direction": lst.direction, "family": lst.family} for lst in served.listeners
                 ],
@@ -173,10 +243,10 @@ class Supervisor:
         )
 
     # -------------------------------------------------------------- workloads
-    def add(self, workload: Workload, netns_fd: int) -> None:
+    def add(self, workload: Workload, mode: str, netns_fd: int) -> None:
         with self.lock:
             current = self.served.get(workload.uid)
-            if current is not None and current.workload == workload:
+            if current is not None and current.workload == workload and current.mode == mode:
                 os.close(netns_fd)  # already serving it (a snapshot after reconnect)
                 return
             if current is not None:
@@ -186,7 +256,7 @@ class Supervisor:
             except OSError:
                 os.close(netns_fd)
                 raise
-            served = Served(workload, netns_fd, listeners)
+            served = Served(workload, netns_fd, listeners, mode)
             self.served[workload.uid] = served
             for worker in self.workers:
                 self._send_add(worker, served)
@@ -243,8 +313,14 @@ class Supervisor:
             try:
                 for action in session.receive(message):
                     match action:
-                        case Add(workload=workload):
-                            self.add(workload, fds.pop())
+                        case Add(workload=workload, mode=mode):
+                            self.add(workload, mode, fds.pop())
+                        case WorkloadCertificate() as cert:
+                            self.set_certificate(cert)
+                        case TrustBundle() as trust:
+                            self.set_trust(trust)
+                        case Directory() as directory:
+                            self.set_directory(directory)
                         case Remove(uids=uids):
                             for uid in uids:
                                 self.remove(uid)
@@ -292,8 +368,11 @@ class Supervisor:
                     "name": s.workload.name,
                     "namespace": s.workload.namespace,
                     "service_account": s.workload.service_account,
+                    "mode": s.mode,
+                    "certificate_expires": s.certificate.not_after if s.certificate else None,
                     "listeners": [describe_listener(lst) for lst in s.listeners],
                     "traffic": totals.get(uid, {}),
+                    "flows": flows(per_worker, uid),
                 }
                 for uid, s in self.served.items()
             }
@@ -306,6 +385,9 @@ class Supervisor:
             "agent_connected": self.agent_connected,
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "active_connections": sum(int(s.get("active", 0)) for s in per_worker),
+            "trust_domain": self.trust.trust_domain if self.trust else None,
+            "directory_entries": len(self.directory.entries) if self.directory else 0,
+            "tunnel": tunnel_totals(per_worker),
             "workloads": workloads,
         }
 
@@ -350,6 +432,30 @@ class Supervisor:
         log.info("proxy stopped")
 
 
+FLOW_KEYS = ("direction", "security", "peer_identity")
+
+
+def flows(per_worker: list[dict[str, Any]], uid: str) -> list[dict[str, Any]]:
+    """One workload's traffic per (direction, security, peer identity), summed over workers."""
+    summed: dict[tuple[str, ...], dict[str, Any]] = {}
+    for stats in per_worker:
+        for flow in stats.get("flows", {}).get(uid, []):
+            key = tuple(str(flow.get(k, "")) for k in FLOW_KEYS)
+            entry = summed.setdefault(key, dict(zip(FLOW_KEYS, key, strict=True)))
+            for name, value in flow.items():
+                if name not in FLOW_KEYS and isinstance(value, int):
+                    entry[name] = entry.get(name, 0) + value
+    return [summed[key] for key in sorted(summed)]
+
+
+def tunnel_totals(per_worker: list[dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for stats in per_worker:
+        for name, value in stats.get("tunnel", {}).items():
+            out[name] = out.get(name, 0) + int(value)
+    return out
+
+
 def describe_listener(listener: Listener) -> dict[str, Any]:
     host, port = listener.sock.getsockname()[:2]
     listening = listener.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
@@ -362,7 +468,8 @@ def describe_listener(listener: Listener) -> dict[str, Any]:
 
 
 class MetricsCollector(Collector):
-    """Prometheus view of the workers' counters, labelled by workload and direction."""
+    """Prometheus view of the workers' counters: per workload, direction, security (mtls or
+    plaintext) and source/destination identity, as Istio labels its TCP metrics."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
@@ -370,35 +477,44 @@ class MetricsCollector(Collector):
     def collect(self) -> Iterator[Any]:
         sup = self.supervisor
         per_worker = sup.fresh_stats(timeout=0.5)
-        totals = sup.totals(per_worker)
-        labels = ["workload_namespace", "workload", "service_account", "direction"]
+        labels = [
+            "workload_namespace",
+            "workload",
+            "direction",
+            "security",
+            "source_identity",
+            "destination_identity",
+        ]
         families = {
-            "connections_opened": CounterMetricFamily(
-                "ferry_proxy_connections_opened", "TCP connections accepted", labels=labels
-            ),
-            "connections_closed": CounterMetricFamily(
-                "ferry_proxy_connections_closed", "TCP connections closed", labels=labels
-            ),
-            "connect_failures": CounterMetricFamily(
-                "ferry_proxy_connect_failures", "upstream connects that failed", labels=labels
-            ),
-            "bytes_received": CounterMetricFamily(
-                "ferry_proxy_received_bytes", "bytes from client to server", labels=labels
-            ),
-            "bytes_sent": CounterMetricFamily(
-                "ferry_proxy_sent_bytes", "bytes from server to client", labels=labels
-            ),
+            key: CounterMetricFamily(f"ferry_proxy_{name}", text, labels=labels)
+            for key, name, text in (
+                ("connections_opened", "connections_opened", "TCP connections relayed"),
+                ("connections_closed", "connections_closed", "relayed TCP connections closed"),
+                ("connect_failures", "connect_failures", "upstream connects that failed"),
+                ("denied", "connections_denied", "connections refused by mode or egress"),
+                ("bytes_received", "received_bytes", "bytes from client to server"),
+                ("bytes_sent", "sent_bytes", "bytes from server to client"),
+            )
         }
         with sup.lock:
             workloads = {uid: s.workload for uid, s in sup.served.items()}
-        for uid, directions in sorted(totals.items()):
-            workload = workloads.get(uid)
-            if workload is None:
-                continue
-            for direction, counters in sorted(directions.items()):
-                values = [workload.namespace, workload.name, workload.service_account, direction]
+        for uid, workload in sorted(workloads.items()):
+            own = workload.identity(sup.trust_domain)
+            for flow in flows(per_worker, uid):
+                peer = flow["peer_identity"] or "unknown"
+                source, destination = (
+                    (own, peer) if flow["direction"] == "outbound" else (peer, own)
+                )
+                values = [
+                    workload.namespace,
+                    workload.name,
+                    flow["direction"],
+                    flow["security"],
+                    source,
+                    destination,
+                ]
                 for key, family in families.items():
-                    family.add_metric(values, counters.get(key, 0))
+                    family.add_metric(values, flow.get(key, 0))
         yield from families.values()
         active = GaugeMetricFamily("ferry_proxy_active_connections", "open relayed connections")
         active.add_metric([], sum(int(s.get("active", 0)) for s in per_worker))

@@ -292,7 +292,9 @@ def test_metrics_are_served_on_localhost(mesh: tuple[FerryNode, Pod, Pod]) -> No
     client.fetch_json(f"http://{server.ip4}:8080/")
     metrics = ferry.node.exec(["curl", "-sS", "http://127.0.0.1:15020/metrics"]).stdout
     wanted = (
-        'ferry_proxy_connections_opened_total{direction="outbound",service_account="client",'
+        'ferry_proxy_connections_opened_total{destination_identity="unknown",'
+        'direction="outbound",security="plaintext",'
+        'source_identity="spiffe://cluster.local/ns/shop/sa/client",'
         f'workload="{client.netns}",workload_namespace="shop"}} 1.0'
     )
     assert wanted in metrics

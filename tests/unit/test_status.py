@@ -1,0 +1,118 @@
+"""`agent status` rendering and assessment (pure), against golden files.
+
+Regenerate with `UPDATE_GOLDEN=1 pytest tests/unit/test_status.py` and review the diff.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.status import SCHEMA, assess, render
+
+GOLDEN = Path(__file__).parent.parent / "golden"
+NOW = 1_764_400_000.0
+
+
+def document(**changes: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "schema": SCHEMA,
+        "generated_at": NOW,
+        "node": "node-a",
+        "backend": "iptables",
+        "state_dir": "/run/ferry",
+        "agent": {
+            "running": True,
+            "version": "0.1.0",
+            "pid": 10,
+            "uptime_seconds": 300.0,
+            "last_reconcile": {"at": NOW - 4, "actions": []},
+        },
+        "proxy": {
+            "running": True,
+            "version": "0.1.0",
+            "pid": 11,
+            "workers": 2,
+            "workers_alive": 2,
+            "agent_connected": True,
+            "active_connections": 3,
+        },
+        "workloads": [
+            {
+                "name": "web",
+                "netns": "/var/run/netns/web",
+                "namespace": "shop",
+                "service_account": "web",
+                "identity": "spiffe://cluster.local/ns/shop/sa/web",
+                "mode": "strict",
+                "ips": ["10.1.0.2/24", "fd00::2/64"],
+                "netns_present": True,
+                "redirection": "ok",
+                "differences": [],
+                "certificate": {"not_after": NOW + 43_200, "serial": "ab"},
+                "security": {"mtls": 40, "plaintext": 2, "denied": 1},
+                "served_by_proxy": True,
+                "listeners": [{"direction": "outbound", "family": 4, "listening": True}] * 6,
+                "traffic": {
+                    "outbound": {"connections_opened": 2, "bytes_received": 100, "bytes_sent": 900},
+                    "inbound": {
+                        "connections_opened": 40,
+                        "bytes_received": 2048,
+                        "bytes_sent": 3 << 20,
+                    },
+                },
+            }
+        ],
+    }
+    doc.update(changes)
+    doc["problems"] = assess(doc)
+    doc["healthy"] = not doc["problems"]
+    return doc
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text + "\n")
+    assert path.exists(), f"{path} is missing; run with UPDATE_GOLDEN=1 to create it"
+    assert text + "\n" == path.read_text()
+
+
+def test_healthy_node_renders_as_golden() -> None:
+    doc = document()
+    assert doc["healthy"]
+    check_golden("status_healthy.golden", render(doc))
+
+
+def test_broken_node_names_every_problem() -> None:
+    doc = document()
+    broken = copy.deepcopy(doc["workloads"][0])
+    broken.update(
+        name="db",
+        redirection="drifted",
+        differences=["iptables -t nat -A FERRY_OUTPUT -p tcp -j REDIRECT --to-ports 15001"],
+        certificate={"not_after": NOW - 1, "serial": "cd"},
+    )
+    gone = copy.deepcopy(doc["workloads"][0])
+    gone.update(name="old", netns_present=False, redirection="gone", netns="/var/run/netns/old")
+    doc = document(
+        proxy={"running": False, "error": "nothing is listening on /run/ferry/proxy.sock"},
+        workloads=[doc["workloads"][0], broken, gone],
+    )
+    assert not doc["healthy"]
+    check_golden("status_broken.golden", render(doc))
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"agent": {"running": False, "error": "x"}}, "agent is not running"),
+        ({"proxy": {"running": False, "error": "x"}}, "refused (fail closed)"),
+    ],
+)
+def test_assess(change: dict[str, Any], needle: str) -> None:
+    assert any(needle in p for p in document(**change)["problems"])
