@@ -108,10 +108,10 @@ def test_reset_both_ways() -> None:
     a, b = p.open(), p.open("10.0.0.2:81")
     p.client.reset(a)
     _, at_server = p.pump()
-    assert [e for e in at_server if isinstance(e, StreamReset)][0].stream_id == a
+    assert next(e for e in at_server if isinstance(e, StreamReset)).stream_id == a
     p.server.reset(b)
     at_client, _ = p.pump()
-    assert [e for e in at_client if isinstance(e, StreamReset)][0].stream_id == b
+    assert next(e for e in at_client if isinstance(e, StreamReset)).stream_id == b
     # Resetting a stream that is gone is harmless.
     p.client.reset(a)
     p.client.end_stream(a)

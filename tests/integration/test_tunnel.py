@@ -1,0 +1,662 @@
+"""The mTLS tunnel between two real worker processes, over a real veth, with Ferry's real rules.
+
+    pod A netns (10.79.0.1/30)  <--veth-->  pod B netns (10.79.0.2/30)
+    worker "node a" serves A             worker "node b" serves B
+
+Both namespaces get the production iptables rules (`IptablesRedirection.apply`) when enrolled.
+Credentials come from `agent.identity`: a root CA and one node signer per node in a tmp dir,
+workload certificates minted from them and handed to the workers as `cert` messages; both
+workers get the same `trust` and `directory`.  Namespaces (`ferry-t-<hex>-a|b`) and processes are
+removed at the end, also when a test fails.  Traffic only flows between these two namespaces.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import ProxyConfig, RedirectionConfig
+from agent.identity import NodeSigner, WorkloadCertificate, init_ca, issue_node
+from agent.netns import NetnsExecutor, entered, open_netns
+from agent.proxy.sockets import open_listeners
+from agent.redirect.iptables import IptablesRedirection
+from agent.tunnel.hbone import Data, HboneConnection, StreamAccepted
+
+REPO = Path(__file__).resolve().parents[2]
+A_IP = "10.79.0.1"
+B_IP = "10.79.0.2"
+TD = "cluster.local"
+ID_A = f"spiffe://{TD}/ns/front/sa/web"
+ID_B = f"spiffe://{TD}/ns/back/sa/api"
+HTTP_PORT = 8080
+ECHO_PORT = 7000
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("iptables-legacy"),
+    reason="needs root, iproute2 and iptables-legacy",
+)
+
+HTTP_SERVER = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = self.client_address[0].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+
+ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+"""
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=60)
+
+
+class Credentials:
+    """A CA (trust domain TD) with one node signer per node, plus a foreign CA."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        init_ca(tmp / "ca", TD)
+        self.signers: dict[str, NodeSigner] = {}
+        for node in ("a", "b"):
+            issue_node(tmp / "ca", f"node-{node}", tmp / f"node-{node}")
+            self.signers[node] = NodeSigner.load(tmp / f"node-{node}", TD)
+        init_ca(tmp / "other-ca", "other.local")
+        issue_node(tmp / "other-ca", "node-x", tmp / "node-x")
+        self.foreign = NodeSigner.load(tmp / "node-x", "other.local")
+
+    @property
+    def bundle(self) -> bytes:
+        return self.signers["a"].bundle_pem
+
+    def mint(self, node: str, ns: str, sa: str, **kw: Any) -> WorkloadCertificate:
+        return self.signers[node].mint(ns, sa, kw.pop("ttl", 3600.0), **kw)
+
+
+class Env:
+    def __init__(self, tmp: Path) -> None:
+        tag = secrets.token_hex(4)
+        self.a, self.b = f"ferry-t-{tag}-a", f"ferry-t-{tag}-b"
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.controls: list[socket.socket] = []
+        self.fds: list[int] = []
+        self.redirection = RedirectionConfig(ipv6=False)
+        self.proxy = ProxyConfig(connect_timeout=3.0, idle_timeout=60.0)
+        self.executor = NetnsExecutor()
+        sh("ip", "netns", "add", self.a)
+        sh("ip", "netns", "add", self.b)
+        sh(
+            "ip",
+            "-n",
+            self.a,
+            "link",
+            "add",
+            "veth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "veth0",
+            "netns",
+            self.b,
+        )
+        for ns, ip in ((self.a, A_IP), (self.b, B_IP)):
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", "veth0")
+            sh("ip", "-n", ns, "link", "set", "veth0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        self.a_fd = self._fd(self.a)
+        self.b_fd = self._fd(self.b)
+        self.creds = Credentials(tmp)
+
+    def _fd(self, ns: str) -> int:
+        fd = open_netns(f"/var/run/netns/{ns}")
+        self.fds.append(fd)
+        return fd
+
+    def enroll(self, ns: str) -> None:
+        IptablesRedirection(self.redirection, self.executor).apply(Path(f"/var/run/netns/{ns}"))
+
+    def spawn(self, ns: str, *cmd: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self.procs.append(proc)
+        return proc
+
+    def http_server(self) -> None:
+        script = self.tmp / "server.py"
+        script.write_text(HTTP_SERVER)
+        self.spawn(self.b, sys.executable, str(script), B_IP, str(HTTP_PORT))
+        wait_port(self.b_fd, (B_IP, HTTP_PORT), self.redirection.mark)
+
+    def worker(self, uid: str, netns_fd: int, **add: Any) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.controls.append(ours)
+        settings = {"proxy": asdict(self.proxy), "redirection": asdict(self.redirection)}
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent.proxy.worker",
+                "--control-fd",
+                str(theirs.fileno()),
+                "--config-json",
+                json.dumps(settings),
+            ],
+            pass_fds=[theirs.fileno()],
+            cwd=REPO,
+        )
+        self.procs.append(proc)
+        theirs.close()
+        listeners = open_listeners(netns_fd, self.redirection)
+        msg = {
+            "op": "add",
+            "uid": uid,
+            "listeners": [{"direction": x.direction, "family": x.family} for x in listeners],
+            **add,
+        }
+        socket.send_fds(
+            ours, [json.dumps(msg).encode()], [netns_fd, *(x.sock.fileno() for x in listeners)]
+        )
+        for x in listeners:
+            x.sock.close()
+        send(ours, {"op": "trust", "trust_domain": TD, "bundle_pem": self.trust_bundle()})
+        send(ours, {"op": "directory", "entries": self.directory(), "egress": "passthrough"})
+        return ours
+
+    def trust_bundle(self) -> str:
+        # Two roots, as during a CA rotation: ours and the foreign trust domain's.
+        return (self.creds.bundle + self.creds.foreign.bundle_pem).decode()
+
+    def directory(self) -> dict[str, Any]:
+        return {
+            A_IP: {"identity": ID_A, "node": "node-a"},
+            B_IP: {"identity": ID_B, "node": "node-b"},
+        }
+
+    def close(self) -> None:
+        for ctl in self.controls:
+            ctl.close()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        self.executor.shutdown()
+        for fd in self.fds:
+            os.close(fd)
+        for ns in (self.a, self.b):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+def send(ctl: socket.socket, msg: dict[str, Any]) -> None:
+    ctl.send(json.dumps(msg).encode())
+
+
+def send_cert(ctl: socket.socket, uid: str, cert: WorkloadCertificate) -> None:
+    send(
+        ctl,
+        {
+            "op": "cert",
+            "uid": uid,
+            "chain_pem": cert.chain_pem.decode(),
+            "key_pem": cert.key_pem.decode(),
+        },
+    )
+
+
+def wait_port(netns_fd: int, addr: tuple[str, int], mark: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with entered(netns_fd):
+            probe = socket.socket()
+        try:
+            probe.settimeout(1)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            probe.connect(addr)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+        finally:
+            probe.close()
+
+
+def stats(ctl: socket.socket) -> dict[str, Any]:
+    ctl.send(b'{"op":"stats"}')
+    ctl.settimeout(5)
+    latest: dict[str, Any] = json.loads(ctl.recv(1 << 20))
+    ctl.settimeout(0.05)
+    try:
+        while True:
+            latest = json.loads(ctl.recv(1 << 20))
+    except TimeoutError:
+        pass
+    assert latest["op"] != "error", latest
+    return latest
+
+
+def wait_stats(
+    ctl: socket.socket, pred: Callable[[dict[str, Any]], bool], timeout: float = 5.0
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = stats(ctl)
+        if pred(s):
+            return s
+        assert time.monotonic() < deadline, f"stats never matched: {s}"
+        time.sleep(0.1)
+
+
+def flow(
+    s: dict[str, Any], uid: str, direction: str, security: str, peer: str | None = None
+) -> dict[str, Any]:
+    """The flow entry of (direction, security[, peer]); counters summed over peers if not given."""
+    found = [
+        f
+        for f in s["flows"].get(uid, [])
+        if f["direction"] == direction
+        and f["security"] == security
+        and (peer is None or f["peer_identity"] == peer)
+    ]
+    if not found:
+        return {}
+    merged = dict(found[0])
+    for f in found[1:]:
+        for key, value in f.items():
+            if isinstance(value, int):
+                merged[key] += value
+    return merged
+
+
+def curl(ns: str, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "curl", "-sS", "--max-time", "10", *extra, url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    e = Env(tmp_path)
+    try:
+        yield e
+    finally:
+        e.close()
+
+
+def mesh(env: Env, b_mode: str = "permissive") -> tuple[socket.socket, socket.socket]:
+    """Both pods enrolled, with certificates: worker for A, worker for B."""
+    env.enroll(env.a)
+    env.enroll(env.b)
+    ctl_a = env.worker("a", env.a_fd, identity=ID_A, mode="permissive", ips=[A_IP])
+    ctl_b = env.worker("b", env.b_fd, identity=ID_B, mode=b_mode, ips=[B_IP])
+    send_cert(ctl_a, "a", env.creds.mint("a", "front", "web"))
+    send_cert(ctl_b, "b", env.creds.mint("b", "back", "api"))
+    stats(ctl_a)
+    stats(ctl_b)
+    return ctl_a, ctl_b
+
+
+@pytest.mark.skipif(not shutil.which("tcpdump"), reason="needs tcpdump")
+def test_curl_goes_through_the_tunnel_encrypted(env: Env) -> None:
+    ctl_a, ctl_b = mesh(env, b_mode="strict")
+    env.http_server()
+    pcap = env.tmp / "veth.pcap"
+    dump = env.spawn(
+        env.a,
+        "tcpdump",
+        "-i",
+        "veth0",
+        "-U",
+        "--immediate-mode",
+        "-n",
+        "-s",
+        "0",
+        "-Z",
+        "root",
+        "-w",
+        str(pcap),
+        "tcp",
+    )
+    time.sleep(1.0)  # tcpdump attaches
+    marker = "ferry-plaintext-marker-" + secrets.token_hex(8)
+    out = curl(env.a, f"http://{B_IP}:{HTTP_PORT}/{marker}")
+    time.sleep(0.5)
+    dump.send_signal(signal.SIGINT)
+    _, err = dump.communicate(timeout=10)
+    assert out.returncode == 0, out.stderr
+    assert b"packets captured" in err, err
+    assert out.stdout == A_IP  # the app in B sees pod A's IP, through two proxies
+    raw = pcap.read_bytes()
+    assert marker.encode() not in raw
+    assert b"\x16\x03\x01" in raw or b"\x16\x03\x03" in raw  # TLS handshake records
+    assert (15008).to_bytes(2, "big") in raw
+    s_a = wait_stats(
+        ctl_a, lambda s: flow(s, "a", "outbound", "mtls").get("connections_closed") == 1
+    )
+    fa = flow(s_a, "a", "outbound", "mtls", ID_B)
+    assert fa and fa["connect_failures"] == 0
+    assert fa["bytes_received"] > len(marker) and fa["bytes_sent"] > len(A_IP)
+    assert s_a["workloads"]["a"]["outbound"]["connections_opened"] == 1
+    assert s_a["tunnel"]["handshakes"] == 1 and s_a["tunnel"]["pooled_connections"] == 1
+    s_b = wait_stats(
+        ctl_b, lambda s: flow(s, "b", "inbound", "mtls").get("connections_closed") == 1
+    )
+    fb = flow(s_b, "b", "inbound", "mtls", ID_A)
+    assert fb  # the identity node A's CA minted, from the handshake
+    assert fb["bytes_received"] == fa["bytes_received"] and fb["bytes_sent"] == fa["bytes_sent"]
+    assert not flow(s_b, "b", "inbound", "plaintext")
+
+
+def _attempt(env: Env, cert: WorkloadCertificate | None) -> str:
+    """From pod A's netns (unmarked, bypassing A's proxy): TLS to B:15008 and one CONNECT."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    if cert is not None:
+        (env.tmp / "c.crt").write_bytes(cert.chain_pem)
+        (env.tmp / "c.key").write_bytes(cert.key_pem)
+        ctx.load_cert_chain(env.tmp / "c.crt", env.tmp / "c.key")
+    with entered(env.a_fd):
+        raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, env.redirection.mark)  # not captured
+    raw.settimeout(5)
+    raw.connect((B_IP, env.redirection.tunnel_port))
+    try:
+        tls = ctx.wrap_socket(raw)
+    except (ssl.SSLError, OSError) as exc:
+        raw.close()
+        return f"handshake failed: {exc}"
+    with tls:
+        core = HboneConnection(client=True)
+        core.open_stream(f"{B_IP}:{ECHO_PORT}")
+        try:
+            tls.sendall(core.data_to_send())
+            while True:
+                data = tls.recv(65536)
+                if not data:
+                    return "closed"
+                for ev in core.receive(data):
+                    if isinstance(ev, StreamAccepted):
+                        return "accepted"
+                tls.sendall(core.data_to_send())
+        except (ssl.SSLError, OSError) as exc:
+            return f"refused: {exc}"
+
+
+def test_clients_without_a_valid_certificate_are_refused(env: Env) -> None:
+    _ctl_a, ctl_b = mesh(env)
+    with entered(env.b_fd):
+        srv = socket.create_server((B_IP, ECHO_PORT))
+    with srv:
+        creds = env.creds
+        # The control: a proper certificate from the mesh CA is accepted.
+        assert _attempt(env, creds.mint("a", "front", "web")) == "accepted"
+        self_signed = _self_signed(env.tmp)
+        expired = creds.mint(
+            "a", "front", "web", ttl=3600.0, now=dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
+        )
+        foreign = creds.foreign.mint("front", "web", 3600.0)  # trusted root, other trust domain
+        cases = {"none": None, "self-signed": self_signed, "expired": expired, "foreign": foreign}
+        for name, cert in cases.items():
+            result = _attempt(env, cert)
+            assert result != "accepted", name
+        srv.settimeout(0.5)
+        accepted = 0
+        try:
+            while True:
+                conn, _ = srv.accept()
+                conn.close()
+                accepted += 1
+        except TimeoutError:
+            pass
+        assert accepted == 1  # only the control reached the app
+    s = wait_stats(ctl_b, lambda s: flow(s, "b", "inbound", "mtls", "").get("denied", 0) >= 4)
+    assert s["tunnel"]["handshakes"] == 1
+
+
+def _self_signed(tmp: Path) -> WorkloadCertificate:
+    from agent.identity import init_ca as make_root
+
+    init_ca_dir = tmp / "rogue-ca"
+    make_root(init_ca_dir, TD)
+    issue_node(init_ca_dir, "rogue", tmp / "rogue")
+    return NodeSigner.load(tmp / "rogue", TD).mint("front", "web", 3600.0)
+
+
+def test_strict_mode_keeps_plaintext_away_from_the_app(env: Env) -> None:
+    env.enroll(env.b)  # A is not in the mesh: no rules, no proxy
+    ctl_b = env.worker("b", env.b_fd, identity=ID_B, mode="strict", ips=[B_IP])
+    send_cert(ctl_b, "b", env.creds.mint("b", "back", "api"))
+    with entered(env.b_fd):
+        srv = socket.create_server((B_IP, ECHO_PORT))
+    with srv:
+        with entered(env.a_fd):
+            cli = socket.socket()
+        with cli:
+            cli.settimeout(5)
+            with pytest.raises(OSError):
+                cli.connect((B_IP, ECHO_PORT))
+                cli.sendall(b"plaintext")
+                assert cli.recv(10) == b""
+                cli.sendall(b"again")
+                cli.recv(10)
+        srv.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            srv.accept()
+    s = wait_stats(ctl_b, lambda s: flow(s, "b", "inbound", "plaintext").get("denied") == 1)
+    assert flow(s, "b", "inbound", "plaintext")["connections_opened"] == 0
+
+
+def _echo_server(env: Env) -> tuple[socket.socket, list[str]]:
+    with entered(env.b_fd):
+        srv = socket.create_server((B_IP, ECHO_PORT))
+    peers: list[str] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, peer = srv.accept()
+            except OSError:
+                return
+            peers.append(peer[0])
+            threading.Thread(target=_echo, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, peers
+
+
+def _echo(conn: socket.socket) -> None:
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+
+def _connect(env: Env) -> socket.socket:
+    with entered(env.a_fd):
+        cli = socket.socket()
+    cli.settimeout(10)
+    cli.connect((B_IP, ECHO_PORT))
+    return cli
+
+
+def _roundtrip(cli: socket.socket, data: bytes) -> bytes:
+    cli.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = cli.recv(65536)
+        assert chunk
+        got += chunk
+    return got
+
+
+def test_long_lived_connection_survives_certificate_rotation(env: Env) -> None:
+    ctl_a, ctl_b = mesh(env)
+    srv, peers = _echo_server(env)
+    with srv, _connect(env) as cli:
+        assert _roundtrip(cli, b"before") == b"before"
+        send_cert(ctl_a, "a", env.creds.mint("a", "front", "web"))
+        send_cert(ctl_b, "b", env.creds.mint("b", "back", "api"))
+        stats(ctl_a)
+        assert _roundtrip(cli, b"after rotation") == b"after rotation"
+        # New connections use the new certificate: a new tunnel connection.
+        with _connect(env) as cli2:
+            assert _roundtrip(cli2, b"new") == b"new"
+        assert _roundtrip(cli, b"still") == b"still"
+    assert peers == [A_IP, A_IP]
+    s = stats(ctl_a)
+    assert s["tunnel"]["handshakes"] == 2
+    assert flow(s, "a", "outbound", "mtls")["connect_failures"] == 0
+
+
+def test_sequential_connections_share_one_pooled_tunnel(env: Env) -> None:
+    ctl_a, ctl_b = mesh(env)
+    srv, peers = _echo_server(env)
+    with srv:
+        for i in range(20):
+            with _connect(env) as cli:
+                assert _roundtrip(cli, f"req {i}".encode()) == f"req {i}".encode()
+    s = wait_stats(
+        ctl_a, lambda s: flow(s, "a", "outbound", "mtls").get("connections_closed") == 20
+    )
+    assert s["tunnel"]["handshakes"] == 1
+    assert s["tunnel"]["pooled_connections"] == 1
+    assert stats(ctl_b)["tunnel"]["handshakes"] == 1
+    assert len(peers) == 20
+
+
+def test_bulk_transfer_with_half_close_through_the_tunnel(env: Env) -> None:
+    """32 MiB A -> B, a digest back after A's half-close (FIN crosses as END_STREAM)."""
+    ctl_a, _ctl_b = mesh(env)
+    with entered(env.b_fd):
+        srv = socket.create_server((B_IP, ECHO_PORT))
+    size = 32 << 20
+    block = os.urandom(1 << 20)
+    expected = hashlib.sha256(block * (size // len(block))).hexdigest()
+    result: dict[str, Any] = {}
+
+    def serve() -> None:
+        conn, peer = srv.accept()
+        with conn:
+            digest, n = hashlib.sha256(), 0
+            while chunk := conn.recv(1 << 20):
+                digest.update(chunk)
+                n += len(chunk)
+            result.update(peer=peer[0])
+            conn.sendall(f"{n} {digest.hexdigest()}".encode())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with _connect(env) as cli:
+            for _ in range(size // len(block)):
+                cli.sendall(block)
+            cli.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := cli.recv(1000):
+                answer += chunk
+    finally:
+        thread.join(30)
+        srv.close()
+    assert answer.decode() == f"{size} {expected}"
+    assert result["peer"] == A_IP
+    s = wait_stats(ctl_a, lambda s: s["active"] == 0)
+    fa = flow(s, "a", "outbound", "mtls")
+    assert fa["bytes_received"] == size and fa["bytes_sent"] == len(answer)
+
+
+def test_app_reset_crosses_the_tunnel(env: Env) -> None:
+    ctl_a, _ctl_b = mesh(env)
+    with entered(env.b_fd):
+        srv = socket.create_server((B_IP, ECHO_PORT))
+    with srv, _connect(env) as cli:
+        srv.settimeout(5)
+        conn, _ = srv.accept()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()  # RST from the app in B
+        with pytest.raises(ConnectionResetError):
+            cli.recv(10)
+    wait_stats(ctl_a, lambda s: s["tunnel"]["streams"] == 0)
+
+
+def test_destination_outside_the_directory(env: Env) -> None:
+    ctl_a, _ctl_b = mesh(env)
+    env.http_server()
+    entries = {A_IP: {"identity": ID_A, "node": "node-a"}}  # B is not in the mesh now
+    send(ctl_a, {"op": "directory", "entries": entries, "egress": "passthrough"})
+    out = curl(env.a, f"http://{B_IP}:{HTTP_PORT}/")
+    assert out.returncode == 0 and out.stdout == A_IP, out.stderr
+    s = stats(ctl_a)
+    assert flow(s, "a", "outbound", "plaintext")["connections_opened"] == 1
+    send(ctl_a, {"op": "directory", "entries": entries, "egress": "refuse"})
+    out = curl(env.a, f"http://{B_IP}:{HTTP_PORT}/")
+    assert out.returncode != 0
+    s = wait_stats(ctl_a, lambda s: flow(s, "a", "outbound", "plaintext").get("denied") == 1)
+    assert not flow(s, "a", "outbound", "mtls")
+
+
+def test_stream_to_a_foreign_address_is_refused(env: Env) -> None:
+    _ctl_a, ctl_b = mesh(env)
+    ctx_cert = env.creds.mint("a", "front", "web")
+    # A CONNECT for an address that is not pod B's own: 403, never connected.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    (env.tmp / "c.crt").write_bytes(ctx_cert.chain_pem)
+    (env.tmp / "c.key").write_bytes(ctx_cert.key_pem)
+    ctx.load_cert_chain(env.tmp / "c.crt", env.tmp / "c.key")
+    with entered(env.a_fd):
+        raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, env.redirection.mark)
+    raw.settimeout(5)
+    raw.connect((B_IP, env.redirection.tunnel_port))
+    with ctx.wrap_socket(raw) as tls:
+        core = HboneConnection(client=True)
+        core.open_stream(f"127.0.0.1:{ECHO_PORT}")
+        tls.sendall(core.data_to_send())
+        status = None
+        while status is None:
+            data = tls.recv(65536)
+            assert data
+            for ev in core.receive(data):
+                assert not isinstance(ev, StreamAccepted | Data)
+                status = getattr(ev, "status", None) or status
+            tls.sendall(core.data_to_send())
+    assert status == 403
+    wait_stats(ctl_b, lambda s: flow(s, "b", "inbound", "mtls").get("denied") == 1)
