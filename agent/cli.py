@@ -53,7 +53,22 @@ def _logging(verbose: bool) -> None:
     )
 
 
-@click.group()
+class Commands(click.Group):
+    """The command group; `ca` (and with it `cryptography`) loads only when it is used, so the
+    daemons and the everyday commands stay small."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "ca"])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "ca":
+            from agent.identity.cli import ca
+
+            return ca
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=Commands)
 @click.version_option(__version__, prog_name="ferry agent")
 def main() -> None:
     """Ferry: a sidecar-free security data plane (node agent and per-node proxy)."""
@@ -257,8 +272,3 @@ def cleanup(state_dir: Path, config_path: Path | None) -> None:
             leftover.unlink()
             click.echo(f"removed {leftover}")
     click.echo(f"cleanup done: {len(cleaned)} network namespace(s) had Ferry redirection")
-
-
-from agent.identity.cli import ca  # noqa: E402
-
-main.add_command(ca)

@@ -373,31 +373,39 @@ class Agent:
         return {"ok": True}
 
     # -------------------------------------------------------------- reconcile
-    def _observe(self) -> tuple[dict[str, Observation], dict[str, WorkloadSpec]]:
-        observed: dict[str, Observation] = {}
-        for uid, workload in self.enrollments.items():
-            try:
-                inode = netns_inode(workload.netns)
-            except OSError:
-                observed[uid] = Observation(None, "unknown")
-                continue
-            if inode != workload.netns_inode:
-                observed[uid] = Observation(inode, "unknown")
-                continue
-            report = self.backend.inspect(Path(workload.netns))
-            observed[uid] = Observation(inode, report.state, report.missing + report.unexpected)
+    def _observe_one(self, workload: Workload) -> Observation:
+        try:
+            inode = netns_inode(workload.netns)
+        except OSError:
+            return Observation(None, "unknown")
+        if inode != workload.netns_inode:
+            return Observation(inode, "unknown")
+        report = self.backend.inspect(Path(workload.netns))
+        return Observation(inode, report.state, report.missing + report.unexpected)
+
+    def _declared(self) -> dict[str, WorkloadSpec]:
         declared: dict[str, WorkloadSpec] = {}
         for spec in self.config.workloads:
             try:
                 declared[str(resolve_netns(spec.netns))] = spec
             except NetnsError:
                 continue
-        return observed, declared
+        return declared
 
     async def reconcile(self) -> list[str]:
+        """Observe every workload (one at a time, without holding the enrollment lock, so an
+        enrollment waits for at most one read-back), then act under the lock on what is still
+        the same workload."""
+        snapshot = dict(self.enrollments)
+        observed = {
+            uid: await asyncio.to_thread(self._observe_one, workload)
+            for uid, workload in snapshot.items()
+        }
+        declared = await asyncio.to_thread(self._declared)
         async with self._mutate:
-            observed, declared = await asyncio.to_thread(self._observe)
-            actions = plan_reconcile(self.enrollments, observed, declared)
+            unchanged = {uid: w for uid, w in self.enrollments.items() if snapshot.get(uid) == w}
+            fresh = {path: spec for path, spec in declared.items() if path not in self.enrollments}
+            actions = plan_reconcile(unchanged, observed, fresh)
             done = [await self._perform(action) for action in actions]
         report = [line for line in done if line]
         self.last_reconcile = {"at": time.time(), "actions": report}

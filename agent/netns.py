@@ -22,8 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from pyroute2 import netns as pyroute2_netns
-
 NETNS_RUN_DIR = Path("/var/run/netns")
 NS_GET_NSTYPE = 0xB703
 CLONE_NEWNET = 0x40000000
@@ -81,6 +79,8 @@ def open_netns(path: Path | str) -> int:
 @contextmanager
 def entered(netns_fd: int) -> Iterator[None]:
     """Run the block with the calling thread inside `netns_fd`; always switch back."""
+    from pyroute2 import netns as pyroute2_netns  # ~20 MB: loaded only where netns are entered
+
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         pyroute2_netns.setns(netns_fd)
