@@ -100,6 +100,8 @@ def test_outbound_and_inbound_are_intercepted_and_the_app_sees_the_client(
         ("outbound", 6),
         ("inbound", 4),
         ("inbound", 6),
+        ("tunnel", 4),
+        ("tunnel", 6),
     }
     traffic = entry["traffic"]["inbound"]
     assert traffic["bytes_received"] > 0 and traffic["bytes_sent"] > traffic["bytes_received"]
