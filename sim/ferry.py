@@ -135,3 +135,60 @@ class FerryNode:
     @property
     def state(self) -> Path:
         return self.state_dir
+
+
+class Mesh:
+    """Several Ferry nodes that trust one CA and share one directory folder.
+
+    `agent ca init` makes the CA once; every node gets its own signing credentials from
+    `agent ca issue-node` in `<state-dir>/identity` and publishes its workloads to the shared
+    directory, exactly as an operator would set up standalone hosts.
+    """
+
+    def __init__(self, workdir: Path, trust_domain: str = "cluster.local") -> None:
+        self.workdir = workdir
+        self.trust_domain = trust_domain
+        self.ca_dir = workdir / "ca"
+        self.directory = workdir / "directory"
+        self.nodes: list[FerryNode] = []
+        self._ca("init", "--ca-dir", str(self.ca_dir), "--trust-domain", trust_domain)
+
+    @staticmethod
+    def _ca(*args: str) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "agent", "ca", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise FerryError(f"agent ca {' '.join(args)} failed: {result.stderr}")
+
+    def add(
+        self, node: SimNode, workers: int = 1, config: dict[str, Any] | None = None
+    ) -> FerryNode:
+        settings = dict(config or {})
+        settings["mesh"] = {"directory": str(self.directory), **settings.get("mesh", {})}
+        settings["identity"] = {"trust_domain": self.trust_domain, **settings.get("identity", {})}
+        ferry = FerryNode(node, workers=workers, config=settings)
+        ferry.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._ca(
+            "issue-node",
+            node.name,
+            "--ca-dir",
+            str(self.ca_dir),
+            "--out",
+            str(ferry.state_dir / "identity"),
+        )
+        self.nodes.append(ferry)
+        return ferry
+
+    def wait_directory(self, entries: int, timeout: float = 10.0) -> None:
+        """Until every node's proxy knows `entries` directory entries (IPs)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            counts = [n.status()["proxy"].get("directory_entries", 0) for n in self.nodes]
+            if all(count == entries for count in counts):
+                return
+            time.sleep(0.1)
+        raise FerryError(f"directory did not converge to {entries} entries: {counts}")
