@@ -127,7 +127,18 @@ def test_the_link_between_nodes_carries_tls_and_never_the_payload(cluster: Clust
     c = cluster
     pcap = c.a.node.tmpdir / "link.pcap"
     capture = c.a.node.popen(
-        ["tcpdump", "-i", c.link.ifname_a, "-U", "-s", "0", "-w", str(pcap), "tcp"],
+        [
+            "tcpdump",
+            "--immediate-mode",
+            "-i",
+            c.link.ifname_a,
+            "-U",
+            "-s",
+            "0",
+            "-w",
+            str(pcap),
+            "tcp",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -159,6 +170,8 @@ def test_tunnel_port_refuses_clients_without_a_valid_certificate(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     c = cluster
+    for name in ("valid", "expired", "rogue", "evil"):
+        (tmp_path / name).mkdir()
     node_signer = NodeSigner.load(c.a.state_dir / "identity", "cluster.local")
     valid = node_signer.mint("shop", "probe", 600).write(tmp_path / "valid")
     past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
