@@ -150,8 +150,20 @@ def _read_rules(ipr: Any, cfg: RedirectionConfig, family: Family) -> list[Policy
     return found
 
 
+LOOPBACK_INDEX = 1  # `lo` is the first link of every network namespace
+
+
+def _device_name(ipr: Any, oif: int | None) -> str | None:
+    """The name of an output interface; `lo` without a link dump (the common, hot case)."""
+    if oif is None:
+        return None
+    if oif == LOOPBACK_INDEX:
+        return "lo"
+    links = ipr.get_links(oif)
+    return str(links[0].get_attr("IFLA_IFNAME")) if links else str(oif)
+
+
 def _read_routes(ipr: Any, cfg: RedirectionConfig, family: Family) -> list[Route]:
-    names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
     found = []
     for msg in ipr.get_routes(family=AF[family], table=cfg.route_table):
         if (msg.get_attr("RTA_TABLE") or msg["table"]) != cfg.route_table:
@@ -164,7 +176,7 @@ def _read_routes(ipr: Any, cfg: RedirectionConfig, family: Family) -> list[Route
                 cfg.route_table,
                 f"{dst}/{msg['dst_len']}",
                 kind=ROUTE_TYPES.get(msg["type"], str(msg["type"])),
-                device=names.get(oif, str(oif)) if oif is not None else None,
+                device=_device_name(ipr, oif),
                 gateway=msg.get_attr("RTA_GATEWAY"),
             )
         )
@@ -226,7 +238,7 @@ def _route_spec(ipr: Any, route: Route) -> dict[str, Any]:
     if route.gateway is not None:
         spec["gateway"] = route.gateway
     if route.device is not None:
-        index = ipr.link_lookup(ifname=route.device)
+        index = [LOOPBACK_INDEX] if route.device == "lo" else ipr.link_lookup(ifname=route.device)
         if not index:
             raise RedirectionError(f"`{route.command()}` failed: no device {route.device!r}")
         spec["oif"] = index[0]
