@@ -503,6 +503,7 @@ class Agent:
         self.signer = load_signer(self.config, self.state_dir)
         with self.store.locked():
             self.enrollments = self.store.load()
+        await self._fill_addresses()
         await self._publish_directory()
         admin = await serve_async(self.state_dir / AGENT_SOCKET, self.handle)
         control = self._listen_control()
@@ -556,6 +557,19 @@ class Agent:
             task = asyncio.create_task(self._on_proxy(conn), name="proxy-link")
             handlers.add(task)
             task.add_done_callback(handlers.discard)
+
+    async def _fill_addresses(self) -> None:
+        """Workloads recorded while the agent was down have no addresses yet: read them."""
+        for uid, workload in list(self.enrollments.items()):
+            if workload.ips:
+                continue
+            try:
+                ips = await asyncio.to_thread(self.executor.call, workload.netns, pod_addresses)
+            except (OSError, NetnsError):
+                continue  # gone: the first reconcile forgets it
+            self.enrollments[uid] = replace(workload, ips=ips)
+        with self.store.locked():
+            self.store.save(self.enrollments)
 
     async def _identity_forever(self) -> None:
         """Renew certificates at half-life and follow the shared directory, once a second."""

@@ -262,6 +262,8 @@ def test_enrollment_recorded_while_the_agent_is_down_applies_on_start(sim_node: 
     assert "FERRY" not in save(pod)
     ferry.start()
     wait_until(lambda: "FERRY_OUTPUT" in save(pod), "the agent applied the recorded enrollment")
+    published = (ferry.state_dir / "directory" / f"{sim_node.name}.json").read_text()
+    assert f'"ip": "{pod.ip4}"' in published  # its addresses were read on start
 
 
 def test_cleanup_leaves_no_residue(mesh: tuple[FerryNode, Pod, Pod]) -> None:
