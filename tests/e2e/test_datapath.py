@@ -336,3 +336,29 @@ def test_dead_workers_are_restarted_with_every_workload(mesh: tuple[FerryNode, P
     for _ in range(4):  # connections land on either worker
         assert client.fetch_json(f"http://{server.ip4}:8080/")["peer"] == client.ip4
     wait_until(lambda: ferry.status()["healthy"], "status is healthy again")
+
+
+def test_declared_workloads_are_enrolled_when_their_netns_exists(sim_node: SimNode) -> None:
+    pod = sim_node.add_pod("app")
+    late = f"{sim_node.name}-late"
+    ferry = FerryNode(
+        sim_node,
+        config={
+            "agent": {"reconcile_interval": 0.5},
+            "workloads": [
+                {"netns": pod.netns, "namespace": "shop", "service_account": "app"},
+                {"netns": late, "namespace": "shop", "service_account": "late"},
+            ],
+        },
+    )
+    ferry.start()
+
+    def enrolled() -> list[str]:
+        return [w["name"] for w in ferry.status()["workloads"]]
+
+    wait_until(lambda: enrolled() == [pod.netns], "the declared, existing netns is enrolled")
+    assert ferry.workload(pod)["redirection"] == "ok"
+    late_pod = sim_node.add_pod("late")  # the declared name appears later
+    assert late_pod.netns == late
+    wait_until(lambda: sorted(enrolled()) == sorted([pod.netns, late]), "the late one too")
+    assert ferry.workload(late_pod)["service_account"] == "late"
