@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import stat
 import time
 from collections.abc import Callable, Iterator
 
@@ -362,3 +363,24 @@ def test_declared_workloads_are_enrolled_when_their_netns_exists(sim_node: SimNo
     assert late_pod.netns == late
     wait_until(lambda: sorted(enrolled()) == sorted([pod.netns, late]), "the late one too")
     assert ferry.workload(late_pod)["service_account"] == "late"
+
+
+def test_proxy_may_start_before_the_agent(sim_node: SimNode) -> None:
+    server, client = sim_node.add_pod("server"), sim_node.add_pod("client")
+    server.start_http_server(8080)
+    ferry = FerryNode(sim_node)
+    ferry.state_dir.mkdir(mode=0o700)
+    ferry.start_proxy()
+    time.sleep(0.5)  # the proxy is retrying with backoff
+    ferry.start_agent()
+    ferry.wait_connected()
+    ferry.enroll(client)
+    assert client.fetch_json(f"http://{server.ip4}:8080/")["peer"] == client.ip4
+
+
+def test_state_dir_and_sockets_are_root_only(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    ferry, client, _server = mesh
+    ferry.enroll(client)
+    assert stat.S_IMODE(ferry.state_dir.stat().st_mode) == 0o700
+    for name in ("agent.sock", "proxy.sock", "control.sock", "enrollments.json"):
+        assert stat.S_IMODE((ferry.state_dir / name).stat().st_mode) == 0o600, name
