@@ -154,7 +154,8 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
 
 class EnvoyProcess:
-    """One Envoy in the node netns, configured for `pods`; `stop()` is idempotent."""
+    """One Envoy in the node netns, configured for `pods` (or with `config`, a bootstrap without
+    its admin section); `stop()` is idempotent."""
 
     def __init__(
         self,
@@ -165,6 +166,7 @@ class EnvoyProcess:
         outbound_port: int = 15001,
         inbound_port: int = 15006,
         tag: str = "envoy",
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.node = node
         self.dir = node.tmpdir / tag
@@ -172,14 +174,18 @@ class EnvoyProcess:
         self.admin_socket = str(self.dir / "admin.sock")
         self.config_path = self.dir / "envoy.json"
         self.log_path = self.dir / "envoy.log"
-        self.listeners = 2 * len(pods)
-        config = envoy_config(
-            pods,
-            admin_socket=self.admin_socket,
-            mark=mark,
-            outbound_port=outbound_port,
-            inbound_port=inbound_port,
-        )
+        if config is None:
+            self.listeners = 2 * len(pods)
+            config = envoy_config(
+                pods,
+                admin_socket=self.admin_socket,
+                mark=mark,
+                outbound_port=outbound_port,
+                inbound_port=inbound_port,
+            )
+        else:  # a ready-made bootstrap (bench.envoy_mtls); the admin socket is ours
+            config = {**config, "admin": {"address": {"pipe": {"path": self.admin_socket}}}}
+            self.listeners = len(config["static_resources"]["listeners"])
         self.config_path.write_text(json.dumps(config, indent=1))
         Path(self.admin_socket).unlink(missing_ok=True)
         argv = [

@@ -844,6 +844,11 @@ def report(bench: Bench, elapsed: float) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> Options:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--cross-node",
+        action="store_true",
+        help="the cross-node benchmark instead (see `--cross-node --help`)",
+    )
     parser.add_argument("--quick", action="store_true", help="short runs (2 s wrk, 2 s iperf3)")
     parser.add_argument("--workers", type=int, default=1, help="proxy workers (Envoy concurrency)")
     parser.add_argument("--duration", type=float, default=None, help="seconds per wrk run (5)")
@@ -885,7 +890,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    opts = parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--cross-node" in args:  # two nodes: direct vs Ferry mTLS vs Envoy mTLS (bench.cross_node)
+        from bench import cross_node
+
+        return cross_node.main([a for a in args if a != "--cross-node"])
+    opts = parse_args(args)
     if os.geteuid() != 0:
         print("bench: needs root (network namespaces, iptables)", file=sys.stderr)
         return 2

@@ -18,8 +18,6 @@ import pytest
 from sim.ferry import FerryNode
 from sim.node import Pod, SimNode
 
-Opened = Callable[[FerryNode, Pod, str], int]
-
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
