@@ -68,6 +68,8 @@ workload's certificate, requires a client certificate from the trust bundle and 
 each CONNECT to one of the workload's own IPs with a transparent socket bound to the tunnel peer's
 IP (200 once connected, 403 for a foreign address, 503 when the connect fails).  The connect
 timeout covers TCP, TLS and CONNECT.  Idle pooled connections are closed after POOL_IDLE seconds.
+A tunnel connection that streams queued frames on is flushed once after each batch of epoll
+events (`flush_soon`), so the frames of many streams leave in one TLS write.
 """
 
 from __future__ import annotations
@@ -230,6 +232,7 @@ class Worker:
         self.tunnel_pool: dict[tuple[str, str], list[TunnelConn]] = {}
         self.conns: set[TunnelConn] = set()
         self.handshakes = 0
+        self.to_flush: list[TunnelConn] = []
         control.setblocking(False)
         self.ep.register(control.fileno(), EPOLLIN)
         self.handlers[control.fileno()] = self._on_control
@@ -240,6 +243,7 @@ class Worker:
         poll = self.ep.poll
         handlers = self.handlers
         stale = self.stale
+        to_flush = self.to_flush
         sweep_every = max(
             0.05, min(1.0, self.proxy_cfg.connect_timeout / 4, self.proxy_cfg.idle_timeout / 4)
         )
@@ -255,6 +259,12 @@ class Worker:
                     h = handlers.get(fd)
                     if h is not None:
                         h(fd, ev)
+                while to_flush:  # one TLS write per tunnel connection per batch of events
+                    batch = to_flush[:]
+                    to_flush.clear()
+                    for conn in batch:
+                        if conn.flush_pending:
+                            conn.flush()
                 stale.clear()
                 now = monotonic()
                 if now >= next_sweep:
@@ -532,6 +542,9 @@ class Worker:
 
     def watch(self, fd: int, old: int, new: int) -> None:
         self._watch(fd, old, new)
+
+    def flush_soon(self, conn: TunnelConn) -> None:
+        self.to_flush.append(conn)
 
     def tunnel_ready(self, conn: TunnelConn) -> None:
         self.handshakes += 1

@@ -8,17 +8,22 @@ accept, where to connect, what to count); these classes only move bytes.
 TunnelConn: TCP connect (client) -> TLS 1.3 handshake -> peer identity check -> HBONE.  Reads go
 through one preallocated buffer, as many TLS records per wakeup as are ready (level-triggered
 epoll cannot see bytes OpenSSL already holds, so reading stops only at SSLWantReadError), and are
-fed to the sans-IO core in one call.  Writes collect in `outbuf` and go out in one SSL_write (the
-same buffer, only ever appended to, is retried after SSLWantWriteError, as OpenSSL requires).
-While `outbuf` holds more than OUT_HIGH bytes the connection is congested and its streams stop
-reading their app sockets; they resume when it drains.
+fed to the sans-IO core in one call; DATA payloads come back as views of that buffer and go
+straight to the app sockets.  Writes collect in the core's `out` buffer (frames of every stream)
+and go out in one large SSL_write (the same buffer, only ever appended to, is retried after
+SSLWantWriteError, as OpenSSL requires).  Streams do not write themselves: they ask for
+`flush_soon()`, and the host flushes each such connection once per batch of epoll events, so
+many small responses share one TLS write.  While `out` holds more than OUT_HIGH bytes the
+connection is congested and its streams stop reading their app sockets; they resume when it
+drains.
 
 TunnelStream: app socket <-> one HBONE stream.  App bytes are read only while the stream's send
 window is open and the connection is not congested (so a slow tunnel stops the app).  Tunnel
-bytes are written straight to the app socket; only what it cannot take is kept, and the window is
-reopened (`consumed`) only for delivered bytes (so a slow app stops the sender).  EOF becomes
-END_STREAM and END_STREAM becomes shutdown(SHUT_WR) once pending bytes are out: half-close both
-ways.  An app reset becomes RST_STREAM and an RST_STREAM an app reset (SO_LINGER 0).
+bytes are written straight to the app socket; only what it cannot take is copied and kept, and
+the window is reopened (`consumed`) only for delivered bytes (so a slow app stops the sender).
+EOF becomes END_STREAM and END_STREAM becomes shutdown(SHUT_WR) once pending bytes are out:
+half-close both ways.  An app reset becomes RST_STREAM and an RST_STREAM an app reset (SO_LINGER
+0).
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class Host(Protocol):
     def tunnel_request(self, conn: TunnelConn, stream_id: int, authority: str) -> None: ...
     def tunnel_closed(self, conn: TunnelConn, reason: str) -> None: ...
     def stream_done(self, stream: TunnelStream) -> None: ...
+    def flush_soon(self, conn: TunnelConn) -> None: ...
 
 
 class Buffers:
@@ -111,8 +117,8 @@ class TunnelConn:
         self.streams: dict[int, TunnelStream] = {}
         self.queued: list[TunnelStream] = []  # client streams waiting for the handshake
         self.blocked: set[TunnelStream] = set()
-        self.outbuf = bytearray()
         self.congested = False
+        self.flush_pending = False
         self.mask = 0
         self.retired = False  # take no new streams (cert rotated, GOAWAY)
         self.started_at = now
@@ -140,7 +146,7 @@ class TunnelConn:
         stream.authority = authority
         if self.state == OPEN and self.core is not None:
             self._open(stream)
-            self.flush()
+            self.flush_soon()
         else:
             self.queued.append(stream)
 
@@ -165,15 +171,20 @@ class TunnelConn:
         if events & (EPOLLIN | EPOLLERR | EPOLLHUP):
             self._read()
 
+    def flush_soon(self) -> None:
+        """Flush once the host is done with the current batch of events (one TLS write for all
+        the streams that produced output meanwhile)."""
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.host.flush_soon(self)
+
     def flush(self) -> None:
-        """Send what the core and earlier attempts have for the peer."""
+        """Send what the core holds for the peer (as much as the socket takes)."""
+        self.flush_pending = False
         core = self.core
         if core is None or self.state == CLOSED:
             return
-        data = core.data_to_send()
-        out = self.outbuf
-        if data:
-            out += data
+        out = core.out
         if out:
             try:
                 n = self.sock.send(out)
@@ -200,8 +211,7 @@ class TunnelConn:
         if self.core is not None:
             self.core.close()
             with contextlib.suppress(ssl.SSLError, OSError):
-                data = self.core.data_to_send()
-                self.sock.send(bytes(self.outbuf) + data if self.outbuf else data)
+                self.sock.send(self.core.out)
         self.fail("closed")
 
     def fail(self, reason: str) -> None:
@@ -334,7 +344,7 @@ class TunnelConn:
                 return
             if pos < cap:
                 break
-        self.flush()
+        self.flush_soon()
 
     def _dispatch(self, events: list[Event]) -> None:
         streams = self.streams
@@ -479,7 +489,7 @@ class TunnelStream:
                     if core is not None:
                         core.refuse(self.sid, 503)
                     self._finish(abort=True)
-                    conn.flush()
+                    conn.flush_soon()
                     return
                 self.app_connecting = False
                 self.accepted = True
@@ -496,9 +506,9 @@ class TunnelStream:
                     self._read()
         except OSError:
             self.abort(reset_peer=True)
-            conn.flush()
+            conn.flush_soon()
             return
-        conn.flush()
+        conn.flush_soon()
         self.update()
 
     # -- driven by the connection -----------------------------------------------------------
@@ -512,11 +522,13 @@ class TunnelStream:
         self.connect_failed = True
         self._finish(abort=True)
 
-    def deliver(self, data: bytes) -> None:
+    def deliver(self, data: bytes | memoryview) -> None:
+        """Tunnel payload for the app; `data` may be a view of the TLS read buffer, so what the
+        app socket cannot take now is copied."""
         if self.closed:
             return
         if self.pending or self.app_connecting:
-            self.pending.append(memoryview(data))
+            self.pending.append(memoryview(bytes(data)))
             self.update()
             return
         try:
@@ -532,7 +544,7 @@ class TunnelStream:
             if core is not None:
                 core.consumed(self.sid, n)
         if n < len(data):
-            self.pending.append(memoryview(data)[n:])
+            self.pending.append(memoryview(bytes(data[n:])))
             self.update()
 
     def peer_ended(self) -> None:
@@ -611,6 +623,8 @@ class TunnelStream:
             return
         core.send_data(self.sid, view[:n])
         self.to_tunnel += n
+        if len(core.out) > OUT_HIGH:
+            conn.congested = True  # until a flush drains it
 
     def _drain(self) -> None:
         pending = self.pending

@@ -5,50 +5,92 @@ The shape is Istio's HBONE: ALPN `h2`, one HTTP/2 stream per tunnelled TCP conne
 response accepts the stream, anything else refuses it.  DATA frames carry the TCP payload,
 END_STREAM is a TCP half-close (FIN), RST_STREAM a TCP reset, GOAWAY ends the connection.
 
-`HboneConnection` wraps python-hyper `h2` (itself sans-IO) the way h11 is used: feed it what the
-socket read (`receive(data)` -> list of events), ask it for what to write (`data_to_send()`), and
-tell it what the application wants (`open_stream`, `accept`, `refuse`, `send_data`, `end_stream`,
-`reset`, `consumed`, `close`).  It never touches a socket.
+`HboneConnection` owns the small HTTP/2 subset HBONE needs (RFC 9113 framing, SETTINGS, PING,
+WINDOW_UPDATE, RST_STREAM, GOAWAY, HEADERS + CONTINUATION through `hpack`); it is used the way
+h11 is: feed it what the socket read (`receive(data)` -> list of events), ask it for what to write
+(`data_to_send()`, or send straight from the `out` buffer and delete what went out), and tell it
+what the application wants (`open_stream`, `accept`, `refuse`, `send_data`, `end_stream`,
+`reset`, `consumed`, `close`).  It never touches a socket.  It interoperates with any HTTP/2
+peer (the tests pair it with python-hyper `h2`), but the bulk path is its own: a DATA frame
+header is parsed with `struct` and its payload is handed out as a memoryview of the bytes given
+to `receive()` as soon as they arrive (no reassembly of a 1 MiB frame, no copy); a `Data` event
+is therefore only valid until the buffer passed to `receive()` is reused, and whoever keeps the
+bytes longer must copy them.  `send_data` appends a 9-byte header and the payload to `out`, so
+many frames (and many streams) leave in one large TLS write.
 
 Bulk settings, in both directions: SETTINGS_MAX_FRAME_SIZE 1 MiB (fewer frames, fewer events),
 a large per-stream initial window, and a connection window of ~1 GiB so that only stream windows
 bound what is in flight.  A stream window is reopened only when the application calls
-`consumed(stream_id, n)`, i.e. after the bytes went on into the app socket: a slow reader behind
-the tunnel therefore stops its sender (backpressure end to end), while other streams of the same
-connection keep flowing.
+`consumed(stream_id, n)`, i.e. after the bytes went on into the app socket, and only in batches
+(a WINDOW_UPDATE once half of the window was consumed): a slow reader behind the tunnel therefore
+stops its sender (backpressure end to end), while other streams of the same connection keep
+flowing.
+
+A stream is forgotten as soon as it is done (both ends sent END_STREAM, either reset it, or it was
+refused), so `open_streams` never counts finished tunnels; frames that were still in flight for a
+forgotten stream are ignored (their DATA still counts against, and is credited back to, the
+connection window).
 
 Every protocol violation by the peer (bad frames, bad headers, flow-control abuse) surfaces as
 one exception, `TunnelProtocolError`; the connection should then be closed after sending whatever
-`data_to_send()` holds (usually a GOAWAY).
+`data_to_send()` holds (a GOAWAY).  Errors confined to one stream reset only that stream
+(`StreamReset` event, RST_STREAM to the peer).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
+import struct
 from dataclasses import dataclass
-from typing import Any
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-import hpack.exceptions
-import hyperframe.exceptions
+import hpack
 
 MAX_FRAME_SIZE = 1 << 20
 STREAM_WINDOW = 4 << 20
 CONNECTION_WINDOW = (1 << 30) - 1
 MAX_CONCURRENT_STREAMS = 1000
 MAX_HEADER_LIST_SIZE = 16384
+MAX_HEADER_BLOCK = 65536
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+MAX_WINDOW = (1 << 31) - 1
+DEFAULT_WINDOW = 65535
+DEFAULT_FRAME = 16384
 
-_Settings = h2.settings.SettingCodes
+# frame types
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
+WINDOW_UPDATE, CONTINUATION = 8, 9
+# flags
+END_STREAM = 0x1
+ACK = 0x1
+END_HEADERS = 0x4
+PADDED = 0x8
+PRIORITY_FLAG = 0x20
+# error codes
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 5, 6, 7, 8, 9
+# settings
+S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 1, 2, 3
+S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 4, 5, 6
+
+_HEADER = struct.Struct(">HBBBL")  # length (24 bit: 16 + 8), type, flags, stream id
+_unpack_header = _HEADER.unpack_from
+_U32 = struct.Struct(">L")
+_U32x2 = struct.Struct(">LL")
+_SETTING = struct.Struct(">HL")
+
+
+def _frame_header(length: int, ftype: int, flags: int, sid: int) -> bytes:
+    return _HEADER.pack(length >> 8, length & 0xFF, ftype, flags, sid)
 
 
 class TunnelProtocolError(Exception):
     """The peer broke HTTP/2 or the HBONE rules; the connection is unusable."""
+
+
+class _ConnError(Exception):
+    def __init__(self, code: int, msg: str) -> None:
+        super().__init__(msg)
+        self.code = code
 
 
 # -- events -----------------------------------------------------------------------------------
@@ -79,10 +121,13 @@ class StreamRefused:
 
 @dataclass(frozen=True, slots=True)
 class Data:
-    """Payload for the stream; call `consumed(stream_id, len(data))` once it was delivered."""
+    """Payload for the stream; call `consumed(stream_id, len(data))` once it was delivered.
+
+    `data` may be a view of the buffer given to `receive()`: copy what you keep beyond that.
+    """
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,14 +171,6 @@ Event = (
     | ConnectionEnded
 )
 
-_PEER_ERRORS: tuple[type[Exception], ...] = (
-    h2.exceptions.H2Error,
-    hyperframe.exceptions.HyperframeError,
-    hpack.exceptions.HPACKError,
-    UnicodeDecodeError,
-    ValueError,
-)
-
 
 def format_authority(ip: str, port: int) -> str:
     """`10.0.0.1:80` or `[fd00::1]:80`."""
@@ -153,185 +190,551 @@ def parse_authority(authority: str) -> tuple[str, int]:
     return str(ip), int(port)
 
 
+class _Stream:
+    __slots__ = (
+        "local_closed",
+        "recv_window",
+        "remote_closed",
+        "responded",
+        "send_window",
+        "unacked",
+    )
+
+    def __init__(self, send_window: int) -> None:
+        self.send_window = send_window
+        self.recv_window = STREAM_WINDOW  # what the peer may still send (as we advertised)
+        self.unacked = 0  # consumed bytes not yet given back in a WINDOW_UPDATE
+        self.local_closed = False  # we sent END_STREAM
+        self.remote_closed = False  # the peer sent END_STREAM
+        self.responded = False  # client: the response HEADERS came
+
+
 class HboneConnection:
     """One HBONE connection, client (`client=True`, opens streams) or server (accepts them)."""
 
     def __init__(self, client: bool) -> None:
         self.client = client
-        config = h2.config.H2Configuration(
-            client_side=client, header_encoding="utf-8", validate_inbound_headers=True
+        self.ended = False  # GOAWAY sent or received, or a protocol error: no new streams
+        self.out = bytearray()  # bytes for the peer; send from the front, `del out[:n]`
+        self._streams: dict[int, _Stream] = {}
+        self._next_sid = 1 if client else 2
+        self._last_peer_sid = 0
+        self._broken = False
+        self._encoder = hpack.Encoder()
+        self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST_SIZE)
+        # peer settings
+        self._peer_initial_window = DEFAULT_WINDOW
+        self._peer_max_frame = DEFAULT_FRAME
+        self._peer_max_streams = 1 << 31
+        # connection windows
+        self._send_conn_window = DEFAULT_WINDOW
+        self._recv_conn_window = CONNECTION_WINDOW
+        self._conn_unacked = 0
+        # input state
+        self._preface_left = 0 if client else len(PREFACE)
+        self._partial = bytearray()  # an incomplete frame header or non-DATA frame
+        self._data_left = 0  # payload bytes of the DATA frame being streamed
+        self._data_sid = 0
+        self._data_stream: _Stream | None = None
+        self._data_end = False
+        self._block = bytearray()  # header block waiting for CONTINUATION
+        self._block_sid = 0
+        self._block_end_stream = False
+        out = self.out
+        if client:
+            out += PREFACE
+        settings = (
+            (S_MAX_FRAME_SIZE, MAX_FRAME_SIZE),
+            (S_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+            (S_MAX_CONCURRENT_STREAMS, MAX_CONCURRENT_STREAMS),
+            (S_ENABLE_PUSH, 0),
+            (S_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST_SIZE),
         )
-        self._h2 = h2.connection.H2Connection(config)
-        self._h2.initiate_connection()
-        self._h2.update_settings(
-            {
-                _Settings.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
-                _Settings.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                _Settings.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-                _Settings.ENABLE_PUSH: 0,
-                _Settings.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
-            }
-        )
-        # Accept big frames at once (being lenient before our SETTINGS are acked is harmless).
-        self._h2.max_inbound_frame_size = MAX_FRAME_SIZE
-        self._h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        self._refused: set[int] = set()
-        self.ended = False
+        out += _frame_header(6 * len(settings), SETTINGS, 0, 0)
+        for key, value in settings:
+            out += _SETTING.pack(key, value)
+        out += _frame_header(4, WINDOW_UPDATE, 0, 0)
+        out += _U32.pack(CONNECTION_WINDOW - DEFAULT_WINDOW)
 
     # -- input ------------------------------------------------------------------------------
 
     def receive(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes read from the peer; return what happened.  Raises TunnelProtocolError."""
-        try:
-            h2_events = self._h2.receive_data(data)
-        except _PEER_ERRORS as exc:
-            self.ended = True
-            raise TunnelProtocolError(f"HTTP/2 protocol error from the peer: {exc}") from exc
+        if self._broken:
+            raise TunnelProtocolError("the connection already failed")
         out: list[Event] = []
-        for ev in h2_events:
-            self._translate(ev, out)
+        try:
+            self._feed(memoryview(data).cast("B"), out)
+        except _ConnError as exc:
+            self._broken = True
+            self._goaway(exc.code)
+            raise TunnelProtocolError(f"HTTP/2 protocol error from the peer: {exc}") from None
         return out
 
-    def _translate(self, ev: Any, out: list[Event]) -> None:
-        if isinstance(ev, h2.events.DataReceived):
-            sid = ev.stream_id
-            padding = ev.flow_controlled_length - len(ev.data)
-            if padding:
-                self._ack(padding, sid)
-            if ev.data:
-                out.append(Data(sid, ev.data))
-        elif isinstance(ev, h2.events.WindowUpdated):
-            out.append(WindowOpened(ev.stream_id))
-        elif isinstance(ev, h2.events.StreamEnded):
-            if ev.stream_id in self._refused:
-                self._refused.discard(ev.stream_id)
-            else:
-                out.append(StreamEnded(ev.stream_id))
-        elif isinstance(ev, h2.events.RequestReceived):
-            self._on_request(ev, out)
-        elif isinstance(ev, h2.events.ResponseReceived):
-            status = _header(ev.headers, ":status")
-            sid = ev.stream_id
-            if status == "200":
-                out.append(StreamAccepted(sid))
-            else:
-                code = int(status) if status and status.isdigit() else 502
-                if ev.stream_ended:
-                    self._refused.add(sid)  # swallow the StreamEnded that follows
-                    with contextlib.suppress(h2.exceptions.H2Error):
-                        self._h2.end_stream(sid)  # close our side too: the stream is done
-                else:
-                    self._safe_reset(sid, h2.errors.ErrorCodes.CANCEL)
-                out.append(StreamRefused(sid, code))
-        elif isinstance(ev, h2.events.StreamReset):
-            self._refused.discard(ev.stream_id)
-            out.append(StreamReset(ev.stream_id, int(ev.error_code or 0)))
-        elif isinstance(ev, h2.events.RemoteSettingsChanged):
-            if _Settings.INITIAL_WINDOW_SIZE in ev.changed_settings:
-                out.append(WindowOpened(0))
-        elif isinstance(ev, h2.events.ConnectionTerminated):
-            self.ended = True
-            out.append(ConnectionEnded(int(ev.error_code or 0), int(ev.last_stream_id or 0)))
-        elif isinstance(ev, h2.events.TrailersReceived):
-            self._safe_reset(ev.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            out.append(StreamReset(ev.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR))
-        # Pings, settings acks, priority, informational responses: h2 handles them.
+    def _feed(self, mv: memoryview, out: list[Event]) -> None:
+        n = len(mv)
+        i = 0
+        if self._preface_left:
+            take = min(self._preface_left, n)
+            start = len(PREFACE) - self._preface_left
+            if mv[:take] != PREFACE[start : start + take]:
+                raise _ConnError(PROTOCOL_ERROR, "no HTTP/2 client preface")
+            self._preface_left -= take
+            i = take
+        partial = self._partial
+        while i < n:
+            if self._data_left:  # streaming the payload of a DATA frame
+                take = min(self._data_left, n - i)
+                self._data_left -= take
+                st = self._data_stream
+                if st is not None:
+                    out.append(Data(self._data_sid, mv[i : i + take]))
+                i += take
+                if not self._data_left:
+                    self._data_done(out)
+                continue
+            if partial:
+                have = len(partial)
+                if have < 9:
+                    take = min(9 - have, n - i)
+                    partial += mv[i : i + take]
+                    i += take
+                    if len(partial) < 9:
+                        return
+                    if self._start_frame(partial, 0, out):  # unpadded DATA: stream it
+                        partial.clear()
+                        continue
+                need = 9 + (partial[0] << 16 | partial[1] << 8 | partial[2]) - len(partial)
+                take = min(need, n - i)
+                partial += mv[i : i + take]
+                i += take
+                if take < need:
+                    return
+                frame = bytes(partial)
+                partial.clear()
+                self._frame(frame, out)
+                continue
+            if n - i < 9:
+                partial += mv[i:]
+                return
+            if self._start_frame(mv, i, out):
+                i += 9
+                continue
+            length = mv[i] << 16 | mv[i + 1] << 8 | mv[i + 2]
+            if n - i < 9 + length:
+                partial += mv[i:]
+                return
+            self._frame(mv[i : i + 9 + length], out)
+            i += 9 + length
 
-    def _on_request(self, ev: h2.events.RequestReceived, out: list[Event]) -> None:
-        sid = ev.stream_id
-        method = _header(ev.headers, ":method")
-        authority = _header(ev.headers, ":authority")
-        if method != "CONNECT" or not authority or _header(ev.headers, ":protocol") is not None:
-            self.refuse(sid, 405 if method != "CONNECT" else 400)
+    def _start_frame(self, buf: memoryview | bytearray, i: int, out: list[Event]) -> bool:
+        """Check a frame header at buf[i:]; True if it starts an unpadded DATA frame (streamed)."""
+        hi, lo, ftype, flags, sid = _unpack_header(buf, i)
+        length = hi << 8 | lo
+        if length > MAX_FRAME_SIZE:
+            raise _ConnError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+        if ftype != DATA or flags & PADDED or self._block_sid:
+            return False
+        sid &= 0x7FFFFFFF
+        st = self._data_frame(sid, length, out)
+        self._data_sid = sid
+        self._data_stream = st
+        self._data_end = bool(flags & END_STREAM)
+        self._data_left = length
+        if not length:
+            self._data_done(out)
+        return True
+
+    def _data_frame(self, sid: int, length: int, out: list[Event]) -> _Stream | None:
+        """Flow control for an incoming DATA frame; the live stream it is for, or None."""
+        if not sid:
+            raise _ConnError(PROTOCOL_ERROR, "DATA on stream 0")
+        self._recv_conn_window -= length
+        if self._recv_conn_window < 0:
+            raise _ConnError(FLOW_CONTROL_ERROR, "connection window exceeded")
+        st = self._streams.get(sid)
+        if st is None or st.remote_closed:
+            if st is None and sid > self._last_peer_sid and (sid & 1) != self.client:
+                raise _ConnError(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+            self._credit(length, None)  # a forgotten stream: give the connection window back
+            return None
+        if self.client and not st.responded:
+            raise _ConnError(PROTOCOL_ERROR, f"DATA before the response on stream {sid}")
+        st.recv_window -= length
+        if st.recv_window < 0:
+            self._credit(length, None)
+            self._stream_error(sid, FLOW_CONTROL_ERROR)
+            out.append(StreamReset(sid, FLOW_CONTROL_ERROR))
+            return None
+        return st
+
+    def _data_done(self, out: list[Event]) -> None:
+        st = self._data_stream
+        self._data_stream = None
+        if st is not None and self._data_end:
+            self._remote_end(self._data_sid, st, out)
+
+    def _remote_end(self, sid: int, st: _Stream, out: list[Event]) -> None:
+        st.remote_closed = True
+        out.append(StreamEnded(sid))
+        if st.local_closed:
+            del self._streams[sid]
+
+    def _frame(self, frame: memoryview | bytes, out: list[Event]) -> None:
+        """One complete non-streamed frame (header included)."""
+        hi, lo, ftype, flags, sid = _unpack_header(frame, 0)
+        length = hi << 8 | lo
+        sid &= 0x7FFFFFFF
+        body = memoryview(frame)[9 : 9 + length]
+        if self._block_sid and ftype != CONTINUATION:
+            raise _ConnError(PROTOCOL_ERROR, "header block interrupted")
+        if ftype == DATA:  # padded
+            st = self._data_frame(sid, length, out)
+            payload = self._unpad(body, flags)
+            if st is not None:
+                self._credit(length - len(payload), sid)
+                if payload:
+                    out.append(Data(sid, payload))
+                if flags & END_STREAM:
+                    self._remote_end(sid, st, out)
+        elif ftype == HEADERS:
+            self._headers(sid, flags, body)
+            if flags & END_HEADERS:
+                self._end_block(out)
+        elif ftype == CONTINUATION:
+            if not self._block_sid or sid != self._block_sid:
+                raise _ConnError(PROTOCOL_ERROR, "unexpected CONTINUATION")
+            self._add_block(body)
+            if flags & END_HEADERS:
+                self._end_block(out)
+        elif ftype == SETTINGS:
+            self._settings(sid, flags, body, out)
+        elif ftype == WINDOW_UPDATE:
+            self._window_update(sid, body, out)
+        elif ftype == PING:
+            if sid or length != 8:
+                raise _ConnError(PROTOCOL_ERROR if sid else FRAME_SIZE_ERROR, "bad PING")
+            if not flags & ACK:
+                self.out += _frame_header(8, PING, ACK, 0)
+                self.out += body
+        elif ftype == RST_STREAM:
+            if not sid or length != 4:
+                raise _ConnError(PROTOCOL_ERROR if not sid else FRAME_SIZE_ERROR, "bad RST")
+            if sid not in self._streams and self._idle(sid):
+                raise _ConnError(PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
+            if self._streams.pop(sid, None) is not None:
+                out.append(StreamReset(sid, _U32.unpack_from(body)[0]))
+        elif ftype == GOAWAY:
+            if sid or length < 8:
+                raise _ConnError(PROTOCOL_ERROR, "bad GOAWAY")
+            last, code = _U32x2.unpack_from(body)
+            self.ended = True
+            out.append(ConnectionEnded(code, last & 0x7FFFFFFF))
+        elif ftype == PRIORITY:
+            if not sid or length != 5:
+                raise _ConnError(PROTOCOL_ERROR, "bad PRIORITY")
+        elif ftype == PUSH_PROMISE:
+            raise _ConnError(PROTOCOL_ERROR, "PUSH_PROMISE although push is disabled")
+        # unknown frame types are ignored (RFC 9113 section 4.1)
+
+    def _idle(self, sid: int) -> bool:
+        if (sid & 1) == self.client:  # ours
+            return sid >= self._next_sid
+        return sid > self._last_peer_sid
+
+    @staticmethod
+    def _unpad(body: memoryview, flags: int) -> memoryview:
+        if not flags & PADDED:
+            return body
+        if not body:
+            raise _ConnError(PROTOCOL_ERROR, "padded frame without pad length")
+        pad = body[0]
+        if pad >= len(body):
+            raise _ConnError(PROTOCOL_ERROR, "padding longer than the frame")
+        return body[1 : len(body) - pad]
+
+    def _headers(self, sid: int, flags: int, body: memoryview) -> None:
+        if not sid:
+            raise _ConnError(PROTOCOL_ERROR, "HEADERS on stream 0")
+        block = self._unpad(body, flags)
+        if flags & PRIORITY_FLAG:
+            if len(block) < 5:
+                raise _ConnError(FRAME_SIZE_ERROR, "short priority block")
+            block = block[5:]
+        self._block_sid = sid
+        self._block_end_stream = bool(flags & END_STREAM)
+        self._block.clear()
+        self._add_block(block)
+
+    def _add_block(self, part: memoryview) -> None:
+        self._block += part
+        if len(self._block) > MAX_HEADER_BLOCK:
+            raise _ConnError(PROTOCOL_ERROR, "header block too large")
+
+    def _end_block(self, out: list[Event]) -> None:
+        sid, end_stream = self._block_sid, self._block_end_stream
+        self._block_sid = 0
+        try:
+            headers = self._decoder.decode(bytes(self._block), raw=False)
+        except (hpack.HPACKError, UnicodeDecodeError, ValueError) as exc:
+            raise _ConnError(COMPRESSION_ERROR, f"bad header block: {exc}") from None
+        self._block.clear()
+        fields: dict[str, str] = {}
+        for raw_name, raw_value in headers:
+            name, value = str(raw_name), str(raw_value)
+            if name in fields and name.startswith(":"):
+                fields[":invalid"] = name
+            fields.setdefault(name, value)
+        st = self._streams.get(sid)
+        if st is None:
+            if (sid & 1) == self.client or not self._idle(sid):
+                return  # trailers or a response on a stream that is already gone
+            self._request(sid, fields, end_stream, out)
+        elif self.client and not st.responded:
+            self._response(sid, st, fields, end_stream, out)
+        else:  # trailers: HBONE has none
+            self._stream_error(sid, PROTOCOL_ERROR)
+            out.append(StreamReset(sid, PROTOCOL_ERROR))
+
+    def _request(self, sid: int, fields: dict[str, str], ended: bool, out: list[Event]) -> None:
+        if self.client:
+            raise _ConnError(PROTOCOL_ERROR, "server-initiated stream")
+        self._last_peer_sid = sid
+        if self.ended or len(self._streams) >= MAX_CONCURRENT_STREAMS:
+            self._send_rst(sid, REFUSED_STREAM)
             return
-        if ev.stream_ended:  # a CONNECT that already half-closed before it was accepted
+        st = self._streams[sid] = _Stream(self._peer_initial_window)
+        st.remote_closed = ended
+        method = fields.get(":method")
+        authority = fields.get(":authority")
+        if ":invalid" in fields or any(k.lower() != k for k in fields):
             self.refuse(sid, 400)
+        elif method != "CONNECT":
+            self.refuse(sid, 405)
+        elif not authority or ":protocol" in fields or ended:
+            self.refuse(sid, 400)
+        else:
+            out.append(StreamRequested(sid, authority))
+
+    def _response(
+        self, sid: int, st: _Stream, fields: dict[str, str], ended: bool, out: list[Event]
+    ) -> None:
+        status = fields.get(":status", "")
+        if len(status) != 3 or not status.isdigit():
+            self._stream_error(sid, PROTOCOL_ERROR)
+            out.append(StreamRefused(sid, 502))
             return
-        out.append(StreamRequested(sid, authority))
+        code = int(status)
+        if 100 <= code < 200:
+            if ended:
+                self._stream_error(sid, PROTOCOL_ERROR)
+                out.append(StreamRefused(sid, 502))
+            return  # informational
+        st.responded = True
+        if code == 200:
+            out.append(StreamAccepted(sid))
+            if ended:
+                self._remote_end(sid, st, out)
+            return
+        # Refused: the stream is done either way.
+        if ended and not st.local_closed:
+            self.out += _frame_header(0, DATA, END_STREAM, sid)
+        elif not ended:
+            self._send_rst(sid, CANCEL)
+        self._streams.pop(sid, None)
+        out.append(StreamRefused(sid, code))
+
+    def _settings(self, sid: int, flags: int, body: memoryview, out: list[Event]) -> None:
+        if sid:
+            raise _ConnError(PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            if body:
+                raise _ConnError(FRAME_SIZE_ERROR, "SETTINGS ack with a payload")
+            return
+        if len(body) % 6:
+            raise _ConnError(FRAME_SIZE_ERROR, "SETTINGS length")
+        for off in range(0, len(body), 6):
+            key, value = _SETTING.unpack_from(body, off)
+            if key == S_INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise _ConnError(FLOW_CONTROL_ERROR, "initial window too large")
+                delta = value - self._peer_initial_window
+                self._peer_initial_window = value
+                if delta:
+                    for st in self._streams.values():
+                        st.send_window += delta
+                        if st.send_window > MAX_WINDOW:
+                            raise _ConnError(FLOW_CONTROL_ERROR, "stream window too large")
+                    out.append(WindowOpened(0))
+            elif key == S_MAX_FRAME_SIZE:
+                if not DEFAULT_FRAME <= value < 1 << 24:
+                    raise _ConnError(PROTOCOL_ERROR, "bad SETTINGS_MAX_FRAME_SIZE")
+                self._peer_max_frame = value
+            elif key == S_MAX_CONCURRENT_STREAMS:
+                self._peer_max_streams = value
+            elif key == S_HEADER_TABLE_SIZE:
+                self._encoder.header_table_size = value
+            elif key == S_ENABLE_PUSH and value > 1:
+                raise _ConnError(PROTOCOL_ERROR, "bad SETTINGS_ENABLE_PUSH")
+        self.out += _frame_header(0, SETTINGS, ACK, 0)
+
+    def _window_update(self, sid: int, body: memoryview, out: list[Event]) -> None:
+        if len(body) != 4:
+            raise _ConnError(FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
+        inc = _U32.unpack_from(body)[0] & 0x7FFFFFFF
+        if not sid:
+            if not inc:
+                raise _ConnError(PROTOCOL_ERROR, "zero connection window increment")
+            self._send_conn_window += inc
+            if self._send_conn_window > MAX_WINDOW:
+                raise _ConnError(FLOW_CONTROL_ERROR, "connection window too large")
+            out.append(WindowOpened(0))
+            return
+        st = self._streams.get(sid)
+        if st is None:
+            if self._idle(sid):
+                raise _ConnError(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
+            return
+        if not inc or st.send_window + inc > MAX_WINDOW:
+            self._stream_error(sid, PROTOCOL_ERROR if not inc else FLOW_CONTROL_ERROR)
+            out.append(StreamReset(sid, PROTOCOL_ERROR if not inc else FLOW_CONTROL_ERROR))
+            return
+        st.send_window += inc
+        out.append(WindowOpened(sid))
+
+    def _stream_error(self, sid: int, code: int) -> None:
+        if self._streams.pop(sid, None) is not None or not self._idle(sid):
+            self._send_rst(sid, code)
 
     # -- output -----------------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
-        return self._h2.data_to_send()
+        """Everything queued for the peer (and forget it).  Or send from `out` directly."""
+        data = bytes(self.out)
+        self.out.clear()
+        return data
+
+    def _send_headers(self, sid: int, headers: list[tuple[str, str]], flags: int) -> None:
+        block = self._encoder.encode(headers)
+        limit = self._peer_max_frame
+        out = self.out
+        if len(block) <= limit:
+            out += _frame_header(len(block), HEADERS, flags | END_HEADERS, sid)
+            out += block
+            return
+        out += _frame_header(limit, HEADERS, flags, sid)
+        out += block[:limit]
+        for start in range(limit, len(block), limit):
+            part = block[start : start + limit]
+            last = END_HEADERS if start + limit >= len(block) else 0
+            out += _frame_header(len(part), CONTINUATION, last, sid)
+            out += part
+
+    def _send_rst(self, sid: int, code: int) -> None:
+        self.out += _frame_header(4, RST_STREAM, 0, sid)
+        self.out += _U32.pack(code)
+
+    def _goaway(self, code: int) -> None:
+        self.ended = True
+        self.out += _frame_header(8, GOAWAY, 0, 0)
+        self.out += _U32x2.pack(self._last_peer_sid, code)
 
     def open_stream(self, authority: str) -> int:
         """Client: send a CONNECT for `authority`; returns the stream id."""
-        sid = self._h2.get_next_available_stream_id()
-        self._h2.send_headers(sid, [(":method", "CONNECT"), (":authority", authority)])
+        sid = self._next_sid
+        self._next_sid += 2
+        self._streams[sid] = _Stream(self._peer_initial_window)
+        self._send_headers(sid, [(":method", "CONNECT"), (":authority", authority)], 0)
         return sid
 
     def accept(self, stream_id: int) -> None:
         """Server: answer 200; the tunnel is open."""
-        self._h2.send_headers(stream_id, [(":status", "200")])
+        if stream_id in self._streams:
+            self._send_headers(stream_id, [(":status", "200")], 0)
 
     def refuse(self, stream_id: int, status: int) -> None:
         """Server: answer `status` (403 not allowed, 503 cannot connect) and end the stream."""
-        try:
-            self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=True)
-        except h2.exceptions.H2Error:
-            self._safe_reset(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+        if self._streams.pop(stream_id, None) is not None:
+            self._send_headers(stream_id, [(":status", str(status))], END_STREAM)
 
     def send_window(self, stream_id: int) -> int:
         """How many payload bytes `send_data` takes now (0: wait for WindowOpened)."""
-        try:
-            return self._h2.local_flow_control_window(stream_id)
-        except h2.exceptions.H2Error:
+        st = self._streams.get(stream_id)
+        if st is None or st.local_closed:
             return 0
+        w = st.send_window
+        c = self._send_conn_window
+        return w if w < c else c
 
-    def send_data(self, stream_id: int, data: bytes | memoryview) -> None:
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         """Send payload; `len(data)` must not exceed `send_window(stream_id)`."""
-        frame = self._h2.max_outbound_frame_size
+        st = self._streams.get(stream_id)
+        if st is None or st.local_closed:
+            return
         n = len(data)
+        st.send_window -= n
+        self._send_conn_window -= n
+        out = self.out
+        frame = self._peer_max_frame
         if n <= frame:
-            self._h2.send_data(stream_id, data)
+            out += _HEADER.pack(n >> 8, n & 0xFF, DATA, 0, stream_id)
+            out += data
             return
         view = memoryview(data)
         for start in range(0, n, frame):
-            self._h2.send_data(stream_id, view[start : start + frame])
+            part = view[start : start + frame]
+            k = len(part)
+            out += _HEADER.pack(k >> 8, k & 0xFF, DATA, 0, stream_id)
+            out += part
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our direction of the stream (no-op if the stream is gone)."""
-        with contextlib.suppress(h2.exceptions.H2Error):
-            self._h2.end_stream(stream_id)
+        st = self._streams.get(stream_id)
+        if st is None or st.local_closed:
+            return
+        st.local_closed = True
+        self.out += _frame_header(0, DATA, END_STREAM, stream_id)
+        if st.remote_closed:
+            del self._streams[stream_id]
 
-    def reset(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+    def reset(self, stream_id: int, error_code: int = CANCEL) -> None:
         """Abort the stream (no-op if it is gone)."""
-        self._refused.discard(stream_id)
-        self._safe_reset(stream_id, error_code)
+        if self._streams.pop(stream_id, None) is not None:
+            self._send_rst(stream_id, error_code)
 
     def consumed(self, stream_id: int, n: int) -> None:
-        """`n` bytes of this stream's Data reached the app: reopen that much window."""
-        self._ack(n, stream_id)
+        """`n` bytes of this stream's Data reached the app: reopen that much window (batched)."""
+        self._credit(n, stream_id)
+
+    def _credit(self, n: int, stream_id: int | None) -> None:
+        self._conn_unacked += n
+        if self._conn_unacked >= CONNECTION_WINDOW // 2:
+            self.out += _frame_header(4, WINDOW_UPDATE, 0, 0)
+            self.out += _U32.pack(self._conn_unacked)
+            self._recv_conn_window += self._conn_unacked
+            self._conn_unacked = 0
+        if stream_id is None:
+            return
+        st = self._streams.get(stream_id)
+        if st is None or st.remote_closed:
+            return  # nothing more will come on it: no point reopening its window
+        st.unacked += n
+        if st.unacked >= STREAM_WINDOW // 2:
+            self.out += _frame_header(4, WINDOW_UPDATE, 0, stream_id)
+            self.out += _U32.pack(st.unacked)
+            st.recv_window += st.unacked
+            st.unacked = 0
 
     def close(self, error_code: int = 0) -> None:
         """Send GOAWAY (once)."""
         if not self.ended:
-            self.ended = True
-            with contextlib.suppress(h2.exceptions.H2Error):
-                self._h2.close_connection(error_code)
+            self._goaway(error_code)
 
     @property
     def open_streams(self) -> int:
-        return int(self._h2.open_outbound_streams + self._h2.open_inbound_streams)
+        return len(self._streams)
 
     @property
     def can_open(self) -> bool:
         """Client: room for one more stream under the peer's MAX_CONCURRENT_STREAMS."""
-        h = self._h2
-        return not self.ended and h.open_outbound_streams < h.remote_settings.max_concurrent_streams
-
-    def _ack(self, n: int, stream_id: int) -> None:
-        # A closed stream: only the connection window matters (and it is huge).
-        with contextlib.suppress(h2.exceptions.H2Error):
-            self._h2.acknowledge_received_data(n, stream_id)
-
-    def _safe_reset(self, stream_id: int, code: int) -> None:
-        with contextlib.suppress(h2.exceptions.H2Error):
-            self._h2.reset_stream(stream_id, code)
-
-
-def _header(headers: Any, name: str) -> str | None:
-    for key, value in headers or ():
-        if key == name:
-            return str(value)
-    return None
+        return not self.ended and len(self._streams) < self._peer_max_streams
