@@ -31,7 +31,7 @@ lint: setup
 	.venv/bin/mypy
 
 bench: setup
-	$(PY) -m bench.run
+	$(PY) -m bench.run; s=$$?; [ $$s -ge 128 ] && exit $$s; $(PY) -m bench.run --cross-node; c=$$?; exit $$(( s > c ? s : c ))
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache

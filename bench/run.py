@@ -40,6 +40,9 @@ settle time.
 
 The results are printed as a markdown table with PASS/FAIL target lines, and written as JSON to
 `.bench-out/results.json`.  Everything is torn down on exit, also on failure or Ctrl-C.
+
+`python -m bench.run --cross-node` runs the two-node mTLS benchmark of `bench.cross_node` instead
+(direct vs Ferry mTLS vs Envoy mTLS); `make bench` runs both.
 """
 
 from __future__ import annotations
