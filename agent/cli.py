@@ -254,7 +254,9 @@ def _remove_redirection(paths: list[Path], config: Config) -> list[Path]:
 @state_dir_option
 @config_option
 def cleanup(state_dir: Path, config_path: Path | None) -> None:
-    """Remove everything Ferry installed: rules and routes in every netns, enrollments."""
+    """Remove everything Ferry installed: rules and routes in every netns, enrollments, and
+    this node's entry in the mesh directory (node credentials, made by an operator, stay)."""
+    config = _config(config_path)
     try:
         request(state_dir / AGENT_SOCKET, {"op": "status"}, timeout=5)
     except AdminUnavailable:
@@ -263,11 +265,13 @@ def cleanup(state_dir: Path, config_path: Path | None) -> None:
         raise click.ClickException(
             f"the agent is running on {state_dir}; stop it first (it would re-apply the rules)"
         )
-    cleaned = _remove_redirection(_all_netns(), _config(config_path))
+    cleaned = _remove_redirection(_all_netns(), config)
     for path in cleaned:
         click.echo(f"removed redirection from {path}")
     store = EnrollmentStore(state_dir)
-    for leftover in (store.path, store.path.with_suffix(".tmp")):
+    directory = Path(config.mesh.directory or state_dir / "directory")
+    published = directory / f"{config.node_name}.json"
+    for leftover in (store.path, store.path.with_suffix(".tmp"), published):
         if leftover.exists():
             leftover.unlink()
             click.echo(f"removed {leftover}")

@@ -272,14 +272,15 @@ def test_cleanup_leaves_no_residue(mesh: tuple[FerryNode, Pod, Pod]) -> None:
     ferry.enroll(client)
     ferry.enroll(server)
     ferry.stop(ferry.agent)
-    refused = ferry.cli("cleanup")
-    assert refused.returncode == 0, refused.stderr
+    result = ferry.cli("cleanup", "--config", str(ferry.config_path))
+    assert result.returncode == 0, result.stderr
     for pod in (client, server):
         assert save(pod, 4) == fresh4
         assert save(pod, 6) == fresh6
         assert pod.exec(["ip", "rule"]).stdout == rules_before
         assert pod.exec(["ip", "route", "show", "table", "100"]).stdout == ""
     assert not (ferry.state_dir / "enrollments.json").exists()
+    assert not (ferry.state_dir / "directory" / f"{ferry.node.name}.json").exists()
     client.fetch_json(f"http://{server.ip4}:8080/")
 
 
