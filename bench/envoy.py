@@ -16,6 +16,9 @@ So the pod's iptables rules (Ferry's own, applied with `agent.redirect.IptablesR
 its traffic into Envoy just as they steer it into Ferry, and config for 1, 10 or 100 pods is
 the same function.  The admin interface is on a unix socket, so nothing listens on a node port.
 
+The pieces (`socket_address`, `ORIGINAL_DST_FILTER`, `tcp_proxy`, `upstream_bind_config`) are
+also what `bench.envoy_mtls` builds its cross-node bootstraps from.
+
 `EnvoyProcess` runs one Envoy (``--concurrency N``, no hot restart) in the node netns through
 `sim.node.SimNode.popen`, waits until every listener is active, reads stats, and stops it.
 """
@@ -39,7 +42,7 @@ ENVOY = Path(sys.executable).parent / "envoy"
 SOL_SOCKET = 1
 SO_MARK = 36
 
-_ORIGINAL_DST_FILTER = {
+ORIGINAL_DST_FILTER = {
     "name": "envoy.filters.listener.original_dst",
     "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
@@ -60,7 +63,16 @@ class EnvoyPod:
     netns_path: str
 
 
-def _socket_address(address: str, port: int, netns_path: str) -> dict[str, Any]:
+def tcp_proxy(stat_prefix: str, cluster: str) -> dict[str, Any]:
+    """A ``tcp_proxy`` network filter to `cluster`."""
+    return {
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": {"@type": _TCP_PROXY, "stat_prefix": stat_prefix, "cluster": cluster},
+    }
+
+
+def socket_address(address: str, port: int, netns_path: str) -> dict[str, Any]:
+    """A socket address bound inside the netns `netns_path`."""
     return {
         "socket_address": {
             "address": address,
@@ -73,17 +85,22 @@ def _socket_address(address: str, port: int, netns_path: str) -> dict[str, Any]:
 def _listener(name: str, address: str, port: int, netns_path: str) -> dict[str, Any]:
     return {
         "name": name,
-        "address": _socket_address(address, port, netns_path),
-        "listener_filters": [_ORIGINAL_DST_FILTER],
-        "filter_chains": [
-            {
-                "filters": [
-                    {
-                        "name": "envoy.filters.network.tcp_proxy",
-                        "typed_config": {"@type": _TCP_PROXY, "stat_prefix": name, "cluster": name},
-                    }
-                ]
-            }
+        "address": socket_address(address, port, netns_path),
+        "listener_filters": [ORIGINAL_DST_FILTER],
+        "filter_chains": [{"filters": [tcp_proxy(name, name)]}],
+    }
+
+
+def upstream_bind_config(netns_path: str, mark: int) -> dict[str, Any]:
+    """Upstream sockets bound (``0.0.0.0:0``) in the netns `netns_path`, `mark` set before bind."""
+    return {
+        "source_address": {
+            "address": "0.0.0.0",
+            "port_value": 0,
+            "network_namespace_filepath": netns_path,
+        },
+        "socket_options": [
+            {"level": SOL_SOCKET, "name": SO_MARK, "int_value": mark, "state": "STATE_PREBIND"}
         ],
     }
 
@@ -94,21 +111,7 @@ def _cluster(name: str, netns_path: str, mark: int, connect_timeout: float) -> d
         "type": "ORIGINAL_DST",
         "lb_policy": "CLUSTER_PROVIDED",
         "connect_timeout": f"{connect_timeout}s",
-        "upstream_bind_config": {
-            "source_address": {
-                "address": "0.0.0.0",
-                "port_value": 0,
-                "network_namespace_filepath": netns_path,
-            },
-            "socket_options": [
-                {
-                    "level": SOL_SOCKET,
-                    "name": SO_MARK,
-                    "int_value": mark,
-                    "state": "STATE_PREBIND",
-                }
-            ],
-        },
+        "upstream_bind_config": upstream_bind_config(netns_path, mark),
     }
 
 

@@ -2,7 +2,8 @@
 
 Two bootstraps (dicts, written as JSON by `bench.envoy.EnvoyProcess`), one per node, both with
 their listeners inside pod netns (``socket_address.network_namespace_filepath``), as in
-`bench.envoy`:
+`bench.envoy` and built from its pieces (socket addresses, ``original_dst``, ``tcp_proxy``, the
+marked upstream bind):
 
 `source_config` (node A, the client pod)
     Listener ``out-<pod>`` on ``127.0.0.1:15001`` in the client pod netns, with the
@@ -41,21 +42,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-SOL_SOCKET = 1
-SO_MARK = 36
+from bench.envoy import ORIGINAL_DST_FILTER, socket_address, tcp_proxy, upstream_bind_config
+
 SNI_SUFFIX = "ferry-bench.local"
 TUNNEL_PORT = 15008
 OUTBOUND_PORT = 15001
 
 _TLS = "envoy.transport_sockets.tls"
 _TLS_API = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
-_TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
-_ORIGINAL_DST = {
-    "name": "envoy.filters.listener.original_dst",
-    "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
-    },
-}
 _TLS_INSPECTOR = {
     "name": "envoy.filters.listener.tls_inspector",
     "typed_config": {
@@ -93,13 +87,6 @@ def _common_tls(files: TlsFiles, san: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _tcp_proxy(stat_prefix: str, cluster: str) -> dict[str, Any]:
-    return {
-        "name": "envoy.filters.network.tcp_proxy",
-        "typed_config": {"@type": _TCP_PROXY, "stat_prefix": stat_prefix, "cluster": cluster},
-    }
-
-
 def _static_cluster(
     name: str, ip: str, port: int, netns_path: str, mark: int, connect_timeout: float
 ) -> dict[str, Any]:
@@ -113,16 +100,7 @@ def _static_cluster(
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
         },
-        "upstream_bind_config": {
-            "source_address": {
-                "address": "0.0.0.0",
-                "port_value": 0,
-                "network_namespace_filepath": netns_path,
-            },
-            "socket_options": [
-                {"level": SOL_SOCKET, "name": SO_MARK, "int_value": mark, "state": "STATE_PREBIND"}
-            ],
-        },
+        "upstream_bind_config": upstream_bind_config(netns_path, mark),
     }
 
 
@@ -154,7 +132,7 @@ def source_config(
         chains.append(
             {
                 "filter_chain_match": {"destination_port": port},
-                "filters": [_tcp_proxy(f"out-{port}", cluster)],
+                "filters": [tcp_proxy(f"out-{port}", cluster)],
             }
         )
         upstream = _static_cluster(
@@ -172,14 +150,8 @@ def source_config(
     listener = {
         "name": listener_name,
         "stat_prefix": listener_name,
-        "address": {
-            "socket_address": {
-                "address": "127.0.0.1",
-                "port_value": outbound_port,
-                "network_namespace_filepath": netns_path,
-            }
-        },
-        "listener_filters": [_ORIGINAL_DST],
+        "address": socket_address("127.0.0.1", outbound_port, netns_path),
+        "listener_filters": [ORIGINAL_DST_FILTER],
         "filter_chains": chains,
     }
     return {"static_resources": {"listeners": [listener], "clusters": clusters}}
@@ -214,7 +186,7 @@ def destination_config(
             {
                 "filter_chain_match": {"server_names": [sni(port)]},
                 "transport_socket": downstream_tls,
-                "filters": [_tcp_proxy(f"in-{port}", cluster)],
+                "filters": [tcp_proxy(f"in-{port}", cluster)],
             }
         )
         clusters.append(
@@ -223,13 +195,7 @@ def destination_config(
     listener = {
         "name": "tunnel-in",
         "stat_prefix": "tunnel-in",
-        "address": {
-            "socket_address": {
-                "address": "0.0.0.0",
-                "port_value": tunnel_port,
-                "network_namespace_filepath": netns_path,
-            }
-        },
+        "address": socket_address("0.0.0.0", tunnel_port, netns_path),
         "listener_filters": [_TLS_INSPECTOR],
         "filter_chains": chains,
     }
