@@ -5,7 +5,8 @@ The supervisor never touches payload.  It:
   hello, and applies what the agent sends through `ProxySession`: for each workload it opens
   the in-pod listeners once (`sockets.open_listeners`, inside the pod's netns) and hands the netns
   fd and the listener fds to every worker; a snapshot drops what the agent no longer holds;
-- starts N worker processes (`agent.proxy.worker`), each running its own epoll loop over the
+- starts N worker processes (`agent.proxy.worker`, with OPENSSL_CONF set to Ferry's
+  `agent/tunnel/openssl.cnf`: TLS 1.3 suite preference), each running its own epoll loop over the
   *same* listening sockets (EPOLLEXCLUSIVE), so N cores share the work without N copies of any
   pod's listeners; a worker that dies is restarted and given every workload again;
 - aggregates the workers' cumulative counters for Prometheus (`127.0.0.1:15020/metrics` by
@@ -53,6 +54,7 @@ from agent.control.protocol import (
     WorkloadCertificate,
 )
 from agent.proxy.sockets import Listener, open_listeners
+from agent.tunnel.tls import worker_environment
 from agent.workloads import Workload
 
 log = logging.getLogger("ferry.proxy")
@@ -138,6 +140,7 @@ class Supervisor:
                 json.dumps(settings),
             ],
             pass_fds=[theirs.fileno()],
+            env=worker_environment(),  # TLS 1.3 suite preference (agent/tunnel/openssl.cnf)
         )
         theirs.close()
         handle = WorkerHandle(index, process, ours)

@@ -5,17 +5,21 @@ object gets `on_event(fd, events)` for its fd and reports the interest it wants 
 `host.watch(fd, old_mask, new_mask)`.  The `Host` (the worker) decides policy (which streams to
 accept, where to connect, what to count); these classes only move bytes.
 
-TunnelConn: TCP connect (client) -> TLS 1.3 handshake -> peer identity check -> HBONE.  Reads go
-through one preallocated buffer, as many TLS records per wakeup as are ready (level-triggered
-epoll cannot see bytes OpenSSL already holds, so reading stops only at SSLWantReadError), and are
-fed to the sans-IO core in one call; DATA payloads come back as views of that buffer and go
-straight to the app sockets.  Writes collect in the core's `out` buffer (frames of every stream)
-and go out in one large SSL_write (the same buffer, only ever appended to, is retried after
-SSLWantWriteError, as OpenSSL requires).  Streams do not write themselves: they ask for
-`flush_soon()`, and the host flushes each such connection once per batch of epoll events, so
-many small responses share one TLS write.  While `out` holds more than OUT_HIGH bytes the
-connection is congested and its streams stop reading their app sockets; they resume when it
-drains.
+TunnelConn: TCP connect (client) -> TLS 1.3 handshake -> peer identity check -> HBONE.  TLS runs
+over memory BIOs (`SSLContext.wrap_bio`), not over the socket: through an `SSLSocket`, OpenSSL
+issues one write() per 16 KiB record and two read()s per record, and those syscalls were most of
+the proxy's CPU in bulk transfers.  Here one recv takes up to READ_CHUNK of ciphertext from the
+socket (up to READ_ROUNDS times per wakeup), the records are decrypted (one `read` call each, no
+syscall) into one preallocated buffer, and the whole batch is fed to the sans-IO core in one
+call; DATA payloads come back as views of that buffer and go straight to the app sockets.  Nothing
+is left hidden from level-triggered epoll: what stays in the incoming BIO is an incomplete record,
+which needs more bytes from the socket anyway.  Writes collect in the core's `out` buffer (frames
+of every stream), are encrypted in one `write` into the outgoing BIO, and its ciphertext leaves
+in one send; what the socket does not take waits in `tx` for EPOLLOUT.  Streams do not write
+themselves: they ask for `flush_soon()`, and the host flushes each such connection once per batch
+of epoll events, so many small responses share one TLS write.  While `tx` holds more than OUT_HIGH
+bytes the connection is congested and its streams stop reading their app sockets; they resume
+when it drains.
 
 TunnelStream: app socket <-> one HBONE stream.  App bytes are read only while the stream's send
 window is open and the connection is not congested (so a slow tunnel stops the app).  Tunnel
@@ -36,6 +40,7 @@ import socket
 import ssl
 import struct
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from agent.tunnel.hbone import (
@@ -58,6 +63,7 @@ EPOLLOUT = select.EPOLLOUT
 EPOLLERR = select.EPOLLERR
 EPOLLHUP = select.EPOLLHUP
 READ_CHUNK = 1 << 20
+READ_ROUNDS = 8  # socket reads per readiness event, at most (fairness between connections)
 OUT_HIGH = 4 << 20
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -76,9 +82,12 @@ class Host(Protocol):
 
 
 class Buffers:
-    """Per-process scratch buffers (one thread): TLS reads and app reads."""
+    """Per-process scratch buffers (one thread): ciphertext reads, plaintext (decrypted) and app
+    reads."""
 
     def __init__(self, size: int = READ_CHUNK) -> None:
+        self.rx = bytearray(size)
+        self.rx_view = memoryview(self.rx)
         self.tls = bytearray(size)
         self.tls_view = memoryview(self.tls)
         self.app = bytearray(size)
@@ -106,6 +115,11 @@ class TunnelConn:
         self.sock: socket.socket = sock
         self.fd = sock.fileno()
         self.ctx = ctx
+        self.tls: ssl.SSLObject | None = None
+        self.incoming = ssl.MemoryBIO()  # ciphertext from the peer, not yet decrypted
+        self.outgoing = ssl.MemoryBIO()  # ciphertext OpenSSL produced, not yet taken
+        self.tx: collections.deque[memoryview] = collections.deque()  # ciphertext to send
+        self.tx_bytes = 0
         self.client = client
         self.trust_domain = trust_domain
         self.expected_identity = expected_identity
@@ -186,18 +200,17 @@ class TunnelConn:
             return
         out = core.out
         if out:
+            tls = self.tls
+            assert tls is not None
             try:
-                n = self.sock.send(out)
-            except ssl.SSLWantWriteError:
-                n = 0
-            except ssl.SSLWantReadError:
-                n = 0
-            except (ssl.SSLError, OSError) as exc:
-                self.fail(f"send: {exc}")
+                tls.write(out)  # memory BIO: all of it, as records of 16 KiB
+            except ssl.SSLError as exc:
+                self.fail(f"TLS write: {exc}")
                 return
-            if n:
-                del out[:n]
-        pending = len(out)
+            out.clear()
+        if not self._send_tx():
+            return
+        pending = self.tx_bytes
         self._set_mask(EPOLLIN | EPOLLOUT if pending else EPOLLIN)
         was = self.congested
         self.congested = pending > OUT_HIGH
@@ -208,10 +221,12 @@ class TunnelConn:
         """Graceful: GOAWAY, then close (streams still open are reset)."""
         if self.state == CLOSED:
             return
-        if self.core is not None:
+        if self.core is not None and self.tls is not None:
             self.core.close()
-            with contextlib.suppress(ssl.SSLError, OSError):
-                self.sock.send(self.core.out)
+            with contextlib.suppress(ssl.SSLError):
+                self.tls.write(self.core.out)
+            self.core.out.clear()
+            self._send_tx()
         self.fail("closed")
 
     def fail(self, reason: str) -> None:
@@ -251,35 +266,68 @@ class TunnelConn:
     def _wrap(self) -> None:
         try:
             self.peer_ip = self.sock.getpeername()[0]
-            self.sock = self.ctx.wrap_socket(
-                self.sock,
-                server_side=not self.client,
-                do_handshake_on_connect=False,
-                server_hostname=None,
+            self.tls = self.ctx.wrap_bio(
+                self.incoming, self.outgoing, server_side=not self.client, server_hostname=None
             )
-        except OSError as exc:
+        except (ssl.SSLError, OSError) as exc:
             self.fail(f"TLS setup: {exc}")
             return
         self.state = HANDSHAKE
 
+    def _send_tx(self) -> bool:
+        """Take what OpenSSL produced and send as much ciphertext as the socket takes (one send
+        for many records).  False if the connection failed."""
+        tx = self.tx
+        outgoing = self.outgoing
+        if outgoing.pending:
+            chunk = outgoing.read()
+            tx.append(memoryview(chunk))
+            self.tx_bytes += len(chunk)
+        send = self.sock.send
+        while tx:
+            head = tx[0]
+            try:
+                n = send(head)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self.fail(f"send: {exc}")
+                return False
+            self.tx_bytes -= n
+            if n < len(head):
+                tx[0] = head[n:]
+                break
+            tx.popleft()
+        return True
+
     def _handshake(self) -> None:
         if self.state != HANDSHAKE:
             return
-        sock = self.sock
-        assert isinstance(sock, ssl.SSLSocket)
+        tls = self.tls
+        assert tls is not None
         try:
-            sock.do_handshake()
+            n = self.sock.recv_into(self.bufs.rx_view)
+        except BlockingIOError:
+            n = -1
+        except OSError as exc:
+            self.fail(f"TLS handshake: {exc}")
+            return
+        if n > 0:
+            self.incoming.write(self.bufs.rx_view[:n])
+        try:
+            tls.do_handshake()
         except ssl.SSLWantReadError:
-            self._set_mask(EPOLLIN)
+            if not n:
+                self.fail("TLS handshake: peer closed the connection")
+            elif self._send_tx():
+                self._set_mask(EPOLLIN | EPOLLOUT if self.tx_bytes else EPOLLIN)
             return
-        except ssl.SSLWantWriteError:
-            self._set_mask(EPOLLOUT)
-            return
-        except (ssl.SSLError, OSError) as exc:
+        except ssl.SSLError as exc:
+            self._send_tx()  # the alert, if any
             self.fail(f"TLS handshake: {exc}")
             return
         try:
-            identity = peer_identity(sock, self.trust_domain).uri
+            identity = peer_identity(tls, self.trust_domain).uri
         except TunnelTLSError as exc:
             self.fail(f"peer identity: {exc}")
             return
@@ -297,7 +345,7 @@ class TunnelConn:
             if not stream.closed:
                 self._open(stream)
         self.flush()
-        if self.state == OPEN and sock.pending():
+        if self.state == OPEN and self.incoming.pending:
             self._read()
 
     def _open(self, stream: TunnelStream) -> None:
@@ -308,41 +356,64 @@ class TunnelConn:
 
     def _read(self) -> None:
         sock = self.sock
+        tls = self.tls
+        assert tls is not None
+        incoming = self.incoming
+        rx = self.bufs.rx_view
         view = self.bufs.tls_view
         cap = len(view)
         core = self.core
         assert core is not None
-        while True:
-            pos = 0
-            eof = False
-            while pos < cap:
-                try:
-                    n = sock.recv_into(view[pos:], cap - pos)
-                except ssl.SSLWantReadError:
+        tls_read: Callable[[int, memoryview], int] = tls.read  # type: ignore[assignment]
+        for _ in range(READ_ROUNDS):
+            # One recv takes many TLS records from the socket at once ...
+            try:
+                n = sock.recv_into(rx)
+            except BlockingIOError:
+                n = -1
+            except OSError as exc:
+                self.fail(f"recv: {exc}")
+                return
+            if n > 0:
+                incoming.write(rx[:n])
+            elif n == 0:
+                incoming.write_eof()
+            # ... and they are decrypted (one record per read call) into one large buffer that
+            # the HBONE core parses in one go.
+            closed = False
+            while True:
+                pos = 0
+                while pos < cap:
+                    try:
+                        m = tls_read(cap - pos, view[pos:])
+                    except ssl.SSLWantReadError:
+                        break
+                    except ssl.SSLEOFError:
+                        closed = True
+                        break
+                    except ssl.SSLError as exc:
+                        self.fail(f"recv: {exc}")
+                        return
+                    if not m:
+                        closed = True
+                        break
+                    pos += m
+                if pos:
+                    try:
+                        events = core.receive(view[:pos])
+                    except TunnelProtocolError as exc:
+                        self.flush()
+                        self.fail(str(exc))
+                        return
+                    self._dispatch(events)
+                    if self.state == CLOSED:
+                        return
+                if pos < cap or closed:
                     break
-                except ssl.SSLWantWriteError:
-                    break
-                except (ssl.SSLError, OSError) as exc:
-                    self.fail(f"recv: {exc}")
-                    return
-                if n == 0:
-                    eof = True
-                    break
-                pos += n
-            if pos:
-                try:
-                    events = core.receive(view[:pos])
-                except TunnelProtocolError as exc:
-                    self.flush()
-                    self.fail(str(exc))
-                    return
-                self._dispatch(events)
-                if self.state == CLOSED:
-                    return
-            if eof:
+            if closed or n == 0:
                 self.fail("peer closed the connection")
                 return
-            if pos < cap:
+            if n < len(rx):
                 break
         self.flush_soon()
 

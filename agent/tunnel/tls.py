@@ -8,16 +8,22 @@ goes in as `cadata`.
 Both ends: TLS 1.3 only, `CERT_REQUIRED` (mutual TLS), no hostname check and no SNI (HBONE
 authenticates SPIFFE IDs, not DNS names), ALPN `h2`.  After the handshake `peer_identity` reads
 the verified leaf's SPIFFE ID and refuses one outside our trust domain.
+
+Cipher suites: Python 3.11 cannot choose TLS 1.3 suites, so proxy workers run with OPENSSL_CONF
+pointing at `openssl.cnf` next to this module (`worker_environment`, used by the supervisor),
+which puts TLS_AES_128_GCM_SHA256 first (as Envoy does); AES-256-GCM and ChaCha20 stay allowed.
 """
 
 from __future__ import annotations
 
 import os
 import ssl
+from pathlib import Path
 
 from agent.identity import SpiffeId, identity_of
 
 ALPN = "h2"
+OPENSSL_CONF = Path(__file__).with_name("openssl.cnf")
 
 
 class TunnelTLSError(Exception):
@@ -80,3 +86,10 @@ def peer_identity(sock: ssl.SSLSocket | ssl.SSLObject, trust_domain: str) -> Spi
         return identity_of(der, trust_domain)
     except ValueError as exc:
         raise TunnelTLSError(str(exc)) from None
+
+
+def worker_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """`base` (default: this process's environment) with OPENSSL_CONF set to Ferry's config."""
+    env = dict(os.environ if base is None else base)
+    env["OPENSSL_CONF"] = str(OPENSSL_CONF)
+    return env

@@ -38,6 +38,7 @@ from agent.netns import NetnsExecutor, entered, open_netns
 from agent.proxy.sockets import open_listeners
 from agent.redirect.iptables import IptablesRedirection
 from agent.tunnel.hbone import Data, HboneConnection, StreamAccepted
+from agent.tunnel.tls import worker_environment
 
 REPO = Path(__file__).resolve().parents[2]
 A_IP = "10.79.0.1"
@@ -171,6 +172,7 @@ class Env:
             ],
             pass_fds=[theirs.fileno()],
             cwd=REPO,
+            env=worker_environment(),  # as the supervisor starts them
         )
         self.procs.append(proc)
         theirs.close()
@@ -660,3 +662,38 @@ def test_stream_to_a_foreign_address_is_refused(env: Env) -> None:
             tls.sendall(core.data_to_send())
     assert status == 403
     wait_stats(ctl_b, lambda s: flow(s, "b", "inbound", "mtls").get("denied") == 1)
+
+
+CIPHER_CHECK = """
+import socket, ssl, sys, threading
+from pathlib import Path
+from agent.tunnel.tls import client_context, server_context
+d = Path(sys.argv[1])
+def read(name): return (d / name).read_bytes()
+cli = client_context(read("a.chain"), read("a.key"), read("bundle"))
+srv = server_context(read("b.chain"), read("b.key"), read("bundle"))
+x, y = socket.socketpair()
+t = threading.Thread(target=lambda: srv.wrap_socket(y, server_side=True).recv(1))
+t.start()
+c = cli.wrap_socket(x, server_hostname=None)
+c.send(b"x")
+t.join()
+print(c.cipher()[0])
+"""
+
+
+def test_workers_negotiate_aes_128_gcm(tmp_path: Path) -> None:
+    """Workers run with Ferry's OPENSSL_CONF, so the tunnel uses TLS_AES_128_GCM_SHA256 (as
+    Envoy) instead of OpenSSL's default first choice, TLS_AES_256_GCM_SHA384."""
+    creds = Credentials(tmp_path)
+    for node, ns in (("a", "front"), ("b", "back")):
+        cert = creds.mint(node, ns, "web")
+        (tmp_path / f"{node}.chain").write_bytes(cert.chain_pem)
+        (tmp_path / f"{node}.key").write_bytes(cert.key_pem)
+    (tmp_path / "bundle").write_bytes(creds.bundle)
+    run = [sys.executable, "-c", CIPHER_CHECK, str(tmp_path)]
+    ours = subprocess.run(run, env=worker_environment(), cwd=REPO, capture_output=True, text=True)
+    assert ours.stdout.strip() == "TLS_AES_128_GCM_SHA256", ours.stderr
+    default = {k: v for k, v in os.environ.items() if k != "OPENSSL_CONF"}
+    plain = subprocess.run(run, env=default, cwd=REPO, capture_output=True, text=True)
+    assert plain.stdout.strip() == "TLS_AES_256_GCM_SHA384", plain.stderr
