@@ -7,19 +7,21 @@ accept, where to connect, what to count); these classes only move bytes.
 
 TunnelConn: TCP connect (client) -> TLS 1.3 handshake -> peer identity check -> HBONE.  TLS runs
 over memory BIOs (`SSLContext.wrap_bio`), not over the socket: through an `SSLSocket`, OpenSSL
-issues one write() per 16 KiB record and two read()s per record, and those syscalls were most of
-the proxy's CPU in bulk transfers.  Here one recv takes up to READ_CHUNK of ciphertext from the
-socket (up to READ_ROUNDS times per wakeup), the records are decrypted (one `read` call each, no
-syscall) into one preallocated buffer, and the whole batch is fed to the sans-IO core in one
-call; DATA payloads come back as views of that buffer and go straight to the app sockets.  Nothing
-is left hidden from level-triggered epoll: what stays in the incoming BIO is an incomplete record,
-which needs more bytes from the socket anyway.  Writes collect in the core's `out` buffer (frames
-of every stream), are encrypted in one `write` into the outgoing BIO, and its ciphertext leaves
-in one send; what the socket does not take waits in `tx` for EPOLLOUT.  Streams do not write
-themselves: they ask for `flush_soon()`, and the host flushes each such connection once per batch
-of epoll events, so many small responses share one TLS write.  While `tx` holds more than OUT_HIGH
-bytes the connection is congested and its streams stop reading their app sockets; they resume
-when it drains.
+issues one write() per 16 KiB record and two read()s per record, and those syscalls were most of the
+proxy's CPU in bulk transfers.  Here one recv takes up to READ_CHUNK of ciphertext from the socket
+(up to READ_ROUNDS times per wakeup), the records are decrypted (one `read` call each, no syscall)
+into one preallocated buffer, and the whole batch is fed to the sans-IO core in one call; DATA
+payloads come back as views of that buffer and go straight to the app sockets.  Nothing is left
+hidden from level-triggered epoll: what stays in the incoming BIO is an incomplete record, which
+needs more bytes from the socket anyway.  Writes collect in the core's `out` buffer (frames of every
+stream), are encrypted in one `write` into the outgoing BIO, and its ciphertext leaves in one send;
+bulk DATA (reads of SMALL_WRITE and more) skips `out`: a stream reads its app socket into the shared
+app buffer behind 9 bytes left for the frame header and encrypts header + payload straight from
+there (`write_frames`, after whatever `out` held, so the order is kept); what the socket does not
+take waits in `tx` for EPOLLOUT.  Streams do not send themselves: they ask for `flush_soon()`, and
+the host flushes each such connection once per batch of epoll events, so many small responses share
+one TLS write.  While `tx` holds more than OUT_HIGH bytes the connection is congested and its
+streams stop reading their app sockets; they resume when it drains.
 
 TunnelStream: app socket <-> one HBONE stream.  App bytes are read only while the stream's send
 window is open and the connection is not congested (so a slow tunnel stops the app).  Tunnel
@@ -65,6 +67,7 @@ EPOLLHUP = select.EPOLLHUP
 READ_CHUNK = 1 << 20
 READ_ROUNDS = 8  # socket reads per readiness event, at most (fairness between connections)
 OUT_HIGH = 4 << 20
+SMALL_WRITE = 16384  # app reads below this are framed into `out` (batched with other streams)
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 CONNECTING, HANDSHAKE, OPEN, CLOSED = range(4)
@@ -216,6 +219,23 @@ class TunnelConn:
         self.congested = pending > OUT_HIGH
         if was and not self.congested:
             self._wake()
+
+    def write_frames(self, frames: memoryview) -> None:
+        """Encrypt `frames` (complete HTTP/2 frames) after what the core holds; sent at the next
+        flush.  Marks the connection congested while too much ciphertext waits."""
+        core, tls = self.core, self.tls
+        if core is None or tls is None or self.state == CLOSED:
+            return
+        try:
+            if core.out:
+                tls.write(core.out)
+                core.out.clear()
+            tls.write(frames)
+        except ssl.SSLError as exc:
+            self.fail(f"TLS write: {exc}")
+            return
+        if self.tx_bytes + self.outgoing.pending > OUT_HIGH:
+            self.congested = True  # until a flush drains it
 
     def close(self) -> None:
         """Graceful: GOAWAY, then close (streams still open are reset)."""
@@ -682,9 +702,12 @@ class TunnelStream:
         window = core.send_window(self.sid)
         if window <= 0:
             return
+        # The payload lands right behind room for its DATA frame header, and header + payload
+        # are encrypted in one go from this buffer (no copy into the core's `out`).
         view = self.bufs.app_view
+        cap = min(window, len(view) - 9, core.max_frame)
         try:
-            n = self.app.recv_into(view, min(window, len(view)))
+            n = self.app.recv_into(view[9:], cap)
         except BlockingIOError:
             return
         if n == 0:
@@ -692,10 +715,16 @@ class TunnelStream:
             core.end_stream(self.sid)
             self._maybe_done()
             return
-        core.send_data(self.sid, view[:n])
         self.to_tunnel += n
-        if len(core.out) > OUT_HIGH:
-            conn.congested = True  # until a flush drains it
+        if n < SMALL_WRITE:  # small: share one TLS record with the other streams' output
+            core.send_data(self.sid, view[9 : 9 + n])
+            if len(core.out) > OUT_HIGH:
+                conn.congested = True  # until a flush drains it
+            return
+        header = core.data_header(self.sid, n)
+        if header:
+            view[:9] = header
+            conn.write_frames(view[: 9 + n])
 
     def _drain(self) -> None:
         pending = self.pending

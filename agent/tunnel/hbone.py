@@ -16,7 +16,9 @@ header is parsed with `struct` and its payload is handed out as a memoryview of 
 to `receive()` as soon as they arrive (no reassembly of a 1 MiB frame, no copy); a `Data` event
 is therefore only valid until the buffer passed to `receive()` is reused, and whoever keeps the
 bytes longer must copy them.  `send_data` appends a 9-byte header and the payload to `out`, so
-many frames (and many streams) leave in one large TLS write.
+many frames (and many streams) leave in one large TLS write; `data_header` is the zero-copy
+variant for a caller that read the payload right behind room for the header and sends both
+itself (after whatever `out` holds).
 
 Bulk settings, in both directions: SETTINGS_MAX_FRAME_SIZE 1 MiB (fewer frames, fewer events),
 a large per-stream initial window, and a connection window of ~1 GiB so that only stream windows
@@ -686,6 +688,24 @@ class HboneConnection:
             k = len(part)
             out += _HEADER.pack(k >> 8, k & 0xFF, DATA, 0, stream_id)
             out += part
+
+    @property
+    def max_frame(self) -> int:
+        """The largest DATA payload the peer accepts in one frame (its SETTINGS_MAX_FRAME_SIZE)."""
+        return self._peer_max_frame
+
+    def data_header(self, stream_id: int, n: int) -> bytes:
+        """Zero-copy `send_data`: account for `n` payload bytes (at most `send_window` and
+        `max_frame`) and return the 9-byte DATA frame header; the caller sends it, immediately
+        followed by the payload, after everything `out` holds.  b"" if the stream is gone."""
+        st = self._streams.get(stream_id)
+        if st is None or st.local_closed:
+            return b""
+        if n > self._peer_max_frame:
+            raise ValueError(f"{n} bytes do not fit one DATA frame ({self._peer_max_frame})")
+        st.send_window -= n
+        self._send_conn_window -= n
+        return _HEADER.pack(n >> 8, n & 0xFF, DATA, 0, stream_id)
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our direction of the stream (no-op if the stream is gone)."""

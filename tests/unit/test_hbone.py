@@ -152,6 +152,24 @@ def test_large_frames_are_used() -> None:
     assert len(datas) == len(blob) // MAX_FRAME_SIZE  # 1 MiB frames, not 16 KiB ones
 
 
+def test_data_header_is_send_data_without_the_copy() -> None:
+    p = Pair()
+    sid = p.open()
+    assert p.client.max_frame == MAX_FRAME_SIZE  # the server's setting
+    blob = bytes(range(256)) * 4096  # 1 MiB: one frame
+    p.client.send_data(sid, b"first")  # queued in `out`: must go before the direct frame
+    header = p.client.data_header(sid, len(blob))
+    assert len(header) == 9
+    assert p.client.send_window(sid) == STREAM_WINDOW - 5 - len(blob)
+    wire = p.client.data_to_send() + header + blob
+    events = p.server.receive(wire)
+    assert payload(events, sid) == b"first" + blob
+    with pytest.raises(ValueError):
+        p.client.data_header(sid, MAX_FRAME_SIZE + 1)
+    p.client.end_stream(sid)
+    assert p.client.data_header(sid, 1) == b""  # half-closed: nothing more to send
+
+
 def test_window_exhaustion_and_reopening_after_consumed() -> None:
     p = Pair()
     sid = p.open()
