@@ -36,7 +36,7 @@ from agent.identity import (
     spiffe_id,
 )
 from agent.identity.ca import load_private_key, new_key
-from agent.identity.spiffe import DNS_LABEL, DNS_NAME
+from agent.identity.spiffe import DNS_LABEL, DNS_NAME, peer_identity
 
 TD = "cluster.local"
 
@@ -586,3 +586,40 @@ def test_a_bundle_with_two_roots_accepts_certificates_from_both(pki: Pki, tmp_pa
     assert identity_of(server_saw, TD).service_account == "web"
     with pytest.raises(HandshakeRefused):
         handshake(old_cert, new_cert, pki.signer.bundle_pem, tmp_path / "c")
+
+
+# --- peer_identity (the workers' cryptography-free reader) -------------------------------------
+
+
+def _decoded(pem: bytes, tmp_path: Path) -> dict[str, object]:
+    """The dictionary `SSLSocket.getpeercert()` returns for this certificate (CPython's own
+    decoder, as used for peers)."""
+    path = tmp_path / "leaf.pem"
+    path.write_bytes(pem.split(b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n")
+    decode = ssl._ssl._test_decode_cert  # type: ignore[attr-defined]
+    decoded: dict[str, object] = decode(str(path))
+    return decoded
+
+
+def test_peer_identity_agrees_with_identity_of(pki: Pki, tmp_path: Path) -> None:
+    cert = pki.signer.mint("shop", "web", 3600)
+    der = x509.load_pem_x509_certificate(cert.chain_pem).public_bytes(Encoding.DER)
+    assert peer_identity(_decoded(cert.chain_pem, tmp_path), TD) == identity_of(der, TD)
+
+
+@pytest.mark.parametrize(
+    ("peercert", "needle"),
+    [
+        ({}, "0 URI SANs"),
+        ({"subjectAltName": (("DNS", "web.shop"),)}, "0 URI SANs"),
+        (
+            {"subjectAltName": (("URI", "spiffe://cluster.local/ns/a/sa/b"),) * 2},
+            "2 URI SANs",
+        ),
+        ({"subjectAltName": (("URI", "spiffe://evil.local/ns/a/sa/b"),)}, "not in trust domain"),
+        ({"subjectAltName": (("URI", "https://cluster.local/ns/a/sa/b"),)}, "spiffe"),
+    ],
+)
+def test_peer_identity_refuses(peercert: dict[str, object], needle: str) -> None:
+    with pytest.raises(IdentityError, match=needle):
+        peer_identity(peercert, TD)
