@@ -20,7 +20,8 @@ import os
 import ssl
 from pathlib import Path
 
-from agent.identity import SpiffeId, identity_of
+from agent.identity.spiffe import SpiffeId
+from agent.identity.spiffe import peer_identity as identity_from_peercert
 
 ALPN = "h2"
 OPENSSL_CONF = Path(__file__).with_name("openssl.cnf")
@@ -79,11 +80,11 @@ def peer_identity(sock: ssl.SSLSocket | ssl.SSLObject, trust_domain: str) -> Spi
     """The verified peer's SPIFFE ID; raises TunnelTLSError if absent, foreign, or not h2."""
     if sock.selected_alpn_protocol() != ALPN:
         raise TunnelTLSError(f"peer did not negotiate ALPN {ALPN!r}")
-    der = sock.getpeercert(binary_form=True)
-    if not der:
+    peercert = sock.getpeercert()  # a dict, filled only for a peer OpenSSL verified
+    if not peercert:
         raise TunnelTLSError("peer sent no certificate")
     try:
-        return identity_of(der, trust_domain)
+        return identity_from_peercert(peercert, trust_domain)
     except ValueError as exc:
         raise TunnelTLSError(str(exc)) from None
 

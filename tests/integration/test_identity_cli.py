@@ -14,8 +14,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from agent.identity import NodeSigner
 from agent.identity.ca import load_private_key
+from agent.identity.certs import NodeSigner
 
 REPO = Path(__file__).resolve().parents[2]
 

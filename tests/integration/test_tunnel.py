@@ -33,7 +33,8 @@ from typing import Any
 import pytest
 
 from agent.config import ProxyConfig, RedirectionConfig
-from agent.identity import NodeSigner, WorkloadCertificate, init_ca, issue_node
+from agent.identity.ca import init_ca, issue_node
+from agent.identity.certs import NodeSigner, WorkloadCertificate
 from agent.netns import NetnsExecutor, entered, open_netns
 from agent.proxy.sockets import open_listeners
 from agent.redirect.iptables import IptablesRedirection
@@ -453,7 +454,7 @@ def test_clients_without_a_valid_certificate_are_refused(env: Env) -> None:
 
 
 def _self_signed(tmp: Path) -> WorkloadCertificate:
-    from agent.identity import init_ca as make_root
+    from agent.identity.ca import init_ca as make_root
 
     init_ca_dir = tmp / "rogue-ca"
     make_root(init_ca_dir, TD)

@@ -23,20 +23,17 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.identity import (
+from agent.identity.ca import init_ca, issue_node, load_private_key, new_key
+from agent.identity.certs import NodeSigner, WorkloadCertificate, identity_of, renewal_due
+from agent.identity.spiffe import (
+    DNS_LABEL,
+    DNS_NAME,
     IdentityError,
-    NodeSigner,
     SpiffeId,
-    WorkloadCertificate,
-    identity_of,
-    init_ca,
-    issue_node,
     parse_spiffe_id,
-    renewal_due,
+    peer_identity,
     spiffe_id,
 )
-from agent.identity.ca import load_private_key, new_key
-from agent.identity.spiffe import DNS_LABEL, DNS_NAME, peer_identity
 
 TD = "cluster.local"
 
