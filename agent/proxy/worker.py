@@ -59,6 +59,13 @@ transparent and bound to the client's IP, so the app sees the real peer.  A fail
 connect resets the client and counts a connect failure; `connections_opened` counts connections
 whose upstream connect succeeded, `connections_closed` those of them that ended.
 
+Same node: an outbound connection to an address of another workload this proxy serves takes one
+relay straight to the destination app, connected inside the destination's netns from the
+source's IP (ztunnel's local path): no second hop through :15006 and no TLS handshake with
+itself.  Both identities are known here, so it counts as mtls (outbound for the source, inbound
+for the destination) when both have certificates; without, plaintext, which a strict destination
+refuses.
+
 Tunnel (agent.tunnel): an outbound connection to an address in the directory, from a workload
 that has a certificate, goes through HBONE instead: a pooled TLS+h2 connection keyed by (source
 uid, destination IP), opened from the source netns (marked) to <dst>:tunnel_port, whose server
@@ -214,6 +221,7 @@ class Worker:
         self.handlers: dict[int, Handler] = {}
         self.stale: set[int] = set()
         self.workloads: dict[str, Workload] = {}
+        self.local: dict[str, Workload] = {}  # ip -> workload served here (same-node path)
         self.pool = PipePool()
         self.home_fd = open_home_netns()
         self.running = True
@@ -340,6 +348,10 @@ class Worker:
             wl.flow("outbound", "plaintext").failures += 1
             _reset(client)
             return
+        local = self.local.get(dst[0])
+        if local is not None and local is not wl:
+            self._deliver_locally(wl, local, client, peer, dst)
+            return
         expected = self.directory.get(dst[0])
         if expected is None:
             if self.egress == "refuse":
@@ -351,15 +363,42 @@ class Worker:
             return
         self._proxy(wl, wl.flow("outbound", "plaintext"), client, peer, False, dst)
 
+    def _index_addresses(self) -> None:
+        """Rebuild `local`, ip -> workload served here, after workloads or their ips change."""
+        self.local = {ip: wl for wl in self.workloads.values() for ip in wl.ips}
+
+    def _deliver_locally(
+        self, src: Workload, dst_wl: Workload, client: socket.socket, peer: Any,
+        dst: tuple[str, int],
+    ) -> None:  # fmt: skip
+        """Same-node fast path (as ztunnel does it): one relay from the source app straight to
+        the destination app, connected inside the destination's netns from the source's IP.
+        Both identities are known to this proxy, so this counts as mutual TLS when both have
+        certificates; the destination's mode still applies."""
+        secure = src.client_ctx is not None and dst_wl.server_ctx is not None
+        if not secure and dst_wl.mode == "strict":
+            dst_wl.flow("inbound", "plaintext").denied += 1
+            _reset(client)
+            return
+        security = "mtls" if secure else "plaintext"
+        owners = (
+            src.flow("outbound", security, dst_wl.identity if secure else ""),
+            dst_wl.flow("inbound", security, src.identity if secure else ""),
+        )
+        self._proxy(dst_wl, owners, client, peer, True, dst)
+
     def _proxy(
         self,
         wl: Workload,
-        stats: FlowStats,
+        owners: FlowStats | tuple[FlowStats, ...],
         client: socket.socket,
         peer: Any,
         inbound: bool,
         dst: tuple[str, int] | None,
     ) -> None:
+        """Relay `client` to `dst` from inside `wl`'s netns (bound to the client's IP when
+        `inbound`, so the app sees its real peer); `owners` count it."""
+        counted = owners if isinstance(owners, tuple) else (owners,)
         try:
             if dst is None:
                 client.setblocking(False)
@@ -375,12 +414,14 @@ class Worker:
             )
         except OSError as exc:
             log.debug("%s: cannot open upstream for %s: %s", wl.uid, peer, exc)
-            stats.failures += 1
+            for stats in counted:
+                stats.failures += 1
             _reset(client)
             return
         err = up.connect_ex(dst)
         if err and err != errno.EINPROGRESS:
-            stats.failures += 1
+            for stats in counted:
+                stats.failures += 1
             up.close()
             _reset(client)
             return
@@ -392,11 +433,12 @@ class Worker:
                 watch=self._watch,
                 done=self._relay_done,
                 pool=self.pool,
-                owner=stats,
+                owner=counted,
             )
         except OSError as exc:  # out of pipes / fds
             log.warning("%s: cannot relay: %s", wl.uid, exc)
-            stats.failures += 1
+            for stats in counted:
+                stats.failures += 1
             up.close()
             _reset(client)
             return
@@ -404,23 +446,25 @@ class Worker:
         on_event = relay.on_event
         self.handlers[relay.fd_down] = on_event
         self.handlers[relay.fd_up] = on_event
-        stats.relays.add(relay)
+        for stats in counted:
+            stats.relays.add(relay)
         relay.start()
 
     def _relay_done(self, relay: Relay) -> None:
-        stats: FlowStats = relay.owner  # type: ignore[assignment]
+        counted: tuple[FlowStats, ...] = relay.owner  # type: ignore[assignment]
         handlers = self.handlers
         handlers.pop(relay.fd_down, None)
         handlers.pop(relay.fd_up, None)
         self.stale.add(relay.fd_down)
         self.stale.add(relay.fd_up)
-        stats.relays.discard(relay)
-        if relay.connect_failed:
-            stats.failures += 1
-        else:
-            stats.closed += 1
-            stats.bytes_received += relay.up_half.nbytes
-            stats.bytes_sent += relay.down_half.nbytes
+        for stats in counted:
+            stats.relays.discard(relay)
+            if relay.connect_failed:
+                stats.failures += 1
+            else:
+                stats.closed += 1
+                stats.bytes_received += relay.up_half.nbytes
+                stats.bytes_sent += relay.down_half.nbytes
 
     # -- tunnel: client side ----------------------------------------------------------------
 
@@ -704,6 +748,7 @@ class Worker:
         wl.identity = identity
         wl.mode = mode
         wl.ips = frozenset(_normal_ip(ip) for ip in ips)
+        self._index_addresses()
         for sock, direction in zip(socks, directions, strict=True):
             lst = _Listening(sock, direction)
             wl.listeners.append(lst)
@@ -794,6 +839,7 @@ class Worker:
         wl.netns_fd = -1
         self._send_stats(only_if_changed=False)
         del self.workloads[uid]
+        self._index_addresses()
 
     def snapshot(self) -> dict[str, Any]:
         active = 0

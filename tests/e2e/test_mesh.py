@@ -276,3 +276,16 @@ def test_a_long_lived_connection_survives_certificate_rotation(
     session.stdin.close()
     # and new connections use the new certificates
     assert c.client.fetch_json(f"http://{c.server.ip4}:8080/")["peer"] == c.client.ip4
+
+
+def test_same_node_traffic_takes_the_local_path(cluster: Cluster) -> None:
+    """Both ends are served by node a's proxy: it delivers directly, with both identities,
+    without a TLS handshake to itself (as ztunnel does)."""
+    c = cluster
+    for _ in range(3):
+        assert c.client.fetch_json(f"http://{c.local.ip4}:8080/")["peer"] == c.client.ip4
+    inbound = [f for f in security_flows(c.a, c.local) if f["direction"] == "inbound"]
+    assert [(f["security"], f["peer_identity"], f["connections_opened"]) for f in inbound] == [
+        ("mtls", CLIENT_ID, 3)
+    ]
+    assert c.a.status()["proxy"]["tunnel"]["handshakes"] == 0
