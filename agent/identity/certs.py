@@ -51,7 +51,7 @@ from agent.identity.ca import (
 from agent.identity.spiffe import (
     IdentityError,
     SpiffeId,
-    parse_spiffe_id,
+    identity_from_uris,
     spiffe_id,
     validate_trust_domain,
 )
@@ -267,14 +267,4 @@ def identity_of(der_cert: bytes, trust_domain: str) -> SpiffeId:
             f"peer certificate {subject!r} has no subject alternative name (no SPIFFE ID)"
         ) from exc
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    if len(uris) != 1:
-        raise IdentityError(
-            f"peer certificate {subject!r} has {len(uris)} URI SANs {uris!r}; a SPIFFE "
-            "certificate has exactly one"
-        )
-    identity = parse_spiffe_id(uris[0])
-    if identity.trust_domain != trust_domain:
-        raise IdentityError(
-            f"peer identity {identity.uri!r} is not in trust domain {trust_domain!r}"
-        )
-    return identity
+    return identity_from_uris(uris, trust_domain, f"peer {subject!r}")

@@ -12,7 +12,7 @@ half-understood.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,17 +120,12 @@ def parse_spiffe_id(uri: str) -> SpiffeId:
     return SpiffeId(authority, namespace, service_account)
 
 
-def peer_identity(peercert: Mapping[str, Any], trust_domain: str) -> SpiffeId:
-    """The SPIFFE ID of a verified TLS peer, from `SSLSocket.getpeercert()`'s dictionary.
-
-    The proxy's workers use this instead of parsing DER with `cryptography` (about 9 MB per
-    process): OpenSSL has already verified the chain, and the dictionary lists its SANs.
-    """
-    uris = [value for kind, value in peercert.get("subjectAltName", ()) if kind == "URI"]
+def identity_from_uris(uris: Sequence[str], trust_domain: str, what: str = "peer") -> SpiffeId:
+    """The SPIFFE ID among a certificate's URI SANs: exactly one, in `trust_domain`."""
     if len(uris) != 1:
         raise IdentityError(
-            f"peer certificate has {len(uris)} URI SANs {uris!r}; a SPIFFE certificate has "
-            "exactly one"
+            f"{what} certificate has {len(uris)} URI SANs {list(uris)!r}; a SPIFFE certificate "
+            "has exactly one"
         )
     identity = parse_spiffe_id(uris[0])
     if identity.trust_domain != trust_domain:
@@ -138,3 +133,13 @@ def peer_identity(peercert: Mapping[str, Any], trust_domain: str) -> SpiffeId:
             f"peer identity {identity.uri!r} is not in trust domain {trust_domain!r}"
         )
     return identity
+
+
+def peer_identity(peercert: Mapping[str, Any], trust_domain: str) -> SpiffeId:
+    """The SPIFFE ID of a verified TLS peer, from `SSLSocket.getpeercert()`'s dictionary.
+
+    The proxy's workers use this instead of parsing DER with `cryptography` (about 9 MB per
+    process): OpenSSL has already verified the chain, and the dictionary lists its SANs.
+    """
+    uris = [value for kind, value in peercert.get("subjectAltName", ()) if kind == "URI"]
+    return identity_from_uris(uris, trust_domain)
