@@ -14,95 +14,42 @@ every process started are removed at the end, also when a test fails.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import secrets
 import shutil
 import socket
-import subprocess
-import sys
-import textwrap
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from agent.config import ProxyConfig, RedirectionConfig
-from agent.netns import entered, open_netns
-from agent.proxy.sockets import open_listeners
+from agent.netns import entered
 
-REPO = Path(__file__).resolve().parents[2]
+from .netns_pair import HTTP_PORT, NetnsPair, curl, needs_netns, serve_digest, sh, stats, wait_stats
+
 CLIENT_IP = "10.77.0.1"
 SERVER_IP = "10.77.0.2"
 CLIENT_IP6 = "fd00:77::1"
 SERVER_IP6 = "fd00:77::2"
-HTTP_PORT = 8080
 MARK = "0x539/0xfff"
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("iptables-legacy"),
-    reason="needs root, iproute2 and iptables-legacy",
-)
-
-SERVER_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class H(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        def do_GET(self):
-            body = self.client_address[0].encode()
-            if self.path.startswith("/big"):
-                body = b"z" * int(self.path.split("/")[-1])
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        def log_message(self, *a):
-            pass
-
-    ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
-    """
-)
+pytestmark = needs_netns
 
 
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=60)
-
-
-class Env:
-    """The two namespaces, their rules, and the processes started in them."""
+class Env(NetnsPair):
+    """The client and server namespaces, their rules, and the processes started in them."""
 
     def __init__(self, tmp: Path) -> None:
-        tag = secrets.token_hex(4)
-        self.client = f"ferry-t-{tag}-c"
-        self.server = f"ferry-t-{tag}-s"
-        self.tmp = tmp
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.fds: list[int] = []
-        self.controls: list[socket.socket] = []
-        self.redirection = RedirectionConfig()
-        self.proxy = ProxyConfig(connect_timeout=2.0, idle_timeout=30.0)
-        sh("ip", "netns", "add", self.client)
-        sh("ip", "netns", "add", self.server)
-        sh("ip", "-n", self.client, "link", "add", "veth0", "type", "veth", "peer", "name",
-           "veth0", "netns", self.server)  # fmt: skip
-        for ns, ip in ((self.client, CLIENT_IP), (self.server, SERVER_IP)):
-            sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", "veth0")
-            sh("ip", "-n", ns, "link", "set", "veth0", "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        self.client_fd = self._fd(self.client)
-        self.server_fd = self._fd(self.server)
-
-    def _fd(self, ns: str) -> int:
-        fd = open_netns(f"/var/run/netns/{ns}")
-        self.fds.append(fd)
-        return fd
+        super().__init__(
+            tmp,
+            ("c", "s"),
+            (CLIENT_IP, SERVER_IP),
+            RedirectionConfig(),
+            ProxyConfig(connect_timeout=2.0, idle_timeout=30.0),
+        )
+        self.client, self.server = self.names
+        self.client_fd, self.server_fd = self.netns_fds
 
     def ipt(self, ns: str, *rule: str) -> None:
         sh("ip", "netns", "exec", ns, "iptables-legacy", "-w", *rule)
@@ -125,125 +72,18 @@ class Env:
         sh("ip", "-n", s, "rule", "add", "fwmark", "0x111/0xfff", "lookup", "100")
         sh("ip", "-n", s, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
 
-    def spawn(self, ns: str | None, *cmd: str) -> subprocess.Popen[bytes]:
-        prefix = ["ip", "netns", "exec", ns] if ns else []
-        proc = subprocess.Popen(
-            [*prefix, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        self.procs.append(proc)
-        return proc
-
-    def wait_port(self, netns_fd: int, addr: tuple[str, int], timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            with entered(netns_fd):
-                probe = socket.socket()
-            try:
-                probe.settimeout(1)
-                # Marked so that the redirection rules (if any) let the probe through.
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.redirection.mark)
-                probe.connect(addr)
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-            finally:
-                probe.close()
-
-    def http_server(self) -> None:
-        script = self.tmp / "server.py"
-        script.write_text(SERVER_SCRIPT)
-        self.spawn(self.server, sys.executable, str(script), SERVER_IP, str(HTTP_PORT))
-        self.wait_port(self.server_fd, (SERVER_IP, HTTP_PORT))
-
     def worker(self, workloads: dict[str, int]) -> socket.socket:
         """Start a worker and give it the listeners of `workloads` (uid -> netns fd)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.controls.append(ours)
-        settings = {"proxy": asdict(self.proxy), "redirection": asdict(self.redirection)}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.proxy.worker", "--control-fd", str(theirs.fileno()),
-             "--worker-id", "7", "--config-json", json.dumps(settings)],
-            pass_fds=[theirs.fileno()],
-            cwd=REPO,
-        )  # fmt: skip
-        self.procs.append(proc)
-        theirs.close()
+        ctl = self.start_worker("--worker-id", "7")
         for uid, netns_fd in workloads.items():
-            listeners = open_listeners(netns_fd, self.redirection)
-            msg = {
-                "op": "add",
-                "uid": uid,
-                "listeners": [{"direction": x.direction, "family": x.family} for x in listeners],
-            }
-            fds = [netns_fd, *(x.sock.fileno() for x in listeners)]
-            socket.send_fds(ours, [json.dumps(msg).encode()], fds)
-            for x in listeners:  # the worker holds its own copies now
-                x.sock.close()
-        return ours
-
-    def close(self) -> None:
-        for ctl in self.controls:
-            ctl.close()  # a worker exits on EOF
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        for fd in self.fds:
-            os.close(fd)
-        for ns in (self.client, self.server):
-            sh("ip", "netns", "del", ns, check=False)
+            self.add_workload(ctl, uid, netns_fd)
+        return ctl
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
-    e = Env(tmp_path)
-    try:
+    with Env(tmp_path) as e:
         yield e
-    finally:
-        e.close()
-
-
-def stats(ctl: socket.socket) -> dict[str, Any]:
-    """Ask for counters; return the newest stats message that arrives."""
-    ctl.send(b'{"op":"stats"}')
-    ctl.settimeout(5)
-    latest: dict[str, Any] = json.loads(ctl.recv(1 << 20))
-    ctl.settimeout(0.05)
-    try:
-        while True:
-            latest = json.loads(ctl.recv(1 << 20))
-    except TimeoutError:
-        pass
-    assert latest["op"] == "stats"
-    return latest
-
-
-def wait_stats(
-    ctl: socket.socket, pred: Callable[[dict[str, Any]], bool], timeout: float = 5.0
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = stats(ctl)
-        if pred(s):
-            return s
-        assert time.monotonic() < deadline, f"stats never matched: {s}"
-        time.sleep(0.1)
-
-
-def curl(ns: str, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ip", "netns", "exec", ns, "curl", "-sS", "--max-time", "10", *extra, url],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 def test_outbound_relay_keeps_client_ip_and_counts(env: Env) -> None:
@@ -342,20 +182,7 @@ def test_100mb_through_outbound_and_inbound(env: Env) -> None:
     expected = hashlib.sha256(block * (size // len(block))).hexdigest()
     with entered(env.server_fd):
         srv = socket.create_server((SERVER_IP, 5001))
-    result: dict[str, Any] = {}
-
-    def serve() -> None:
-        conn, peer = srv.accept()
-        with conn:
-            digest, n = hashlib.sha256(), 0
-            while chunk := conn.recv(1 << 20):
-                digest.update(chunk)
-                n += len(chunk)
-            result.update(peer=peer[0], n=n)
-            conn.sendall(f"{n} {digest.hexdigest()}".encode())
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    thread, result = serve_digest(srv)
     try:
         with entered(env.client_fd):
             cli = socket.socket()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import os
 import secrets
 import shutil
@@ -25,8 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,47 +33,31 @@ import pytest
 from agent.config import ProxyConfig, RedirectionConfig
 from agent.identity.ca import init_ca, issue_node
 from agent.identity.certs import NodeSigner, WorkloadCertificate
-from agent.netns import NetnsExecutor, entered, open_netns
-from agent.proxy.sockets import open_listeners
+from agent.netns import NetnsExecutor, entered
 from agent.redirect.iptables import IptablesRedirection
 from agent.tunnel.hbone import Data, HboneConnection, StreamAccepted
 from agent.tunnel.tls import worker_environment
 
-REPO = Path(__file__).resolve().parents[2]
+from .netns_pair import (
+    HTTP_PORT,
+    REPO,
+    NetnsPair,
+    curl,
+    needs_netns,
+    send,
+    serve_digest,
+    stats,
+    wait_stats,
+)
+
 A_IP = "10.79.0.1"
 B_IP = "10.79.0.2"
 TD = "cluster.local"
 ID_A = f"spiffe://{TD}/ns/front/sa/web"
 ID_B = f"spiffe://{TD}/ns/back/sa/api"
-HTTP_PORT = 8080
 ECHO_PORT = 7000
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("iptables-legacy"),
-    reason="needs root, iproute2 and iptables-legacy",
-)
-
-HTTP_SERVER = """
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        body = self.client_address[0].encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-
-ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
-"""
-
-
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=60)
+pytestmark = needs_netns
 
 
 class Credentials:
@@ -100,95 +82,29 @@ class Credentials:
         return self.signers[node].mint(ns, sa, kw.pop("ttl", 3600.0), **kw)
 
 
-class Env:
-    def __init__(self, tmp: Path) -> None:
-        tag = secrets.token_hex(4)
-        self.a, self.b = f"ferry-t-{tag}-a", f"ferry-t-{tag}-b"
-        self.tmp = tmp
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.controls: list[socket.socket] = []
-        self.fds: list[int] = []
-        self.redirection = RedirectionConfig(ipv6=False)
-        self.proxy = ProxyConfig(connect_timeout=3.0, idle_timeout=60.0)
-        self.executor = NetnsExecutor()
-        sh("ip", "netns", "add", self.a)
-        sh("ip", "netns", "add", self.b)
-        sh(
-            "ip",
-            "-n",
-            self.a,
-            "link",
-            "add",
-            "veth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "veth0",
-            "netns",
-            self.b,
-        )
-        for ns, ip in ((self.a, A_IP), (self.b, B_IP)):
-            sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", "veth0")
-            sh("ip", "-n", ns, "link", "set", "veth0", "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        self.a_fd = self._fd(self.a)
-        self.b_fd = self._fd(self.b)
-        self.creds = Credentials(tmp)
+class Env(NetnsPair):
+    """Pods A and B, enrolled with the production rules, and the processes started in them."""
 
-    def _fd(self, ns: str) -> int:
-        fd = open_netns(f"/var/run/netns/{ns}")
-        self.fds.append(fd)
-        return fd
+    def __init__(self, tmp: Path) -> None:
+        self.executor = NetnsExecutor()  # before the namespaces: close() shuts it down
+        super().__init__(
+            tmp,
+            ("a", "b"),
+            (A_IP, B_IP),
+            RedirectionConfig(ipv6=False),
+            ProxyConfig(connect_timeout=3.0, idle_timeout=60.0),
+        )
+        self.a, self.b = self.names
+        self.a_fd, self.b_fd = self.netns_fds
+        with self.closed_on_error():
+            self.creds = Credentials(tmp)
 
     def enroll(self, ns: str) -> None:
         IptablesRedirection(self.redirection, self.executor).apply(Path(f"/var/run/netns/{ns}"))
 
-    def spawn(self, ns: str, *cmd: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        self.procs.append(proc)
-        return proc
-
-    def http_server(self) -> None:
-        script = self.tmp / "server.py"
-        script.write_text(HTTP_SERVER)
-        self.spawn(self.b, sys.executable, str(script), B_IP, str(HTTP_PORT))
-        wait_port(self.b_fd, (B_IP, HTTP_PORT), self.redirection.mark)
-
     def worker(self, uid: str, netns_fd: int, **add: Any) -> socket.socket:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.controls.append(ours)
-        settings = {"proxy": asdict(self.proxy), "redirection": asdict(self.redirection)}
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent.proxy.worker",
-                "--control-fd",
-                str(theirs.fileno()),
-                "--config-json",
-                json.dumps(settings),
-            ],
-            pass_fds=[theirs.fileno()],
-            cwd=REPO,
-            env=worker_environment(),  # as the supervisor starts them
-        )
-        self.procs.append(proc)
-        theirs.close()
-        listeners = open_listeners(netns_fd, self.redirection)
-        msg = {
-            "op": "add",
-            "uid": uid,
-            "listeners": [{"direction": x.direction, "family": x.family} for x in listeners],
-            **add,
-        }
-        socket.send_fds(
-            ours, [json.dumps(msg).encode()], [netns_fd, *(x.sock.fileno() for x in listeners)]
-        )
-        for x in listeners:
-            x.sock.close()
+        ours = self.start_worker(env=worker_environment())  # as the supervisor starts them
+        self.add_workload(ours, uid, netns_fd, **add)
         send(ours, {"op": "trust", "trust_domain": TD, "bundle_pem": self.trust_bundle()})
         send(ours, {"op": "directory", "entries": self.directory(), "egress": "passthrough"})
         return ours
@@ -204,26 +120,10 @@ class Env:
         }
 
     def close(self) -> None:
-        for ctl in self.controls:
-            ctl.close()
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        self.executor.shutdown()
-        for fd in self.fds:
-            os.close(fd)
-        for ns in (self.a, self.b):
-            sh("ip", "netns", "del", ns, check=False)
-
-
-def send(ctl: socket.socket, msg: dict[str, Any]) -> None:
-    ctl.send(json.dumps(msg).encode())
+        try:
+            super().close()
+        finally:
+            self.executor.shutdown()
 
 
 def send_cert(ctl: socket.socket, uid: str, cert: WorkloadCertificate) -> None:
@@ -236,50 +136,6 @@ def send_cert(ctl: socket.socket, uid: str, cert: WorkloadCertificate) -> None:
             "key_pem": cert.key_pem.decode(),
         },
     )
-
-
-def wait_port(netns_fd: int, addr: tuple[str, int], mark: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with entered(netns_fd):
-            probe = socket.socket()
-        try:
-            probe.settimeout(1)
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-            probe.connect(addr)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-        finally:
-            probe.close()
-
-
-def stats(ctl: socket.socket) -> dict[str, Any]:
-    ctl.send(b'{"op":"stats"}')
-    ctl.settimeout(5)
-    latest: dict[str, Any] = json.loads(ctl.recv(1 << 20))
-    ctl.settimeout(0.05)
-    try:
-        while True:
-            latest = json.loads(ctl.recv(1 << 20))
-    except TimeoutError:
-        pass
-    assert latest["op"] != "error", latest
-    return latest
-
-
-def wait_stats(
-    ctl: socket.socket, pred: Callable[[dict[str, Any]], bool], timeout: float = 5.0
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = stats(ctl)
-        if pred(s):
-            return s
-        assert time.monotonic() < deadline, f"stats never matched: {s}"
-        time.sleep(0.1)
 
 
 def flow(
@@ -303,22 +159,10 @@ def flow(
     return merged
 
 
-def curl(ns: str, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ip", "netns", "exec", ns, "curl", "-sS", "--max-time", "10", *extra, url],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-
-
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
-    e = Env(tmp_path)
-    try:
+    with Env(tmp_path) as e:
         yield e
-    finally:
-        e.close()
 
 
 def mesh(env: Env, b_mode: str = "permissive") -> tuple[socket.socket, socket.socket]:
@@ -354,6 +198,7 @@ def test_curl_goes_through_the_tunnel_encrypted(env: Env) -> None:
         "-w",
         str(pcap),
         "tcp",
+        stderr=subprocess.PIPE,
     )
     time.sleep(1.0)  # tcpdump attaches
     marker = "ferry-plaintext-marker-" + secrets.token_hex(8)
@@ -571,20 +416,7 @@ def test_bulk_transfer_with_half_close_through_the_tunnel(env: Env) -> None:
     size = 32 << 20
     block = os.urandom(1 << 20)
     expected = hashlib.sha256(block * (size // len(block))).hexdigest()
-    result: dict[str, Any] = {}
-
-    def serve() -> None:
-        conn, peer = srv.accept()
-        with conn:
-            digest, n = hashlib.sha256(), 0
-            while chunk := conn.recv(1 << 20):
-                digest.update(chunk)
-                n += len(chunk)
-            result.update(peer=peer[0])
-            conn.sendall(f"{n} {digest.hexdigest()}".encode())
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    thread, result = serve_digest(srv)
     try:
         with _connect(env) as cli:
             for _ in range(size // len(block)):
