@@ -48,6 +48,18 @@ def sim_environment() -> None:
 
 
 @pytest.fixture(scope="session")
+def privileged() -> None:
+    """Fail (never skip) kernel tests when they cannot run: they need root and the tools."""
+    missing = [] if os.geteuid() == 0 else ["root privileges (run pytest as root)"]
+    for tool in ("ip", "iptables-legacy", "iptables-legacy-save", "ip6tables-legacy-save"):
+        if shutil.which(tool) is None:
+            missing.append(f"`{tool}` on PATH (Debian packages iproute2, iptables)")
+    if missing:
+        pytest.fail("kernel tests need: " + "; ".join(missing) + ". Run `make setup` as root.",
+                    pytrace=False)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def sim_prefix() -> str:
     """The name prefix of this run's nodes (`SimNode(sim_prefix)` is named ferry-<prefix>-...)."""
     return SIM_PREFIX

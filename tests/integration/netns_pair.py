@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -36,10 +35,7 @@ from agent.proxy.sockets import open_listeners
 REPO = Path(__file__).resolve().parents[2]
 HTTP_PORT = 8080
 
-needs_netns = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("iptables-legacy"),
-    reason="needs root, iproute2 and iptables-legacy",
-)
+needs_netns = pytest.mark.usefixtures("privileged")  # fails, never skips, without root
 
 # Answers GET with the client's address, or /big/<n> with n bytes.
 HTTP_SERVER = """

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shutil
 import socket
 import struct
 import subprocess
@@ -32,10 +31,7 @@ from agent.redirect.rules import (
     desired_rules,
 )
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("iptables-legacy-save") is None,
-    reason="needs root and iptables-legacy",
-)
+pytestmark = pytest.mark.usefixtures("privileged")  # fails, never skips, without root
 
 SO_ORIGINAL_DST = 80
 SAVE = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}
