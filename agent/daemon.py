@@ -575,19 +575,28 @@ class Agent:
         """Renew certificates at half-life and follow the shared directory, once a second."""
         while True:
             await asyncio.sleep(1.0)
-            async with self._mutate:
-                now = dt.datetime.now(dt.UTC)
-                for workload in list(self.enrollments.values()):
-                    current = self.certificates.get(workload.uid)
-                    if current is not None and renewal_due(current, now):
-                        cert = self._certificate(workload, renew=True)
-                        assert cert is not None
-                        await self._send_to_proxies(self._certificate_message(workload.uid, cert))
-                await self._refresh_directory()
+            try:
+                await self._identity_tick()
+            except Exception:  # retried on the next tick; the agent keeps running
+                log.exception("certificate renewal / directory refresh failed")
+
+    async def _identity_tick(self) -> None:
+        async with self._mutate:
+            now = dt.datetime.now(dt.UTC)
+            for workload in list(self.enrollments.values()):
+                current = self.certificates.get(workload.uid)
+                if current is not None and renewal_due(current, now):
+                    cert = self._certificate(workload, renew=True)
+                    assert cert is not None
+                    await self._send_to_proxies(self._certificate_message(workload.uid, cert))
+            await self._refresh_directory()
 
     async def _reconcile_forever(self) -> None:
         while True:
-            await self.reconcile()
+            try:
+                await self.reconcile()
+            except Exception:  # e.g. a netns vanished mid-check: the next tick sees it gone
+                log.exception("reconcile failed")
             await asyncio.sleep(self.config.agent.reconcile_interval)
 
 
