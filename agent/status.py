@@ -152,12 +152,15 @@ def assess(document: dict[str, Any]) -> list[str]:
 
 
 def _ago(seconds: float) -> str:
+    """A duration the way an operator reads it: 42s, 5m, 24h, 300d."""
     seconds = max(0.0, seconds)
     if seconds < 120:
         return f"{seconds:.0f}s"
     if seconds < 7200:
         return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.0f}h"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
 
 
 def _expiry(cert: dict[str, Any] | None, now: float) -> str:
@@ -205,6 +208,16 @@ def render(document: dict[str, Any]) -> str:
         )
     else:
         lines.append("Proxy   DOWN      " + proxy.get("error", ""))
+    identity = agent.get("identity") if agent["running"] else None
+    if identity:
+        if identity.get("enabled"):
+            expires = identity["node_certificate_expires"]
+            lines.append(
+                f"Identity  trust domain {identity['trust_domain']}   node certificate expires "
+                f"in {_ago(expires - now)}   directory {agent['directory']['entries']} address(es)"
+            )
+        else:
+            lines.append("Identity  none: no node credentials, traffic between nodes is plaintext")
     lines.append("")
     header = (
         "WORKLOAD",

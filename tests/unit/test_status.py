@@ -31,6 +31,12 @@ def document(**changes: Any) -> dict[str, Any]:
             "pid": 10,
             "uptime_seconds": 300.0,
             "last_reconcile": {"at": NOW - 4, "actions": []},
+            "identity": {
+                "enabled": True,
+                "trust_domain": "cluster.local",
+                "node_certificate_expires": NOW + 300 * 86400,
+            },
+            "directory": {"folder": "/run/ferry/directory", "entries": 6},
         },
         "proxy": {
             "running": True,
@@ -116,3 +122,9 @@ def test_broken_node_names_every_problem() -> None:
 )
 def test_assess(change: dict[str, Any], needle: str) -> None:
     assert any(needle in p for p in document(**change)["problems"])
+
+
+def test_a_node_without_credentials_says_traffic_is_plaintext() -> None:
+    doc = document()
+    doc["agent"]["identity"] = {"enabled": False, "trust_domain": "cluster.local"}
+    assert "no node credentials, traffic between nodes is plaintext" in render(doc)
