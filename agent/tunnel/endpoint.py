@@ -299,11 +299,23 @@ class TunnelConn:
         for many records).  False if the connection failed."""
         tx = self.tx
         outgoing = self.outgoing
+        send = self.sock.send
         if outgoing.pending:
             chunk = outgoing.read()
+            if not tx:  # the usual case: nothing waits before it, so no queueing
+                try:
+                    n = send(chunk)
+                except BlockingIOError:
+                    n = 0
+                except OSError as exc:
+                    self.fail(f"send: {exc}")
+                    return False
+                if n < len(chunk):
+                    tx.append(memoryview(chunk)[n:])
+                    self.tx_bytes += len(chunk) - n
+                return True
             tx.append(memoryview(chunk))
             self.tx_bytes += len(chunk)
-        send = self.sock.send
         while tx:
             head = tx[0]
             try:
@@ -384,7 +396,13 @@ class TunnelConn:
         cap = len(view)
         core = self.core
         assert core is not None
-        tls_read: Callable[[int, memoryview], int] = tls.read  # type: ignore[assignment]
+        # The C object's methods, not the `ssl.SSLObject` wrappers: one Python frame less per
+        # record.  `pending` (decrypted bytes OpenSSL still holds) and the incoming BIO tell
+        # when every complete record was read, so no call ends in SSLWantReadError (an exception
+        # with a formatted message: more than a small record costs to decrypt).
+        sslobj: Any = getattr(tls, "_sslobj", tls)  # _ssl._SSLSocket (same read, pending)
+        tls_read: Callable[[int, memoryview], int] = sslobj.read
+        tls_pending: Callable[[], int] = sslobj.pending
         for _ in range(READ_ROUNDS):
             # One recv takes many TLS records from the socket at once ...
             try:
@@ -404,6 +422,8 @@ class TunnelConn:
             while True:
                 pos = 0
                 while pos < cap:
+                    if pos and not incoming.pending and not tls_pending():
+                        break  # all read, and the last record was complete
                     try:
                         m = tls_read(cap - pos, view[pos:])
                     except ssl.SSLWantReadError:
@@ -435,7 +455,8 @@ class TunnelConn:
                 return
             if n < len(rx):
                 break
-        self.flush_soon()
+        if core.out or self.outgoing.pending:  # SETTINGS/PING acks, window updates, resets
+            self.flush_soon()
 
     def _dispatch(self, events: list[Event]) -> None:
         streams = self.streams
