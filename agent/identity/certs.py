@@ -42,6 +42,7 @@ from agent.identity.ca import (
     is_ca,
     is_self_signed_ca,
     key_pem,
+    key_usage,
     load_certificate,
     load_certificates,
     load_private_key,
@@ -200,17 +201,7 @@ class NodeSigner:
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
+                key_usage(digital_signature=True),
                 critical=True,
             )
             .add_extension(
