@@ -22,6 +22,7 @@ job (OpenSSL, with `bundle_pem` as the trust store).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from agent.identity.ca import (
     load_private_key,
     new_key,
     permitted_trust_domains,
+    write_new_file,
 )
 from agent.identity.spiffe import (
     IdentityError,
@@ -81,15 +83,9 @@ class WorkloadCertificate:
             (chain_path, self.chain_pem, 0o644),
         ):
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-            try:
-                os.fchmod(fd, mode)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()  # left by a crash
+            write_new_file(tmp, data, mode)
             os.replace(tmp, path)
         return chain_path, key_path
 

@@ -54,18 +54,12 @@ from agent.control.protocol import (
     WorkloadCertificate,
 )
 from agent.proxy.sockets import Listener, open_listeners
+from agent.proxy.worker import COUNTERS
 from agent.tunnel.tls import worker_environment
 from agent.workloads import Workload
 
 log = logging.getLogger("ferry.proxy")
 BACKOFF_MIN, BACKOFF_MAX = 0.01, 2.0
-COUNTERS = (
-    "connections_opened",
-    "connections_closed",
-    "connect_failures",
-    "bytes_received",
-    "bytes_sent",
-)
 DIRECTIONS = ("outbound", "inbound")
 
 
