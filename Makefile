@@ -2,18 +2,23 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 VENV_STAMP := .venv/.ferry-setup
-DEB_PACKAGES := iptables nftables python3-nftables containernetworking-plugins python3-bpfcc \
-	bpfcc-tools linux-headers-amd64 nginx-light wrk iperf3 curl tshark tcpdump socat \
-	nghttp2-client iproute2 python3-venv procps
+# The Debian packages setup installs: one list, also for the Vagrantfile and the Containerfile.
+DEB_PACKAGES_FILE := scripts/debian-packages.txt
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit lint bench clean
+.PHONY: setup demo test unit lint bench clean fresh-check
 
 setup: $(VENV_STAMP)
 
-$(VENV_STAMP): pyproject.toml scripts/setup.sh
-	bash scripts/setup.sh $(DEB_PACKAGES)
+$(VENV_STAMP): pyproject.toml scripts/setup.sh $(DEB_PACKAGES_FILE)
+	bash scripts/setup.sh
 	touch $@
+
+# The README's quick start (make demo, make test) on a pristine Debian 12 root built with
+# debootstrap, in a chroot: run it whenever setup changes. Takes minutes; not part of make test.
+# KEEP=1 keeps the root, CACHE=1 reuses downloaded Debian packages (scripts/fresh-check.sh).
+fresh-check:
+	bash scripts/fresh-check.sh
 
 demo: setup
 	$(PY) -m demo.run
