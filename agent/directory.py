@@ -1,29 +1,94 @@
 """Mesh membership: which IPs are enrolled workloads, on which node, with which identity.
 
 A source proxy tunnels to a destination only when the destination is in the mesh, and it must
-know the identity to expect there.  On standalone hosts the directory is a shared folder (a
-network file system, or one folder when the "nodes" share a machine): every agent publishes its
-own enrolled workloads as `<folder>/<node>.json` (written to a temporary file and renamed, so a
-reader never sees half a file) and reads everyone's files.  `entries_for` and `merge` are pure;
-`publish` and `read_folder` are the file adapter.  The files hold no secrets (IPs and SPIFFE IDs)
-and are mode 0644.
+know the identity to expect there.
 
-A node's file is its own to write: an entry is only trusted for identities of its node's file.
-(An attacker who can write the shared folder can redirect where traffic is tunnelled, but not
-impersonate an identity: the peer still has to present a certificate for the expected ID.)
+The folder (standalone hosts).  The directory is a shared folder (a network file system, or one
+folder when the "nodes" share a machine): every agent publishes its own enrolled workloads as
+`<folder>/<node>.json` (written to a temporary file and renamed, so a reader never sees half a
+file) and reads everyone's files.  `entries_for` and `merge` are pure; `publish` and
+`FolderReader` are the file adapter.  The files hold no secrets (IPs and SPIFFE IDs) and are mode
+0644.  A node's file is its own to write: an entry is only trusted for identities of its node's
+file.  (An attacker who can write the shared folder can redirect where traffic is tunnelled, but
+not impersonate an identity: the peer still has to present a certificate for the expected ID.)
+`FolderReader` re-reads only files whose size, mtime or inode changed, so polling a folder of
+100,000 entries costs a few `stat`s.
+
+Entries.  `DirectoryEntry` is the one type and `to_json` / `parse_entry` the one encoding, used by
+the folder, the agent <-> proxy protocol and the supervisor <-> worker channel alike.  Every entry
+is validated on its own (`parse_entry`): a bad one is skipped and reported with the reason, never
+the whole update.  An entry whose address is valid but whose identity is not stays in the table
+with no identity: connections to that address are refused, never sent in plaintext (fail closed).
+
+Updates.  The directory travels as versioned deltas in bounded chunks (`DirectoryUpdate`): a
+change from version `base` to `version` upserts and removes entries; a `reset` update replaces
+everything (a snapshot, or a proxy that missed a version).  `plan_update` cuts one change into
+chunks of at most `max_bytes` encoded, so 100,000 entries cross a 64 KiB datagram channel; only the
+`last` chunk of a version applies it.  `DirectoryTable` is the receiving side (the proxy's
+supervisor and each worker): it assembles chunks, applies a complete change atomically, refuses an
+update whose base is not its version (the sender then resets), and answers lookups in O(1)
+(`identities`: ip -> expected identity, "" for an address to refuse).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from agent.control.protocol import DirectoryEntry
+from agent.identity.spiffe import parse_spiffe_id, validate_trust_domain
 from agent.workloads import Workload
 
 SUFFIX = ".json"
+EGRESS = ("passthrough", "refuse")
+MAX_CHUNK_BYTES = 48 * 1024  # leaves room for the envelope in a 64 KiB datagram
+MAX_REPORTED = 10  # problems kept per read or update (the count is always exact)
+
+
+class DirectoryError(ValueError):
+    """A directory update cannot be applied (out of order, malformed envelope)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryEntry:
+    ip: str
+    identity: str  # "" : the published identity was invalid; the address is refused
+    node: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"ip": self.ip, "identity": self.identity, "node": self.node}
+
+
+def parse_entry(raw: Any) -> DirectoryEntry:
+    """Validate one published entry; ValueError naming the bad value.
+
+    The address must parse (it is canonicalised); the node must be a DNS name; the identity must
+    be a Ferry SPIFFE ID, else the entry is kept with identity "" (refused, see the module doc).
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f"entry {raw!r} is not an object")
+    ip, identity, node = raw.get("ip"), raw.get("identity"), raw.get("node")
+    if not isinstance(ip, str):
+        raise ValueError(f"entry {raw!r}: ip must be a string")
+    try:
+        canonical = str(ipaddress.ip_address(ip))
+    except ValueError:
+        raise ValueError(f"entry ip {ip!r} is not an IP address") from None
+    if not isinstance(node, str):
+        raise ValueError(f"entry {canonical}: node {node!r} is not a string")
+    try:
+        validate_trust_domain(node)  # a DNS name, as Kubernetes node names are
+    except ValueError:
+        raise ValueError(f"entry {canonical}: node {node!r} is not a DNS name") from None
+    try:
+        checked = parse_spiffe_id(identity).uri if isinstance(identity, str) else ""
+    except ValueError:
+        checked = ""
+    return DirectoryEntry(canonical, checked, node)
 
 
 def entries_for(
@@ -53,15 +118,16 @@ def merge(per_node: Mapping[str, Iterable[DirectoryEntry]]) -> tuple[DirectoryEn
     return tuple(sorted(chosen.values(), key=lambda e: e.ip))
 
 
+# -- the folder ---------------------------------------------------------------------------------
+
+
 def publish(folder: Path, node: str, entries: Iterable[DirectoryEntry]) -> None:
+    try:
+        validate_trust_domain(node)  # never a path: `../x` must not leave the folder
+    except ValueError:
+        raise ValueError(f"node name {node!r} is not a DNS name") from None
     folder.mkdir(parents=True, exist_ok=True)
-    body = json.dumps(
-        {
-            "node": node,
-            "entries": [{"ip": e.ip, "identity": e.identity, "node": e.node} for e in entries],
-        },
-        indent=1,
-    )
+    body = json.dumps({"node": node, "entries": [e.to_json() for e in entries]}, indent=1)
     tmp = folder / f".{node}{SUFFIX}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     with os.fdopen(fd, "w") as handle:
@@ -69,20 +135,268 @@ def publish(folder: Path, node: str, entries: Iterable[DirectoryEntry]) -> None:
     os.replace(tmp, folder / f"{node}{SUFFIX}")
 
 
-def read_folder(folder: Path) -> dict[str, tuple[DirectoryEntry, ...]]:
-    """Every node's published entries; unreadable or malformed files are skipped (logged by
-    the caller through the returned absence), never fatal."""
-    out: dict[str, tuple[DirectoryEntry, ...]] = {}
-    if not folder.is_dir():
-        return out
-    for path in sorted(folder.glob(f"*{SUFFIX}")):
+@dataclass(frozen=True)
+class NodeFile:
+    """One node's published entries and what was wrong in its file."""
+
+    entries: tuple[DirectoryEntry, ...]
+    problems: tuple[str, ...] = ()
+    skipped: int = 0
+
+
+def parse_node_file(name: str, text: str) -> tuple[str, NodeFile]:
+    """(node, its entries) from the text of `<node>.json`; ValueError if the file as a whole is
+    unusable, bad entries are skipped and reported."""
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{name}: not JSON ({exc})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("entries"), list):
+        raise ValueError(f"{name}: expected an object with an 'entries' list")
+    node = raw.get("node")
+    if not isinstance(node, str) or f"{node}{SUFFIX}" != name:
+        raise ValueError(f"{name}: node {node!r} does not match the file name")
+    entries, problems = [], []
+    for index, item in enumerate(raw["entries"]):
         try:
-            raw = json.loads(path.read_text())
-            node = str(raw["node"])
-            out[node] = tuple(
-                DirectoryEntry(str(e["ip"]), str(e["identity"]), str(e["node"]))
-                for e in raw["entries"]
-            )
-        except (OSError, ValueError, KeyError, TypeError):
+            entry = parse_entry(item)
+        except ValueError as exc:
+            problems.append(f"{name} entry {index}: {exc}")
             continue
-    return out
+        if entry.node != node:
+            problems.append(f"{name} entry {index}: node {entry.node!r} is not {node!r}")
+            continue
+        if not entry.identity:
+            problems.append(f"{name} entry {index}: identity {item.get('identity')!r} is not a "
+                            f"SPIFFE ID; {entry.ip} is refused")  # fmt: skip
+        entries.append(entry)
+    skipped = len(raw["entries"]) - len(entries)
+    return node, NodeFile(tuple(entries), tuple(problems[:MAX_REPORTED]), skipped)
+
+
+@dataclass
+class FolderReader:
+    """Reads every node's file of a folder, re-parsing only files that changed since."""
+
+    folder: Path
+    _cache: dict[str, tuple[tuple[int, int, int], str, NodeFile]] = field(default_factory=dict)
+
+    def read(self) -> tuple[dict[str, NodeFile], list[str]]:
+        """(node -> its file, problems with whole files)."""
+        nodes: dict[str, NodeFile] = {}
+        problems: list[str] = []
+        seen: set[str] = set()
+        paths = sorted(self.folder.glob(f"*{SUFFIX}")) if self.folder.is_dir() else []
+        for path in paths:
+            seen.add(path.name)
+            try:
+                st = path.stat()
+                key = (st.st_ino, st.st_size, st.st_mtime_ns)
+                cached = self._cache.get(path.name)
+                if cached is not None and cached[0] == key:
+                    node, parsed = cached[1], cached[2]
+                else:
+                    node, parsed = parse_node_file(path.name, path.read_text())
+                    self._cache[path.name] = (key, node, parsed)
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                self._cache.pop(path.name, None)
+                problems.append(str(exc) if isinstance(exc, ValueError) else f"{path}: {exc}")
+                continue
+            nodes[node] = parsed
+        for gone in set(self._cache) - seen:
+            del self._cache[gone]
+        return nodes, problems
+
+
+# -- updates ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DirectoryUpdate:
+    """One chunk of the change from version `base` to `version` (`reset`: from nothing)."""
+
+    version: int
+    base: int
+    reset: bool
+    egress: str
+    upserts: tuple[DirectoryEntry, ...] = ()
+    removals: tuple[str, ...] = ()
+    last: bool = True
+    rejected: tuple[str, ...] = ()  # entries that failed validation on decoding (not encoded)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "base": self.base,
+            "reset": self.reset,
+            "egress": self.egress,
+            "upserts": [e.to_json() for e in self.upserts],
+            "removals": list(self.removals),
+            "last": self.last,
+        }
+
+
+def parse_update(raw: Any) -> DirectoryUpdate:
+    """Decode an update; a malformed envelope raises DirectoryError, a bad entry is skipped and
+    listed in `rejected`."""
+    if not isinstance(raw, dict):
+        raise DirectoryError(f"directory update {raw!r:.80} is not an object")
+    try:
+        version, base = raw["version"], raw["base"]
+        reset, last, egress = raw["reset"], raw["last"], raw["egress"]
+        upserts, removals = raw["upserts"], raw["removals"]
+    except KeyError as exc:
+        raise DirectoryError(f"directory update without {exc.args[0]!r}") from None
+    for name, value in (("version", version), ("base", base)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise DirectoryError(f"directory update {name} {value!r} is not a count")
+    if not isinstance(reset, bool) or not isinstance(last, bool):
+        raise DirectoryError("directory update reset and last must be true or false")
+    if egress not in EGRESS:
+        raise DirectoryError(f"directory egress {egress!r} is not one of {', '.join(EGRESS)}")
+    if not isinstance(upserts, list) or not isinstance(removals, list):
+        raise DirectoryError("directory update upserts and removals must be lists")
+    good: list[DirectoryEntry] = []
+    rejected: list[str] = []
+    for item in upserts:
+        try:
+            good.append(parse_entry(item))
+        except ValueError as exc:
+            rejected.append(str(exc))
+    gone: list[str] = []
+    for ip in removals:
+        try:
+            gone.append(str(ipaddress.ip_address(ip)))
+        except (TypeError, ValueError):
+            rejected.append(f"removal {ip!r} is not an IP address")
+    return DirectoryUpdate(
+        version, base, reset, egress, tuple(good), tuple(gone), last, tuple(rejected)
+    )
+
+
+def diff(
+    old: Mapping[str, DirectoryEntry], new: Mapping[str, DirectoryEntry]
+) -> tuple[tuple[DirectoryEntry, ...], tuple[str, ...]]:
+    """(entries to upsert, addresses to remove) that turn `old` into `new`."""
+    upserts = tuple(e for ip, e in sorted(new.items()) if old.get(ip) != e)
+    removals = tuple(sorted(ip for ip in old if ip not in new))
+    return upserts, removals
+
+
+def plan_update(
+    version: int,
+    base: int,
+    egress: str,
+    upserts: Iterable[DirectoryEntry],
+    removals: Iterable[str],
+    *,
+    reset: bool,
+    max_bytes: int = MAX_CHUNK_BYTES,
+) -> list[DirectoryUpdate]:
+    """The chunks of one change, each at most `max_bytes` of encoded entries (at least one
+    chunk, so an empty change still moves the version)."""
+    chunks: list[DirectoryUpdate] = []
+    batch: list[DirectoryEntry] = []
+    gone: list[str] = []
+    size = 0
+
+    def cut() -> None:
+        nonlocal size
+        chunks.append(DirectoryUpdate(version, base, reset, egress, tuple(batch), tuple(gone),
+                                      last=False))  # fmt: skip
+        batch.clear()
+        gone.clear()
+        size = 0
+
+    for item, cost in _sized(upserts, removals):
+        if size + cost > max_bytes and (batch or gone):
+            cut()
+        if isinstance(item, DirectoryEntry):
+            batch.append(item)
+        else:
+            gone.append(item)
+        size += cost
+    cut()
+    final = chunks[-1]
+    chunks[-1] = DirectoryUpdate(final.version, final.base, final.reset, final.egress,
+                                 final.upserts, final.removals, last=True)  # fmt: skip
+    return chunks
+
+
+def _sized(
+    upserts: Iterable[DirectoryEntry], removals: Iterable[str]
+) -> Iterator[tuple[DirectoryEntry | str, int]]:
+    for entry in upserts:
+        # the JSON of an entry: its three strings plus keys and punctuation (42 bytes)
+        yield entry, len(entry.ip) + len(entry.identity) + len(entry.node) + 42
+    for ip in removals:
+        yield ip, len(ip) + 4
+
+
+@dataclass
+class DirectoryTable:
+    """The receiving side of updates: the applied directory, O(1) lookups, chunk assembly."""
+
+    version: int = 0
+    egress: str = "passthrough"
+    entries: dict[str, DirectoryEntry] = field(default_factory=dict)
+    identities: dict[str, str] = field(default_factory=dict)  # ip -> identity ("" = refuse)
+    rejected: int = 0  # entries skipped by validation, in the updates that built this table
+    problems: list[str] = field(default_factory=list)  # the latest reasons
+    _pending: list[DirectoryUpdate] = field(default_factory=list)
+
+    def receive(self, update: DirectoryUpdate) -> bool:
+        """Take one chunk; True when it completed a change (now applied).  DirectoryError if the
+        chunk does not continue what is pending or the change is not based on this version;
+        the pending chunks are dropped then, and the table is unchanged."""
+        pending = self._pending
+        if pending:
+            head = pending[0]
+            if (update.version, update.base, update.reset) != (head.version, head.base,
+                                                               head.reset):  # fmt: skip
+                pending.clear()
+                raise DirectoryError(
+                    f"directory chunk of version {update.version} interleaved with version "
+                    f"{head.version}"
+                )
+        if not update.reset and update.base != self.version:
+            pending.clear()
+            raise DirectoryError(
+                f"directory change {update.base} -> {update.version} does not apply to "
+                f"version {self.version}"
+            )
+        pending.append(update)
+        if not update.last:
+            return False
+        self._apply(pending)
+        pending.clear()
+        return True
+
+    def _apply(self, chunks: list[DirectoryUpdate]) -> None:
+        head = chunks[0]
+        entries = {} if head.reset else dict(self.entries)
+        rejected: list[str] = []
+        for chunk in chunks:
+            for ip in chunk.removals:
+                entries.pop(ip, None)
+            for entry in chunk.upserts:
+                entries[entry.ip] = entry
+            rejected.extend(chunk.rejected)
+        self.entries = entries
+        self.identities = {ip: e.identity for ip, e in entries.items()}
+        self.version = head.version
+        self.egress = chunks[-1].egress
+        self.rejected = (0 if head.reset else self.rejected) + len(rejected)
+        if rejected or head.reset:
+            self.problems = rejected[:MAX_REPORTED]
+
+    def snapshot(self, max_bytes: int = MAX_CHUNK_BYTES) -> list[DirectoryUpdate]:
+        """The whole table as reset chunks (for a new worker or a proxy that fell behind)."""
+        return plan_update(self.version, 0, self.egress, self.entries.values(), (),
+                           reset=True, max_bytes=max_bytes)  # fmt: skip
+
+
+def read_folder(folder: Path) -> dict[str, tuple[DirectoryEntry, ...]]:
+    """Every node's valid published entries (files that cannot be read are left out)."""
+    nodes, _problems = FolderReader(folder).read()
+    return {node: parsed.entries for node, parsed in nodes.items()}

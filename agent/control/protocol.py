@@ -35,6 +35,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.directory import DirectoryEntry
 from agent.workloads import EnrollmentError, Workload
 
 PROTOCOL_VERSION = 1
@@ -70,13 +71,6 @@ class WorkloadCertificate:
 class TrustBundle:
     trust_domain: str
     bundle_pem: str
-
-
-@dataclass(frozen=True)
-class DirectoryEntry:
-    ip: str
-    identity: str
-    node: str
 
 
 @dataclass(frozen=True)

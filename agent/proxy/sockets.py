@@ -11,20 +11,17 @@ proxy's own upstream connections are never redirected back to it.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
-import os
 import socket
 import struct
 from dataclasses import dataclass
 from typing import Literal
 
 from agent.config import RedirectionConfig
+from agent.linux import setns
 
 # agent.netns (and with it pyroute2, ~20 MB per process) is imported only where `entered` is used:
 # workers switch namespaces with a bare setns(2) and stay small.
-CLONE_NEWNET = 0x40000000
 
 Direction = Literal["outbound", "inbound", "tunnel"]
 Family = Literal[4, 6]
@@ -73,8 +70,10 @@ def _listener(family: Family, host: str, port: int, mark: int) -> socket.socket:
     sock = socket.socket(_FAMILY[family], socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        # SO_REUSEADDR only: with SO_REUSEPORT any process in the pod running as the same user
+        # (root) could bind the same port and take a share of the redirected connections.  The
+        # workers share these very sockets through SCM_RIGHTS instead.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == 6:
             sock.setsockopt(SOL_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
@@ -123,16 +122,6 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntop(socket.AF_INET, addr), port
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
 def _make_upstream(family: int, mark: int, bind_to: tuple[str, int] | None) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
@@ -169,8 +158,9 @@ def upstream_socket(
     carries the original client's IP (inbound delivery).
 
     Without `home_fd` the thread switches with `entered` (safe anywhere).  A single-threaded
-    caller that never leaves its own namespace may pass an fd on it (`open_home_netns()`) to
-    switch back with a bare setns(2) and skip reopening /proc/thread-self/ns/net each time.
+    caller that never leaves its own namespace may pass an fd on it
+    (`agent.linux.open_thread_netns()`) to switch back with a bare setns(2) and skip reopening
+    /proc/thread-self/ns/net each time.
     """
     af = socket.AF_INET6 if family in (6, socket.AF_INET6) else socket.AF_INET
     if home_fd is None:
@@ -178,13 +168,8 @@ def upstream_socket(
 
         with entered(netns_fd):
             return _make_upstream(af, mark, bind_to)
-    _setns(netns_fd)
+    setns(netns_fd)
     try:
         return _make_upstream(af, mark, bind_to)
     finally:
-        _setns(home_fd)
-
-
-def open_home_netns() -> int:
-    """An O_CLOEXEC fd on the calling thread's current network namespace."""
-    return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        setns(home_fd)

@@ -1,16 +1,25 @@
 """`agent proxy`: the per-node proxy's supervisor process.
 
 The supervisor never touches payload.  It:
-- connects to the agent's `control.sock` (retrying with backoff, 10 ms doubling to 2 s), says
-  hello, and applies what the agent sends through `ProxySession`: for each workload it opens
-  the in-pod listeners once (`sockets.open_listeners`, inside the pod's netns) and hands the netns
-  fd and the listener fds to every worker; a snapshot drops what the agent no longer holds;
+- connects to the agent's `control.sock` (retrying with backoff, 10 ms doubling to 2 s; the
+  backoff is reset only once a snapshot was applied, so a proxy that cannot take the agent's
+  snapshot does not reconnect in a tight loop), says hello, and applies what the agent sends
+  through `ProxySession`: for each workload it opens the in-pod listeners once
+  (`sockets.open_listeners`, inside the pod's netns) and hands the netns fd and the listener fds
+  to every worker; a snapshot drops what the agent no longer holds;
 - starts N worker processes (`agent.proxy.worker`, with OPENSSL_CONF set to Ferry's
   `agent/tunnel/openssl.cnf`: TLS 1.3 suite preference), each running its own epoll loop over the
   *same* listening sockets (EPOLLEXCLUSIVE), so N cores share the work without N copies of any
   pod's listeners; a worker that dies is restarted and given every workload again;
-- aggregates the workers' cumulative counters for Prometheus (`127.0.0.1:15020/metrics` by
-  default) and for `agent status` (`<state-dir>/proxy.sock`).
+- forwards every change to every worker as typed messages (`agent.proxy.messages`) and waits for
+  each worker's `Done`, so the agent's ack carries any worker's failure (a workload a worker
+  could not take is removed again everywhere, and the agent rolls its enrollment back);
+- keeps the mesh directory (`agent.directory.DirectoryTable`) to give a restarted worker, and
+  forwards directory chunks as they come;
+- aggregates the workers' counters for Prometheus (`127.0.0.1:15020/metrics` by default,
+  `agent.proxy.metrics`) and answers `agent status` on `<state-dir>/proxy.sock`, including what
+  every worker has applied (directory version and size, certificates) so that status can compare
+  it with what the agent sent.
 
 When the agent goes away the proxy keeps serving what it has; when the proxy goes away its
 listeners close with it and redirected connections are refused (fail closed).
@@ -19,6 +28,7 @@ listeners close with it and redirected connections are refused (fail closed).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -29,14 +39,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import start_http_server
-from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.core import CollectorRegistry
 
 from agent import __version__
 from agent.admin import PROXY_SOCKET, Reply, prepare_state_dir, serve_thread
@@ -50,17 +59,41 @@ from agent.control.protocol import (
     ProtocolError,
     ProxySession,
     Remove,
+    SnapshotSent,
     TrustBundle,
     WorkloadCertificate,
 )
+from agent.directory import DirectoryTable, DirectoryUpdate, plan_update
+from agent.proxy.messages import (
+    AddWorkload,
+    Done,
+    ListenerSpec,
+    MessageError,
+    Mode,
+    RemoveWorkload,
+    SetCertificate,
+    SetTrust,
+    Stats,
+    StatsRequest,
+    ToWorker,
+    UpdateDirectory,
+    decode,
+    encode,
+)
+from agent.proxy.metrics import (
+    Labelled,
+    MetricsCollector,
+    sum_flows,
+    totals,
+    tunnel_totals,
+)
 from agent.proxy.sockets import Listener, open_listeners
-from agent.proxy.worker import COUNTERS
 from agent.tunnel.tls import worker_environment
 from agent.workloads import Workload
 
 log = logging.getLogger("ferry.proxy")
 BACKOFF_MIN, BACKOFF_MAX = 0.01, 2.0
-DIRECTIONS = ("outbound", "inbound")
+WORKER_TIMEOUT = 10.0  # seconds a worker may take to apply one message
 
 
 @dataclass
@@ -85,11 +118,13 @@ class WorkerHandle:
     process: subprocess.Popen[bytes]
     control: socket.socket
     send_lock: threading.Lock = field(default_factory=threading.Lock)
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: Stats | None = None
     replies: int = 0
+    done: dict[int, Done] = field(default_factory=dict)
+    gone: bool = False
 
-    def send(self, body: dict[str, Any], fds: list[int] | None = None) -> None:
-        data = json.dumps(body).encode()
+    def send(self, message: ToWorker, fds: list[int] | None = None) -> None:
+        data = encode(message)
         with self.send_lock:
             if fds:
                 socket.send_fds(self.control, [data], fds)
@@ -105,14 +140,15 @@ class Supervisor:
         self.served: dict[str, Served] = {}
         self.workers: list[WorkerHandle] = []
         self.lock = threading.RLock()
-        self.stats_changed = threading.Condition(self.lock)
+        self.changed = threading.Condition(self.lock)
         self.agent_connected = False
         self.started_at = time.time()
         self.stopping = threading.Event()
         self.respawn: queue.Queue[int] = queue.Queue()
         self.trust: TrustBundle | None = None
-        self.directory: Directory | None = None
+        self.directory = DirectoryTable()
         self.trust_domain = config.identity.trust_domain
+        self._seq = itertools.count(1)
 
     # ---------------------------------------------------------------- workers
     def _spawn(self, index: int) -> WorkerHandle:
@@ -122,20 +158,11 @@ class Supervisor:
             "redirection": asdict(self.config.redirection),
         }
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent.proxy.worker",
-                "--control-fd",
-                str(theirs.fileno()),
-                "--worker-id",
-                str(index),
-                "--config-json",
-                json.dumps(settings),
-            ],
+            [sys.executable, "-m", "agent.proxy.worker", "--control-fd", str(theirs.fileno()),
+             "--worker-id", str(index), "--config-json", json.dumps(settings)],
             pass_fds=[theirs.fileno()],
             env=worker_environment(),  # TLS 1.3 suite preference (agent/tunnel/openssl.cnf)
-        )
+        )  # fmt: skip
         theirs.close()
         handle = WorkerHandle(index, process, ours)
         threading.Thread(
@@ -146,17 +173,28 @@ class Supervisor:
     def _read_worker(self, handle: WorkerHandle) -> None:
         while True:
             try:
-                data = handle.control.recv(1 << 20)
+                data = handle.control.recv(1 << 22)
             except OSError:
                 data = b""
             if not data:
                 break
-            body = json.loads(data)
-            if body.get("op") == "stats":
-                with self.lock:
-                    handle.stats = body
+            try:
+                message = decode(data)
+            except MessageError as exc:
+                log.error("worker %d sent a malformed message: %s", handle.index, exc)
+                continue
+            with self.lock:
+                if isinstance(message, Stats):
+                    handle.stats = message
                     handle.replies += 1
-                    self.stats_changed.notify_all()
+                elif isinstance(message, Done):
+                    handle.done[message.seq] = message
+                    if message.seq < 0:
+                        log.error("worker %d: %s", handle.index, message.error)
+                self.changed.notify_all()
+        with self.lock:
+            handle.gone = True
+            self.changed.notify_all()
         if not self.stopping.is_set():
             self.respawn.put(handle.index)
 
@@ -169,75 +207,112 @@ class Supervisor:
             old.control.close()
             replacement = self._spawn(index)
             self.workers[index] = replacement
-            self._send_state(replacement)
+            errors = self._send_state(replacement)
+        for error in errors:
+            log.error("restarted worker %d: %s", index, error)
 
-    def _send_state(self, worker: WorkerHandle) -> None:
+    def _send_state(self, worker: WorkerHandle) -> list[str]:
         """Everything a (new) worker needs: trust, directory, every workload and its cert."""
+        messages: list[tuple[Callable[[int], ToWorker], list[int]]] = []
         if self.trust is not None:
-            worker.send(self._trust_op(self.trust))
-        if self.directory is not None:
-            worker.send(self._directory_op(self.directory))
+            messages.append((self._trust_message(self.trust), []))
+        for chunk in self.directory.snapshot():
+            messages.append((_directory_message(chunk), []))
         for served in self.served.values():
-            self._send_add(worker, served)
+            messages.append((self._add_message(served), _fds(served)))
             if served.certificate is not None:
-                worker.send(self._cert_op(served.certificate))
+                messages.append((_cert_message(served.certificate), []))
+        errors = []
+        for make, fds in messages:
+            errors += self._to_workers(make, fds, [worker])
+        return errors
+
+    def _to_workers(
+        self,
+        make: Callable[[int], ToWorker],
+        fds: list[int] | None = None,
+        workers: list[WorkerHandle] | None = None,
+    ) -> list[str]:
+        """Send one message to every live worker and wait until each applied it; returns the
+        failures ("worker N: why").  A worker that dies meanwhile is skipped: it gets the whole
+        state when it is restarted."""
+        with self.lock:
+            waiting: dict[WorkerHandle, int] = {}
+            for worker in self.workers if workers is None else workers:
+                if worker.gone:
+                    continue
+                seq = next(self._seq)
+                try:
+                    worker.send(make(seq), fds)
+                except OSError:
+                    continue  # dead: it gets everything on respawn
+                waiting[worker] = seq
+            deadline = time.monotonic() + WORKER_TIMEOUT
+            errors = []
+            for worker, seq in waiting.items():
+                while seq not in worker.done and not worker.gone:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.changed.wait(left)
+                done = worker.done.pop(seq, None)
+                if done is None and not worker.gone:
+                    errors.append(f"worker {worker.index} did not answer in {WORKER_TIMEOUT}s")
+                elif done is not None and done.error:
+                    errors.append(f"worker {worker.index}: {done.error}")
+            return errors
+
+    def _add_message(self, served: Served) -> Callable[[int], ToWorker]:
+        workload = served.workload
+        identity = workload.identity(self.trust_domain)
+        specs = tuple(ListenerSpec(lst.direction, lst.family) for lst in served.listeners)
+        mode: Mode = "strict" if served.mode == "strict" else "permissive"
+        return lambda seq: AddWorkload(seq, workload.uid, identity, mode, workload.ips, specs)
 
     @staticmethod
-    def _trust_op(trust: TrustBundle) -> dict[str, Any]:
-        return {"op": "trust", "trust_domain": trust.trust_domain, "bundle_pem": trust.bundle_pem}
+    def _trust_message(trust: TrustBundle) -> Callable[[int], ToWorker]:
+        return lambda seq: SetTrust(seq, trust.trust_domain, trust.bundle_pem)
 
-    @staticmethod
-    def _directory_op(directory: Directory) -> dict[str, Any]:
-        entries = {e.ip: {"identity": e.identity, "node": e.node} for e in directory.entries}
-        return {"op": "directory", "entries": entries, "egress": directory.egress}
-
-    @staticmethod
-    def _cert_op(cert: WorkloadCertificate) -> dict[str, Any]:
-        return {
-            "op": "cert",
-            "uid": cert.uid,
-            "chain_pem": cert.chain_pem,
-            "key_pem": cert.key_pem,
-        }
-
-    def _broadcast(self, body: dict[str, Any]) -> None:
-        for worker in self.workers:
-            with contextlib.suppress(OSError):  # a dead worker gets everything on respawn
-                worker.send(body)
-
+    # ------------------------------------------------------------- agent messages
     def set_certificate(self, cert: WorkloadCertificate) -> None:
         with self.lock:
             served = self.served.get(cert.uid)
             if served is None:
                 raise ValueError(f"certificate for {cert.uid!r}, which this proxy does not serve")
+            if served.certificate == cert:
+                return  # a snapshot after a reconnect: the workers have it
+            errors = self._to_workers(_cert_message(cert))
+            if errors:
+                raise ValueError("; ".join(errors))
             served.certificate = cert
-            self._broadcast(self._cert_op(cert))
         log.info("installed certificate for %s", served.workload.name)
 
     def set_trust(self, trust: TrustBundle) -> None:
         with self.lock:
+            if self.trust == trust:
+                return  # unchanged: no worker rebuilds its TLS contexts
+            errors = self._to_workers(self._trust_message(trust))
+            if errors:
+                raise ValueError("; ".join(errors))
             self.trust = trust
-            self._broadcast(self._trust_op(trust))
+
+    def update_directory(self, update: DirectoryUpdate) -> None:
+        """Apply one directory chunk here and in every worker (raises with the failures)."""
+        with self.lock:
+            self.directory.receive(update)  # DirectoryError: out of order, nothing forwarded
+            errors = self._to_workers(_directory_message(update))
+            if errors:
+                raise ValueError("; ".join(errors))
 
     def set_directory(self, directory: Directory) -> None:
+        """A whole directory from the agent: a reset to the next version, in chunks."""
         with self.lock:
-            self.directory = directory
-            self._broadcast(self._directory_op(directory))
-
-    def _send_add(self, worker: WorkerHandle, served: Served) -> None:
-        worker.send(
-            {
-                "op": "add",
-                "uid": served.workload.uid,
-                "identity": served.workload.identity(self.trust_domain),
-                "mode": served.mode,
-                "ips": list(served.workload.ips),
-                "listeners": [
-                    {"direction": lst.direction, "family": lst.family} for lst in served.listeners
-                ],
-            },
-            [served.netns_fd, *(lst.sock.fileno() for lst in served.listeners)],
-        )
+            entries = {e.ip: e for e in directory.entries}
+            if entries == self.directory.entries and directory.egress == self.directory.egress:
+                return
+            for chunk in plan_update(self.directory.version + 1, 0, directory.egress,
+                                     entries.values(), (), reset=True):  # fmt: skip
+                self.update_directory(chunk)
 
     # -------------------------------------------------------------- workloads
     def add(self, workload: Workload, mode: str, netns_fd: int) -> None:
@@ -255,24 +330,22 @@ class Supervisor:
                 raise
             served = Served(workload, netns_fd, listeners, mode)
             self.served[workload.uid] = served
-            for worker in self.workers:
-                self._send_add(worker, served)
-        log.info(
-            "serving %s (%s/%s): %d listener(s)",
-            workload.name,
-            workload.namespace,
-            workload.service_account,
-            len(listeners),
-        )
+            errors = self._to_workers(self._add_message(served), _fds(served))
+            if errors:
+                self.remove(workload.uid)
+                raise ValueError("; ".join(errors))
+        log.info("serving %s (%s/%s): %d listener(s)", workload.name, workload.namespace,
+                 workload.service_account, len(listeners))  # fmt: skip
 
     def remove(self, uid: str) -> None:
         with self.lock:
             served = self.served.pop(uid, None)
             if served is None:
                 return
-            for worker in self.workers:
-                worker.send({"op": "del", "uid": uid})
+            errors = self._to_workers(lambda seq: RemoveWorkload(seq, uid))
             served.close()
+        for error in errors:
+            log.error("removing %s: %s", served.workload.name, error)
         log.info("stopped serving %s", served.workload.name)
 
     # ---------------------------------------------------------------- control
@@ -288,21 +361,24 @@ class Supervisor:
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
-            backoff = BACKOFF_MIN
             try:
                 self._session(sock)
             except (ChannelClosed, ConnectionError, ProtocolError, OSError) as exc:
                 if not self.stopping.is_set():
                     log.warning("control connection to the agent lost: %s; reconnecting", exc)
             finally:
+                synced = self.agent_connected
                 self.agent_connected = False
                 sock.close()
+            # A session that got through a snapshot starts over fast; one that did not waits
+            # longer each time, so a snapshot we cannot take is not retried in a tight loop.
+            backoff = BACKOFF_MIN if synced else min(backoff * 2, BACKOFF_MAX)
+            self.stopping.wait(backoff)
 
     def _session(self, sock: socket.socket) -> None:
         with self.lock:
             session = ProxySession(held=set(self.served))
         send_message(sock, Hello(proxy_version=__version__, pid=os.getpid()))
-        self.agent_connected = True
         log.info("connected to the agent at %s", sock.getpeername())
         while True:
             message, fds = recv_message(sock)
@@ -328,65 +404,69 @@ class Supervisor:
                 for fd in fds:
                     os.close(fd)
             send_message(sock, Ack(error))
+            if isinstance(message, SnapshotSent) and error is None:
+                self.agent_connected = True
 
     # ------------------------------------------------------------------ stats
-    def fresh_stats(self, timeout: float = 1.0) -> list[dict[str, Any]]:
+    def fresh_stats(self, timeout: float = 1.0) -> list[Stats]:
         """Ask every worker for its counters and wait (briefly) for all replies."""
         with self.lock:
-            wanted = {w.index: w.replies + 1 for w in self.workers}
+            wanted = {w.index: w.replies + 1 for w in self.workers if not w.gone}
             for worker in self.workers:
                 with contextlib.suppress(OSError):
-                    worker.send({"op": "stats"})
+                    worker.send(StatsRequest())
             deadline = time.monotonic() + timeout
-            while any(w.replies < wanted.get(w.index, 0) for w in self.workers):
+            while any(w.replies < wanted.get(w.index, 0) for w in self.workers if not w.gone):
                 left = deadline - time.monotonic()
-                if left <= 0 or not self.stats_changed.wait(left):
+                if left <= 0 or not self.changed.wait(left):
                     break
-            return [w.stats for w in self.workers]
+            return [w.stats for w in self.workers if w.stats is not None]
 
-    def totals(self, per_worker: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, int]]]:
-        """Sum the workers' cumulative counters per workload uid and direction."""
-        out: dict[str, dict[str, dict[str, int]]] = {}
-        for stats in per_worker:
-            for uid, directions in stats.get("workloads", {}).items():
-                entry = out.setdefault(uid, {d: dict.fromkeys(COUNTERS, 0) for d in DIRECTIONS})
-                for direction, counters in directions.items():
-                    for key in COUNTERS:
-                        entry.setdefault(direction, dict.fromkeys(COUNTERS, 0))
-                        entry[direction][key] += int(counters.get(key, 0))
-        return out
+    def labelled(self) -> dict[str, Labelled]:
+        with self.lock:
+            return {
+                uid: Labelled(s.workload.namespace, s.workload.name,
+                              s.workload.identity(self.trust_domain))
+                for uid, s in self.served.items()
+            }  # fmt: skip
 
     def status(self, _body: dict[str, Any]) -> Reply:
         per_worker = self.fresh_stats()
-        totals = self.totals(per_worker)
         with self.lock:
-            workloads = {
-                uid: {
+            workloads = {}
+            for uid, s in self.served.items():
+                flows = sum_flows(per_worker, uid)
+                workloads[uid] = {
                     "name": s.workload.name,
                     "namespace": s.workload.namespace,
                     "service_account": s.workload.service_account,
                     "mode": s.mode,
                     "certificate_expires": s.certificate.not_after if s.certificate else None,
                     "listeners": [describe_listener(lst) for lst in s.listeners],
-                    "traffic": totals.get(uid, {}),
-                    "flows": flows(per_worker, uid),
+                    "traffic": totals(flows),
+                    "flows": flows,
                 }
-                for uid, s in self.served.items()
+            table = self.directory
+            return {
+                "ok": True,
+                "version": __version__,
+                "pid": os.getpid(),
+                "workers": len(self.workers),
+                "workers_alive": sum(1 for w in self.workers if w.process.poll() is None),
+                "agent_connected": self.agent_connected,
+                "uptime_seconds": round(time.time() - self.started_at, 1),
+                "active_connections": sum(s.active for s in per_worker),
+                "trust_domain": self.trust.trust_domain if self.trust else None,
+                "directory": {
+                    "version": table.version,
+                    "entries": len(table.entries),
+                    "rejected": table.rejected,
+                    "problems": list(table.problems),
+                },
+                "applied": [{"worker": s.worker, **asdict(s.applied)} for s in per_worker],
+                "tunnel": tunnel_totals(per_worker),
+                "workloads": workloads,
             }
-        return {
-            "ok": True,
-            "version": __version__,
-            "pid": os.getpid(),
-            "workers": len(self.workers),
-            "workers_alive": sum(1 for w in self.workers if w.process.poll() is None),
-            "agent_connected": self.agent_connected,
-            "uptime_seconds": round(time.time() - self.started_at, 1),
-            "active_connections": sum(int(s.get("active", 0)) for s in per_worker),
-            "trust_domain": self.trust.trust_domain if self.trust else None,
-            "directory_entries": len(self.directory.entries) if self.directory else 0,
-            "tunnel": tunnel_totals(per_worker),
-            "workloads": workloads,
-        }
 
     # -------------------------------------------------------------------- run
     def run(self) -> None:
@@ -394,21 +474,16 @@ class Supervisor:
         self.workers = [self._spawn(i) for i in range(self.worker_count)]
         host, port = parse_address("proxy.metrics_address", self.config.proxy.metrics_address)
         registry = CollectorRegistry(auto_describe=True)
-        registry.register(MetricsCollector(self))
+        registry.register(MetricsCollector(lambda: self.fresh_stats(timeout=0.5), self.labelled,
+                                           lambda: self.agent_connected))  # fmt: skip
         metrics_server, _thread = start_http_server(port, addr=host, registry=registry)
         admin = serve_thread(self.state_dir / PROXY_SOCKET, self.status)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stopping.set())
         control = threading.Thread(target=self.control_loop, name="control", daemon=True)
         control.start()
-        log.info(
-            "proxy %s: %d worker(s), metrics on http://%s:%d/metrics, state dir %s",
-            __version__,
-            self.worker_count,
-            host,
-            port,
-            self.state_dir,
-        )
+        log.info("proxy %s: %d worker(s), metrics on http://%s:%d/metrics, state dir %s",
+                 __version__, self.worker_count, host, port, self.state_dir)  # fmt: skip
         while not self.stopping.is_set():
             with contextlib.suppress(queue.Empty):
                 self._respawn(self.respawn.get(timeout=0.5))
@@ -429,28 +504,16 @@ class Supervisor:
         log.info("proxy stopped")
 
 
-FLOW_KEYS = ("direction", "security", "peer_identity")
+def _fds(served: Served) -> list[int]:
+    return [served.netns_fd, *(lst.sock.fileno() for lst in served.listeners)]
 
 
-def flows(per_worker: list[dict[str, Any]], uid: str) -> list[dict[str, Any]]:
-    """One workload's traffic per (direction, security, peer identity), summed over workers."""
-    summed: dict[tuple[str, ...], dict[str, Any]] = {}
-    for stats in per_worker:
-        for flow in stats.get("flows", {}).get(uid, []):
-            key = tuple(str(flow.get(k, "")) for k in FLOW_KEYS)
-            entry = summed.setdefault(key, dict(zip(FLOW_KEYS, key, strict=True)))
-            for name, value in flow.items():
-                if name not in FLOW_KEYS and isinstance(value, int):
-                    entry[name] = entry.get(name, 0) + value
-    return [summed[key] for key in sorted(summed)]
+def _cert_message(cert: WorkloadCertificate) -> Callable[[int], ToWorker]:
+    return lambda seq: SetCertificate(seq, cert.uid, cert.chain_pem, cert.key_pem, cert.not_after)
 
 
-def tunnel_totals(per_worker: list[dict[str, Any]]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for stats in per_worker:
-        for name, value in stats.get("tunnel", {}).items():
-            out[name] = out.get(name, 0) + int(value)
-    return out
+def _directory_message(update: DirectoryUpdate) -> Callable[[int], ToWorker]:
+    return lambda seq: UpdateDirectory(seq, update)
 
 
 def describe_listener(listener: Listener) -> dict[str, Any]:
@@ -462,71 +525,6 @@ def describe_listener(listener: Listener) -> dict[str, Any]:
         "address": f"[{host}]:{port}" if listener.family == 6 else f"{host}:{port}",
         "listening": listening,
     }
-
-
-class MetricsCollector(Collector):
-    """Prometheus view of the workers' counters: per workload, direction, security (mtls or
-    plaintext) and source/destination identity, as Istio labels its TCP metrics."""
-
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
-
-    def collect(self) -> Iterator[Any]:
-        sup = self.supervisor
-        per_worker = sup.fresh_stats(timeout=0.5)
-        labels = [
-            "workload_namespace",
-            "workload",
-            "direction",
-            "security",
-            "source_identity",
-            "destination_identity",
-        ]
-        families = {
-            key: CounterMetricFamily(f"ferry_proxy_{name}", text, labels=labels)
-            for key, name, text in (
-                ("connections_opened", "connections_opened", "TCP connections relayed"),
-                ("connections_closed", "connections_closed", "relayed TCP connections closed"),
-                ("connect_failures", "connect_failures", "upstream connects that failed"),
-                ("denied", "connections_denied", "connections refused by mode or egress"),
-                ("bytes_received", "received_bytes", "bytes from client to server"),
-                ("bytes_sent", "sent_bytes", "bytes from server to client"),
-            )
-        }
-        with sup.lock:
-            workloads = {uid: s.workload for uid, s in sup.served.items()}
-        for uid, workload in sorted(workloads.items()):
-            own = workload.identity(sup.trust_domain)
-            for flow in flows(per_worker, uid):
-                peer = flow["peer_identity"] or "unknown"
-                source, destination = (
-                    (own, peer) if flow["direction"] == "outbound" else (peer, own)
-                )
-                values = [
-                    workload.namespace,
-                    workload.name,
-                    flow["direction"],
-                    flow["security"],
-                    source,
-                    destination,
-                ]
-                for key, family in families.items():
-                    family.add_metric(values, flow.get(key, 0))
-        yield from families.values()
-        active = GaugeMetricFamily("ferry_proxy_active_connections", "open relayed connections")
-        active.add_metric([], sum(int(s.get("active", 0)) for s in per_worker))
-        yield active
-        enrolled = GaugeMetricFamily("ferry_proxy_workloads", "workloads served by this proxy")
-        enrolled.add_metric([], len(workloads))
-        yield enrolled
-        connected = GaugeMetricFamily(
-            "ferry_proxy_agent_connected", "1 when the agent is connected"
-        )
-        connected.add_metric([], 1 if sup.agent_connected else 0)
-        yield connected
-        info = GaugeMetricFamily("ferry_build_info", "Ferry version", labels=["version"])
-        info.add_metric([__version__], 1)
-        yield info
 
 
 def run_proxy(config: Config, state_dir: Path, workers: int) -> None:

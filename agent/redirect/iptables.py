@@ -314,6 +314,8 @@ def _to_iptc(rule: Rule) -> Any:
         entry.in_interface = rule.in_interface
     if rule.out_interface is not None:
         entry.out_interface = rule.out_interface
+    if rule.family == 6:
+        _fix_interface_masks(entry)
     for match in rule.matches:
         _set_options(entry.create_match(match.name), match)
     _set_options(entry.create_target(rule.target.name), rule.target)
@@ -336,10 +338,33 @@ def _from_iptc(family: Family, table: str, chain: str, entry: Any) -> Rule:
         protocol=_protocol(entry.protocol),
         source=_address(entry.src),
         destination=_address(entry.dst),
-        in_interface=entry.in_interface or None,
-        out_interface=entry.out_interface or None,
+        in_interface=_interface(family, entry, "in"),
+        out_interface=_interface(family, entry, "out"),
         matches=tuple(Extension(m.name, _options(m.get_all_parameters())) for m in entry.matches),
     )
+
+
+def _fix_interface_masks(entry: Any) -> None:
+    """python-iptables (1.0.1) gives an IPv6 rule's interface a mask of 0x01 per character
+    instead of 0xff, so the kernel compares only the lowest bit of each byte: `-o lo` then also
+    matches `veth0` or `net1`, and IPv6 traffic leaving through them escapes the proxy.  Set the
+    mask the way ip6tables does (0xff over the name and its NUL, 0 for a `+` wildcard's rest)."""
+    ipv6 = entry.entry.ipv6
+    for field in ("iniface_mask", "outiface_mask"):
+        length = bytes(getattr(ipv6, field)).count(1)  # name (+ NUL), or a `+` prefix
+        if length:
+            setattr(ipv6, field, b"\xff" * length)
+
+
+def _interface(family: Family, entry: Any, which: str) -> str | None:
+    """The rule's interface as iptables-save shows it; an IPv6 mask that is not all ones over
+    the name is shown as a difference (`lo?`), so drift repair replaces such a rule."""
+    name = entry.in_interface if which == "in" else entry.out_interface
+    if not name or family != 6:
+        return name or None
+    mask = bytes(getattr(entry.entry.ipv6, f"{which}iface_mask"))
+    length = len(name.lstrip("!").rstrip("+")) + (0 if name.endswith("+") else 1)
+    return name if mask[:length] == b"\xff" * length else f"{name}?"
 
 
 def _options(params: dict[str, list[str]]) -> tuple[Option, ...]:

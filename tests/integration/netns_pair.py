@@ -29,8 +29,20 @@ from typing import Any, Self
 import pytest
 
 from agent.config import ProxyConfig, RedirectionConfig
-from agent.netns import entered, open_netns
+from agent.netns import NetnsExecutor, entered, open_netns
+from agent.proxy.messages import (
+    AddWorkload,
+    Done,
+    ListenerSpec,
+    Mode,
+    Stats,
+    StatsRequest,
+    ToWorker,
+    decode,
+    encode,
+)
 from agent.proxy.sockets import open_listeners
+from agent.redirect.iptables import IptablesRedirection
 
 REPO = Path(__file__).resolve().parents[2]
 HTTP_PORT = 8080
@@ -81,6 +93,7 @@ class NetnsPair:
         self.tmp = tmp
         self.redirection = redirection
         self.proxy = proxy
+        self.executor = NetnsExecutor()  # before the namespaces: close() shuts it down
         self.procs: list[subprocess.Popen[bytes]] = []
         self.controls: list[socket.socket] = []
         self.fds: list[int] = []
@@ -152,18 +165,26 @@ class NetnsPair:
         self.procs.append(proc)
         return ours
 
-    def add_workload(self, ctl: socket.socket, uid: str, netns_fd: int, **add: Any) -> None:
+    def enroll(self, ns: str) -> None:
+        """Redirect `ns`'s traffic to the proxy with the rules production installs."""
+        IptablesRedirection(self.redirection, self.executor).apply(Path(f"/var/run/netns/{ns}"))
+
+    def add_workload(
+        self,
+        ctl: socket.socket,
+        uid: str,
+        netns_fd: int,
+        *,
+        identity: str = "",
+        mode: Mode = "permissive",
+        ips: tuple[str, ...] = (),
+    ) -> None:
         """Give the worker behind `ctl` the listeners of the workload in `netns_fd`."""
         listeners = open_listeners(netns_fd, self.redirection)
+        specs = tuple(ListenerSpec(x.direction, x.family) for x in listeners)
         try:
-            msg = {
-                "op": "add",
-                "uid": uid,
-                "listeners": [{"direction": x.direction, "family": x.family} for x in listeners],
-                **add,
-            }
             fds = [netns_fd, *(x.sock.fileno() for x in listeners)]
-            socket.send_fds(ctl, [json.dumps(msg).encode()], fds)
+            request(ctl, lambda seq: AddWorkload(seq, uid, identity, mode, ips, specs), fds)
         finally:
             for x in listeners:  # the worker holds its own copies now
                 x.sock.close()
@@ -187,6 +208,7 @@ class NetnsPair:
                 for fd in self.fds:
                     os.close(fd)
             finally:
+                self.executor.shutdown()
                 for ns in self._created:
                     sh("ip", "netns", "del", ns, check=False)
 
@@ -230,28 +252,49 @@ def serve_digest(srv: socket.socket) -> tuple[threading.Thread, dict[str, Any]]:
     return thread, result
 
 
-def send(ctl: socket.socket, msg: dict[str, Any]) -> None:
-    ctl.send(json.dumps(msg).encode())
+_SEQ = iter(range(1, 1 << 62))
 
 
-def stats(ctl: socket.socket) -> dict[str, Any]:
+def request(
+    ctl: socket.socket, make: Callable[[int], ToWorker], fds: list[int] | None = None
+) -> Done:
+    """Send one message as the supervisor does and wait for the worker's `Done` (stats that
+    arrive meanwhile are skipped); fails the test if the worker refused it."""
+    seq = next(_SEQ)
+    data = encode(make(seq))
+    if fds:
+        socket.send_fds(ctl, [data], fds)
+    else:
+        ctl.send(data)
+    ctl.settimeout(10)
+    while True:
+        reply = decode(ctl.recv(1 << 22))
+        if isinstance(reply, Done) and reply.seq == seq:
+            assert reply.error is None, reply.error
+            return reply
+
+
+def stats(ctl: socket.socket) -> Stats:
     """Ask for counters; return the newest stats message that arrives."""
-    ctl.send(b'{"op":"stats"}')
+    ctl.send(encode(StatsRequest()))
     ctl.settimeout(5)
-    latest: dict[str, Any] = json.loads(ctl.recv(1 << 20))
+    latest = None
+    while latest is None:
+        reply = decode(ctl.recv(1 << 22))
+        if isinstance(reply, Stats):
+            latest = reply
     ctl.settimeout(0.05)
     try:
         while True:
-            latest = json.loads(ctl.recv(1 << 20))
+            reply = decode(ctl.recv(1 << 22))
+            if isinstance(reply, Stats):
+                latest = reply
     except TimeoutError:
         pass
-    assert latest["op"] == "stats", latest  # a worker sends only "stats" and "error"
     return latest
 
 
-def wait_stats(
-    ctl: socket.socket, pred: Callable[[dict[str, Any]], bool], timeout: float = 5.0
-) -> dict[str, Any]:
+def wait_stats(ctl: socket.socket, pred: Callable[[Stats], bool], timeout: float = 5.0) -> Stats:
     deadline = time.monotonic() + timeout
     while True:
         s = stats(ctl)

@@ -323,3 +323,33 @@ def test_real_traffic_is_redirected(backend: IptablesRedirection, netns: Path) -
         listener.settimeout(0.2)
         with pytest.raises(TimeoutError):
             listener.accept()
+
+
+def test_an_ipv6_interface_match_with_a_partial_mask_is_drift(
+    netns: Path, executor: NetnsExecutor
+) -> None:
+    """python-iptables sets a 0x01 mask on IPv6 interface names, so `-o lo` matched `veth0` too
+    and IPv6 traffic left unredirected.  Rules left by such a version are reported as drift (and
+    repaired by apply), and rules written now match only the named interface."""
+    import iptc
+
+    backend = IptablesRedirection(CFG, executor)
+    backend.apply(netns)
+    assert backend.inspect(netns).state == "ok"
+
+    def plant() -> None:  # what Ferry's earlier version wrote: python-iptables' own mask
+        table = iptc.Table6(iptc.Table6.NAT)
+        table.autocommit = False
+        rule = iptc.Rule6()
+        rule.out_interface = "lo"
+        rule.create_target("RETURN")
+        iptc.Chain(table, FERRY_OUTPUT).insert_rule(rule)
+        table.commit()
+        table.refresh()
+
+    executor.call(netns, plant)
+    report = backend.inspect(netns)
+    assert report.state == "drifted"
+    assert any("-o lo?" in line for line in report.unexpected), report
+    backend.apply(netns)
+    assert backend.inspect(netns).state == "ok"

@@ -2,10 +2,10 @@
 
     client netns (10.77.0.1/30, veth0)  <--veth-->  server netns (10.77.0.2/30, veth0)
 
-Outbound: in the client netns, nat OUTPUT redirects unmarked TCP leaving via veth0 to 15001.
-Inbound: in the server netns, nat PREROUTING redirects unmarked TCP arriving on veth0 to 15006,
-and the mangle connmark + `ip rule fwmark` + `local 0.0.0.0/0 dev lo table 100` return path lets
-the worker's transparent socket (bound to the client's IP) receive the app's replies.
+A namespace the test enrolls gets exactly the rules and routes production installs
+(`IptablesRedirection.apply`): outbound TCP to 15001, inbound TCP to 15006, and the connmark +
+policy-routing return path that lets the worker's transparent socket (bound to the client's IP)
+receive the app's replies.  The worker is configured with the supervisor's typed messages.
 
 Everything runs inside namespaces created here (names `ferry-t-<random>`); they, their rules and
 every process started are removed at the end, also when a test fails.
@@ -13,9 +13,9 @@ every process started are removed at the end, also when a test fails.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
-import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -25,14 +25,24 @@ import pytest
 
 from agent.config import ProxyConfig, RedirectionConfig
 from agent.netns import entered
+from agent.proxy.messages import RemoveWorkload
 
-from .netns_pair import HTTP_PORT, NetnsPair, curl, needs_netns, serve_digest, sh, stats, wait_stats
+from .netns_pair import (
+    HTTP_PORT,
+    NetnsPair,
+    curl,
+    needs_netns,
+    request,
+    serve_digest,
+    sh,
+    stats,
+    wait_stats,
+)
 
 CLIENT_IP = "10.77.0.1"
 SERVER_IP = "10.77.0.2"
 CLIENT_IP6 = "fd00:77::1"
 SERVER_IP6 = "fd00:77::2"
-MARK = "0x539/0xfff"
 
 pytestmark = needs_netns
 
@@ -54,24 +64,6 @@ class Env(NetnsPair):
     def ipt(self, ns: str, *rule: str) -> None:
         sh("ip", "netns", "exec", ns, "iptables-legacy", "-w", *rule)
 
-    def redirect_outbound(self) -> None:
-        self.ipt(self.client, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "!",
-                 "--mark", MARK, "-o", "veth0", "-j", "REDIRECT", "--to-ports",
-                 str(self.redirection.outbound_port))  # fmt: skip
-
-    def redirect_inbound(self) -> None:
-        s = self.server
-        self.ipt(s, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-i", "veth0", "-m", "mark",
-                 "!", "--mark", MARK, "-j", "REDIRECT", "--to-ports",
-                 str(self.redirection.inbound_port))  # fmt: skip
-        self.ipt(s, "-t", "mangle", "-A", "PREROUTING", "-m", "mark", "--mark", MARK,
-                 "-j", "CONNMARK", "--set-xmark", "0x111/0xfff")  # fmt: skip
-        self.ipt(s, "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "-m", "connmark", "--mark",
-                 "0x111/0xfff", "-j", "CONNMARK", "--restore-mark", "--nfmask", "0xffffffff",
-                 "--ctmask", "0xffffffff")  # fmt: skip
-        sh("ip", "-n", s, "rule", "add", "fwmark", "0x111/0xfff", "lookup", "100")
-        sh("ip", "-n", s, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
-
     def worker(self, workloads: dict[str, int]) -> socket.socket:
         """Start a worker and give it the listeners of `workloads` (uid -> netns fd)."""
         ctl = self.start_worker("--worker-id", "7")
@@ -87,7 +79,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
 
 
 def test_outbound_relay_keeps_client_ip_and_counts(env: Env) -> None:
-    env.redirect_outbound()
+    env.enroll(env.client)
     env.http_server()
     ctl = env.worker({"client": env.client_fd})
     out = curl(env.client, f"http://{SERVER_IP}:{HTTP_PORT}/peer", "-w",
@@ -96,32 +88,32 @@ def test_outbound_relay_keeps_client_ip_and_counts(env: Env) -> None:
     body, sizes = out.stdout.rsplit("\n", 1)
     assert body == CLIENT_IP  # the upstream socket lives in the client netns
     request, header, download = map(int, sizes.split())
-    s = wait_stats(ctl, lambda s: s["workloads"]["client"]["outbound"]["connections_closed"] == 1)
-    assert s["worker"] == 7 and s["active"] == 0
-    assert s["workloads"]["client"]["outbound"] == {
+    s = wait_stats(ctl, lambda s: s.totals("client", "outbound")["connections_closed"] == 1)
+    assert s.worker == 7 and s.active == 0
+    assert s.totals("client", "outbound") == {
         "connections_opened": 1,
         "connections_closed": 1,
         "connect_failures": 0,
         "bytes_received": request,
         "bytes_sent": header + download,
     }
-    assert s["workloads"]["client"]["inbound"]["connections_opened"] == 0
+    assert s.totals("client", "inbound")["connections_opened"] == 0
 
 
 def test_connect_failure_resets_client_fast(env: Env) -> None:
-    env.redirect_outbound()
+    env.enroll(env.client)
     ctl = env.worker({"client": env.client_fd})
     started = time.monotonic()
     out = curl(env.client, f"http://{SERVER_IP}:9/")  # nothing listens on 9
     assert out.returncode != 0
     assert time.monotonic() - started < 3
-    s = wait_stats(ctl, lambda s: s["workloads"]["client"]["outbound"]["connect_failures"] == 1)
-    assert s["workloads"]["client"]["outbound"]["connections_opened"] == 0
-    assert s["active"] == 0
+    s = wait_stats(ctl, lambda s: s.totals("client", "outbound")["connect_failures"] == 1)
+    assert s.totals("client", "outbound")["connections_opened"] == 0
+    assert s.active == 0
 
 
 def test_connect_timeout_counts_failure(env: Env) -> None:
-    env.redirect_outbound()
+    env.enroll(env.client)
     # Drop SYNs to the server so that the worker's connect hangs until connect_timeout (2 s).
     env.ipt(env.server, "-A", "INPUT", "-p", "tcp", "--dport", "9999", "-j", "DROP")
     ctl = env.worker({"client": env.client_fd})
@@ -130,26 +122,26 @@ def test_connect_timeout_counts_failure(env: Env) -> None:
     elapsed = time.monotonic() - started
     assert out.returncode != 0
     assert 1.5 < elapsed < 5, elapsed
-    wait_stats(ctl, lambda s: s["workloads"]["client"]["outbound"]["connect_failures"] == 1)
+    wait_stats(ctl, lambda s: s.totals("client", "outbound")["connect_failures"] == 1)
 
 
 def test_inbound_relay_shows_the_real_client_ip(env: Env) -> None:
-    env.redirect_inbound()
+    env.enroll(env.server)
     env.http_server()
     ctl = env.worker({"server": env.server_fd})
     out = curl(env.client, f"http://{SERVER_IP}:{HTTP_PORT}/peer")
     assert out.returncode == 0, out.stderr
     # Through the proxy, yet the app sees the client and not its own pod IP.
     assert out.stdout == CLIENT_IP
-    s = wait_stats(ctl, lambda s: s["workloads"]["server"]["inbound"]["connections_closed"] == 1)
-    inbound = s["workloads"]["server"]["inbound"]
+    s = wait_stats(ctl, lambda s: s.totals("server", "inbound")["connections_closed"] == 1)
+    inbound = s.totals("server", "inbound")
     assert inbound["connections_opened"] == 1 and inbound["connect_failures"] == 0
     assert inbound["bytes_received"] > 0 and inbound["bytes_sent"] > len(CLIENT_IP)
 
 
 def test_both_directions_and_del(env: Env) -> None:
-    env.redirect_outbound()
-    env.redirect_inbound()
+    env.enroll(env.client)
+    env.enroll(env.server)
     env.http_server()
     ctl = env.worker({"client": env.client_fd, "server": env.server_fd})
     out = curl(env.client, f"http://{SERVER_IP}:{HTTP_PORT}/big/3000000", "-o", "/dev/null",
@@ -158,15 +150,15 @@ def test_both_directions_and_del(env: Env) -> None:
     s = wait_stats(
         ctl,
         lambda s: (
-            s["workloads"]["client"]["outbound"]["connections_closed"] == 1
-            and s["workloads"]["server"]["inbound"]["connections_closed"] == 1
+            s.totals("client", "outbound")["connections_closed"] == 1
+            and s.totals("server", "inbound")["connections_closed"] == 1
         ),
     )
-    assert s["workloads"]["client"]["outbound"]["bytes_sent"] > 3_000_000
-    assert s["workloads"]["server"]["inbound"]["bytes_sent"] > 3_000_000
-    ctl.send(b'{"op":"del","uid":"server"}')
-    s = wait_stats(ctl, lambda s: "server" not in s["workloads"])
-    assert "client" in s["workloads"]
+    assert s.totals("client", "outbound")["bytes_sent"] > 3_000_000
+    assert s.totals("server", "inbound")["bytes_sent"] > 3_000_000
+    request(ctl, lambda seq: RemoveWorkload(seq, "server"))
+    s = wait_stats(ctl, lambda s: "server" not in s.flows)
+    assert "client" in s.flows
     # Nobody accepts on the server's inbound port now: the connection queues and times out.
     out = curl(env.client, f"http://{SERVER_IP}:{HTTP_PORT}/peer", "--max-time", "2")
     assert out.returncode != 0
@@ -174,8 +166,8 @@ def test_both_directions_and_del(env: Env) -> None:
 
 def test_100mb_through_outbound_and_inbound(env: Env) -> None:
     """100 MiB client -> server and a digest back, via both proxies, with half-close."""
-    env.redirect_outbound()
-    env.redirect_inbound()
+    env.enroll(env.client)
+    env.enroll(env.server)
     ctl = env.worker({"client": env.client_fd, "server": env.server_fd})
     size = 100 * 1024 * 1024
     block = os.urandom(1 << 20)
@@ -203,9 +195,9 @@ def test_100mb_through_outbound_and_inbound(env: Env) -> None:
     assert answer.decode() == f"{size} {expected}"
     assert result["peer"] == CLIENT_IP
     print(f"100 MiB through two relays in {elapsed:.2f}s: {size * 8 / elapsed / 1e9:.1f} Gbit/s")
-    s = wait_stats(ctl, lambda s: s["active"] == 0)
+    s = wait_stats(ctl, lambda s: s.active == 0)
     for uid, direction in (("client", "outbound"), ("server", "inbound")):
-        assert s["workloads"][uid][direction] == {
+        assert s.totals(uid, direction) == {
             "connections_opened": 1,
             "connections_closed": 1,
             "connect_failures": 0,
@@ -214,13 +206,10 @@ def test_100mb_through_outbound_and_inbound(env: Env) -> None:
         }
 
 
-@pytest.mark.skipif(not shutil.which("ip6tables-legacy"), reason="needs ip6tables-legacy")
 def test_ipv6_outbound(env: Env) -> None:
     for ns, ip in ((env.client, CLIENT_IP6), (env.server, SERVER_IP6)):
         sh("ip", "-n", ns, "addr", "add", f"{ip}/126", "dev", "veth0", "nodad")
-    sh("ip", "netns", "exec", env.client, "ip6tables-legacy", "-w", "-t", "nat", "-A", "OUTPUT",
-       "-p", "tcp", "-m", "mark", "!", "--mark", MARK, "-o", "veth0", "-j", "REDIRECT",
-       "--to-ports", str(env.redirection.outbound_port))  # fmt: skip
+    env.enroll(env.client)
     ctl = env.worker({"client": env.client_fd})
     with entered(env.server_fd):
         srv = socket.create_server((SERVER_IP6, 5002), family=socket.AF_INET6)
@@ -235,13 +224,13 @@ def test_ipv6_outbound(env: Env) -> None:
             with conn:
                 conn.sendall(peer[0].encode())
             assert cli.recv(100).decode() == CLIENT_IP6
-    s = wait_stats(ctl, lambda s: s["workloads"]["client"]["outbound"]["connections_closed"] == 1)
-    assert s["workloads"]["client"]["outbound"]["bytes_sent"] == len(CLIENT_IP6)
+    s = wait_stats(ctl, lambda s: s.totals("client", "outbound")["connections_closed"] == 1)
+    assert s.totals("client", "outbound")["bytes_sent"] == len(CLIENT_IP6)
 
 
 def test_idle_timeout_closes_the_relay(env: Env) -> None:
     env.proxy = ProxyConfig(connect_timeout=2.0, idle_timeout=1.0)
-    env.redirect_outbound()
+    env.enroll(env.client)
     ctl = env.worker({"client": env.client_fd})
     with entered(env.server_fd):
         srv = socket.create_server((SERVER_IP, 5003))
@@ -257,7 +246,7 @@ def test_idle_timeout_closes_the_relay(env: Env) -> None:
                 started = time.monotonic()
                 assert cli.recv(1) == b""  # closed by the worker, not by either end
                 assert 0.9 < time.monotonic() - started < 4
-    wait_stats(ctl, lambda s: s["workloads"]["client"]["outbound"]["connections_closed"] == 1)
+    wait_stats(ctl, lambda s: s.totals("client", "outbound")["connections_closed"] == 1)
 
 
 def test_worker_exits_when_supervisor_goes_away(env: Env) -> None:
@@ -266,3 +255,31 @@ def test_worker_exits_when_supervisor_goes_away(env: Env) -> None:
     stats(ctl)  # it is up
     ctl.close()
     assert proc.wait(5) == 0
+
+
+@pytest.mark.parametrize(
+    ("family", "address", "port"),
+    [
+        (socket.AF_INET, "127.0.0.1", 15001),
+        (socket.AF_INET, "0.0.0.0", 15006),
+        (socket.AF_INET, SERVER_IP, 15006),
+        (socket.AF_INET, "0.0.0.0", 15008),
+        (socket.AF_INET6, "::", 15006),
+    ],
+)
+def test_no_process_in_the_pod_can_join_the_proxy_listeners(
+    env: Env, family: int, address: str, port: int
+) -> None:
+    """A root process inside the pod binding Ferry's ports the way the proxy does (SO_REUSEPORT,
+    SO_REUSEADDR) must fail: otherwise it would receive part of the redirected connections."""
+    sh("ip", "-n", env.server, "addr", "add", f"{SERVER_IP6}/126", "dev", "veth0", "nodad")
+    env.enroll(env.server)
+    env.worker({"server": env.server_fd})
+    with entered(env.server_fd):
+        thief = socket.socket(family, socket.SOCK_STREAM)
+    with thief:
+        thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with pytest.raises(OSError) as refused:
+            thief.bind((address, port))
+        assert refused.value.errno == errno.EADDRINUSE

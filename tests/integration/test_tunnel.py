@@ -5,9 +5,10 @@
 
 Both namespaces get the production iptables rules (`IptablesRedirection.apply`) when enrolled.
 Credentials come from `agent.identity`: a root CA and one node signer per node in a tmp dir,
-workload certificates minted from them and handed to the workers as `cert` messages; both
-workers get the same `trust` and `directory`.  Namespaces (`ferry-t-<hex>-a|b`) and processes are
-removed at the end, also when a test fails.  Traffic only flows between these two namespaces.
+workload certificates minted from them and handed to the workers as `SetCertificate` messages;
+both workers get the same `SetTrust` and directory (`agent.proxy.messages`).  Namespaces
+(`ferry-t-<hex>-a|b`) and processes are removed at the end, also when a test fails.  Traffic only
+flows between these two namespaces.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ from typing import Any
 import pytest
 
 from agent.config import ProxyConfig, RedirectionConfig
+from agent.directory import DirectoryEntry, plan_update
 from agent.identity.ca import init_ca, issue_node
 from agent.identity.certs import NodeSigner, WorkloadCertificate
-from agent.netns import NetnsExecutor, entered
-from agent.redirect.iptables import IptablesRedirection
-from agent.tunnel.hbone import Data, HboneConnection, StreamAccepted
+from agent.netns import entered
+from agent.proxy.messages import COUNTERS, SetCertificate, SetTrust, Stats, UpdateDirectory
+from agent.tunnel.events import Data, StreamAccepted
+from agent.tunnel.hbone import HboneConnection
 from agent.tunnel.tls import worker_environment
 
 from .netns_pair import (
@@ -44,7 +47,7 @@ from .netns_pair import (
     NetnsPair,
     curl,
     needs_netns,
-    send,
+    request,
     serve_digest,
     stats,
     wait_stats,
@@ -86,7 +89,6 @@ class Env(NetnsPair):
     """Pods A and B, enrolled with the production rules, and the processes started in them."""
 
     def __init__(self, tmp: Path) -> None:
-        self.executor = NetnsExecutor()  # before the namespaces: close() shuts it down
         super().__init__(
             tmp,
             ("a", "b"),
@@ -99,63 +101,55 @@ class Env(NetnsPair):
         with self.closed_on_error():
             self.creds = Credentials(tmp)
 
-    def enroll(self, ns: str) -> None:
-        IptablesRedirection(self.redirection, self.executor).apply(Path(f"/var/run/netns/{ns}"))
-
     def worker(self, uid: str, netns_fd: int, **add: Any) -> socket.socket:
         ours = self.start_worker(env=worker_environment())  # as the supervisor starts them
         self.add_workload(ours, uid, netns_fd, **add)
-        send(ours, {"op": "trust", "trust_domain": TD, "bundle_pem": self.trust_bundle()})
-        send(ours, {"op": "directory", "entries": self.directory(), "egress": "passthrough"})
+        bundle = self.trust_bundle()
+        request(ours, lambda seq: SetTrust(seq, TD, bundle))
+        send_directory(ours, 1, self.directory(), "passthrough")
         return ours
 
     def trust_bundle(self) -> str:
         # Two roots, as during a CA rotation: ours and the foreign trust domain's.
         return (self.creds.bundle + self.creds.foreign.bundle_pem).decode()
 
-    def directory(self) -> dict[str, Any]:
-        return {
-            A_IP: {"identity": ID_A, "node": "node-a"},
-            B_IP: {"identity": ID_B, "node": "node-b"},
-        }
+    def directory(self) -> list[DirectoryEntry]:
+        return [DirectoryEntry(A_IP, ID_A, "node-a"), DirectoryEntry(B_IP, ID_B, "node-b")]
 
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self.executor.shutdown()
+
+def send_directory(
+    ctl: socket.socket, version: int, entries: list[DirectoryEntry], egress: str
+) -> None:
+    """A whole directory as the supervisor sends it: a reset to `version`, in chunks."""
+    for chunk in plan_update(version, 0, egress, entries, (), reset=True):
+        request(ctl, lambda seq, chunk=chunk: UpdateDirectory(seq, chunk))  # type: ignore[misc]
 
 
 def send_cert(ctl: socket.socket, uid: str, cert: WorkloadCertificate) -> None:
-    send(
-        ctl,
-        {
-            "op": "cert",
-            "uid": uid,
-            "chain_pem": cert.chain_pem.decode(),
-            "key_pem": cert.key_pem.decode(),
-        },
-    )
+    chain, key = cert.chain_pem.decode(), cert.key_pem.decode()
+    not_after = cert.not_after.timestamp()
+    request(ctl, lambda seq: SetCertificate(seq, uid, chain, key, not_after))
 
 
 def flow(
-    s: dict[str, Any], uid: str, direction: str, security: str, peer: str | None = None
-) -> dict[str, Any]:
-    """The flow entry of (direction, security[, peer]); counters summed over peers if not given."""
+    s: Stats, uid: str, direction: str, security: str, peer: str | None = None
+) -> dict[str, int]:
+    """The counters of (direction, security[, peer]), summed over peers if not given, with
+    `denied` the denials of every reason; {} when there is no such flow."""
     found = [
         f
-        for f in s["flows"].get(uid, [])
-        if f["direction"] == direction
-        and f["security"] == security
-        and (peer is None or f["peer_identity"] == peer)
+        for f in s.flows.get(uid, ())
+        if f.direction == direction
+        and f.security == security
+        and (peer is None or f.peer_identity == peer)
     ]
     if not found:
         return {}
-    merged = dict(found[0])
-    for f in found[1:]:
-        for key, value in f.items():
-            if isinstance(value, int):
-                merged[key] += value
+    merged: dict[str, int] = {}
+    for f in found:
+        for key in (*COUNTERS, "denied"):
+            value = f.denied_total if key == "denied" else getattr(f, key)
+            merged[key] = merged.get(key, 0) + value
     return merged
 
 
@@ -219,8 +213,8 @@ def test_curl_goes_through_the_tunnel_encrypted(env: Env) -> None:
     fa = flow(s_a, "a", "outbound", "mtls", ID_B)
     assert fa and fa["connect_failures"] == 0
     assert fa["bytes_received"] > len(marker) and fa["bytes_sent"] > len(A_IP)
-    assert s_a["workloads"]["a"]["outbound"]["connections_opened"] == 1
-    assert s_a["tunnel"]["handshakes"] == 1 and s_a["tunnel"]["pooled_connections"] == 1
+    assert s_a.totals("a", "outbound")["connections_opened"] == 1
+    assert s_a.tunnel.handshakes == 1 and s_a.tunnel.pooled_connections == 1
     s_b = wait_stats(
         ctl_b, lambda s: flow(s, "b", "inbound", "mtls").get("connections_closed") == 1
     )
@@ -295,7 +289,7 @@ def test_clients_without_a_valid_certificate_are_refused(env: Env) -> None:
             pass
         assert accepted == 1  # only the control reached the app
     s = wait_stats(ctl_b, lambda s: flow(s, "b", "inbound", "mtls", "").get("denied", 0) >= 4)
-    assert s["tunnel"]["handshakes"] == 1
+    assert s.tunnel.handshakes == 1
 
 
 def _self_signed(tmp: Path) -> WorkloadCertificate:
@@ -388,7 +382,7 @@ def test_long_lived_connection_survives_certificate_rotation(env: Env) -> None:
         assert _roundtrip(cli, b"still") == b"still"
     assert peers == [A_IP, A_IP]
     s = stats(ctl_a)
-    assert s["tunnel"]["handshakes"] == 2
+    assert s.tunnel.handshakes == 2
     assert flow(s, "a", "outbound", "mtls")["connect_failures"] == 0
 
 
@@ -402,9 +396,9 @@ def test_sequential_connections_share_one_pooled_tunnel(env: Env) -> None:
     s = wait_stats(
         ctl_a, lambda s: flow(s, "a", "outbound", "mtls").get("connections_closed") == 20
     )
-    assert s["tunnel"]["handshakes"] == 1
-    assert s["tunnel"]["pooled_connections"] == 1
-    assert stats(ctl_b)["tunnel"]["handshakes"] == 1
+    assert s.tunnel.handshakes == 1
+    assert s.tunnel.pooled_connections == 1
+    assert stats(ctl_b).tunnel.handshakes == 1
     assert len(peers) == 20
 
 
@@ -430,7 +424,7 @@ def test_bulk_transfer_with_half_close_through_the_tunnel(env: Env) -> None:
         srv.close()
     assert answer.decode() == f"{size} {expected}"
     assert result["peer"] == A_IP
-    s = wait_stats(ctl_a, lambda s: s["active"] == 0)
+    s = wait_stats(ctl_a, lambda s: s.active == 0)
     fa = flow(s, "a", "outbound", "mtls")
     assert fa["bytes_received"] == size and fa["bytes_sent"] == len(answer)
 
@@ -446,19 +440,19 @@ def test_app_reset_crosses_the_tunnel(env: Env) -> None:
         conn.close()  # RST from the app in B
         with pytest.raises(ConnectionResetError):
             cli.recv(10)
-    wait_stats(ctl_a, lambda s: s["tunnel"]["streams"] == 0)
+    wait_stats(ctl_a, lambda s: s.tunnel.streams == 0)
 
 
 def test_destination_outside_the_directory(env: Env) -> None:
     ctl_a, _ctl_b = mesh(env)
     env.http_server()
-    entries = {A_IP: {"identity": ID_A, "node": "node-a"}}  # B is not in the mesh now
-    send(ctl_a, {"op": "directory", "entries": entries, "egress": "passthrough"})
+    entries = [DirectoryEntry(A_IP, ID_A, "node-a")]  # B is not in the mesh now
+    send_directory(ctl_a, 2, entries, "passthrough")
     out = curl(env.a, f"http://{B_IP}:{HTTP_PORT}/")
     assert out.returncode == 0 and out.stdout == A_IP, out.stderr
     s = stats(ctl_a)
     assert flow(s, "a", "outbound", "plaintext")["connections_opened"] == 1
-    send(ctl_a, {"op": "directory", "entries": entries, "egress": "refuse"})
+    send_directory(ctl_a, 3, entries, "refuse")
     out = curl(env.a, f"http://{B_IP}:{HTTP_PORT}/")
     assert out.returncode != 0
     s = wait_stats(ctl_a, lambda s: flow(s, "a", "outbound", "plaintext").get("denied") == 1)

@@ -1,0 +1,284 @@
+"""Supervisor <-> worker messages: one typed definition, one encoding (pure).
+
+The supervisor and each worker process talk over a SOCK_SEQPACKET socketpair: one datagram is one
+UTF-8 JSON object `{"op": <name>, ...fields}`, file descriptors travel as SCM_RIGHTS.  Every
+message is a frozen dataclass below; `encode` and `decode` are the only way in and out, and
+`decode` checks every field against its annotation, so a malformed datagram is a `MessageError`
+naming the field and the value, never a half-read dict.
+
+supervisor -> worker (each with a `seq`; the worker answers every one with `Done(seq, error)`
+once it has acted on it, so the supervisor can pass a worker's failure back to the agent):
+    AddWorkload      fds = [netns, one listener per `listeners` entry]; re-adding a known uid
+                     swaps its listeners and netns and keeps its open connections
+    RemoveWorkload   stop accepting, reset its connections, close its fds
+    SetCertificate   the workload's chain and key (never logged: `repr` hides the key)
+    SetTrust         the trust domain and the bundle of roots peers must chain to
+    UpdateDirectory  one chunk of a versioned directory change (agent.directory)
+    StatsRequest     answered at once with Stats
+worker -> supervisor:
+    Done             the outcome of one message (error None: applied)
+    Stats            cumulative counters per workload and flow, what the worker has applied
+                     (directory version and size, certificate expiry per workload); also sent
+                     every second when something changed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
+
+from agent.directory import DirectoryUpdate, parse_update
+
+Direction = Literal["outbound", "inbound", "tunnel"]
+Mode = Literal["permissive", "strict"]
+COUNTERS = (
+    "connections_opened",
+    "connections_closed",
+    "connect_failures",
+    "bytes_received",
+    "bytes_sent",
+)
+
+
+class MessageError(ValueError):
+    """A datagram on the worker channel is not a valid message."""
+
+
+@dataclass(frozen=True)
+class ListenerSpec:
+    direction: Direction
+    family: Literal[4, 6]
+
+
+@dataclass(frozen=True)
+class AddWorkload:
+    OP: ClassVar[str] = "add"
+    seq: int
+    uid: str
+    identity: str
+    mode: Mode
+    ips: tuple[str, ...]
+    listeners: tuple[ListenerSpec, ...]
+
+    @property
+    def fds_expected(self) -> int:
+        return 1 + len(self.listeners)
+
+
+@dataclass(frozen=True)
+class RemoveWorkload:
+    OP: ClassVar[str] = "del"
+    seq: int
+    uid: str
+
+
+@dataclass(frozen=True)
+class SetCertificate:
+    OP: ClassVar[str] = "cert"
+    seq: int
+    uid: str
+    chain_pem: str
+    key_pem: str = field(repr=False)
+    not_after: float
+
+
+@dataclass(frozen=True)
+class SetTrust:
+    OP: ClassVar[str] = "trust"
+    seq: int
+    trust_domain: str
+    bundle_pem: str
+
+
+@dataclass(frozen=True)
+class UpdateDirectory:
+    OP: ClassVar[str] = "directory"
+    seq: int
+    update: DirectoryUpdate
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    OP: ClassVar[str] = "stats?"
+
+
+@dataclass(frozen=True)
+class Done:
+    OP: ClassVar[str] = "done"
+    seq: int
+    worker: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Flow:
+    """Counters of one workload's traffic in one direction, security and peer identity."""
+
+    direction: Literal["outbound", "inbound"]
+    security: Literal["mtls", "plaintext"]
+    peer_identity: str  # "" when unknown (plaintext, or refused before authentication)
+    connections_opened: int = 0
+    connections_closed: int = 0
+    connect_failures: int = 0
+    bytes_received: int = 0  # client -> server
+    bytes_sent: int = 0  # server -> client
+    denied: dict[str, int] = field(default_factory=dict)  # decide.Reason -> connections
+
+    @property
+    def denied_total(self) -> int:
+        return sum(self.denied.values())
+
+
+@dataclass(frozen=True)
+class TunnelCounters:
+    handshakes: int = 0  # completed, both roles, cumulative
+    pooled_connections: int = 0  # client connections in the pool now
+    streams: int = 0  # open now
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What a worker has applied, for `agent status` to compare with what the agent sent."""
+
+    directory_version: int = 0
+    directory_entries: int = 0
+    directory_rejected: int = 0
+    trust_domain: str = ""
+    certificates: dict[str, float] = field(default_factory=dict)  # uid -> not_after
+
+
+@dataclass(frozen=True)
+class Stats:
+    OP: ClassVar[str] = "stats"
+    worker: int
+    active: int  # open relays and streams, connecting ones included
+    flows: dict[str, tuple[Flow, ...]]  # uid -> flows
+    tunnel: TunnelCounters
+    applied: Applied
+
+    def totals(self, uid: str, direction: str) -> dict[str, int]:
+        """One workload's counters in one direction, summed over its flows."""
+        out = dict.fromkeys(COUNTERS, 0)
+        for flow in self.flows.get(uid, ()):
+            if flow.direction == direction:
+                for key in COUNTERS:
+                    out[key] += getattr(flow, key)
+        return out
+
+
+ToWorker = AddWorkload | RemoveWorkload | SetCertificate | SetTrust | UpdateDirectory | StatsRequest
+FromWorker = Done | Stats
+Message = ToWorker | FromWorker
+
+_BY_OP: dict[str, type[Any]] = {
+    cls.OP: cls
+    for cls in (
+        AddWorkload,
+        RemoveWorkload,
+        SetCertificate,
+        SetTrust,
+        UpdateDirectory,
+        StatsRequest,
+        Done,
+        Stats,
+    )
+}
+
+
+def encode(message: Message) -> bytes:
+    body = {"op": message.OP, **_to_json(message)}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode(data: bytes) -> Message:
+    try:
+        body = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        raise MessageError(f"not a JSON message: {data[:80]!r}") from None
+    if not isinstance(body, dict):
+        raise MessageError(f"message is not an object: {data[:80]!r}")
+    op = body.pop("op", None)
+    cls = _BY_OP.get(op) if isinstance(op, str) else None
+    if cls is None:
+        raise MessageError(f"unknown op {op!r}")
+    message: Message = _from_json(cls, body, op)
+    return message
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, DirectoryUpdate):
+        return value.to_json()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_to_json(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _to_json(item) for key, item in value.items()}
+    return value
+
+
+_HINTS: dict[type[Any], dict[str, Any]] = {}
+_KINDS: dict[Any, str] = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
+
+
+def _from_json(tp: Any, raw: Any, where: str) -> Any:
+    """Check `raw` (decoded JSON) against the annotation `tp`; build dataclasses."""
+    origin = get_origin(tp)
+    if tp is DirectoryUpdate:
+        try:
+            return parse_update(raw)
+        except ValueError as exc:
+            raise MessageError(f"{where}: {exc}") from None
+    if origin is Literal:
+        if raw not in get_args(tp) or isinstance(raw, bool):
+            raise MessageError(f"{where}: {raw!r} is not one of {list(get_args(tp))}")
+        return raw
+    if origin in (Union, types.UnionType):
+        if raw is None and type(None) in get_args(tp):
+            return None
+        for arg in get_args(tp):
+            if arg is not type(None):
+                return _from_json(arg, raw, where)
+    if origin is tuple:
+        if not isinstance(raw, list):
+            raise MessageError(f"{where}: expected a list, got {raw!r:.80}")
+        item = get_args(tp)[0]
+        return tuple(_from_json(item, x, f"{where}[{i}]") for i, x in enumerate(raw))
+    if origin is dict:
+        if not isinstance(raw, dict):
+            raise MessageError(f"{where}: expected an object, got {raw!r:.80}")
+        item = get_args(tp)[1]
+        return {str(k): _from_json(item, v, f"{where}.{k}") for k, v in raw.items()}
+    if dataclasses.is_dataclass(tp):
+        return _dataclass(tp, raw, where)
+    if tp is float:
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            return float(raw)
+    elif tp is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+    elif isinstance(raw, tp):
+        return raw
+    raise MessageError(f"{where}: {raw!r:.80} is not {_KINDS.get(tp, tp)}")
+
+
+def _dataclass(cls: Any, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise MessageError(f"{where}: expected an object, got {raw!r:.80}")
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            values[f.name] = _from_json(hints[f.name], raw[f.name], f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise MessageError(f"{where}: missing {f.name!r}")
+    unknown = set(raw) - set(values)
+    if unknown:
+        raise MessageError(f"{where}: unknown field(s) {sorted(unknown)}")
+    return cls(**values)

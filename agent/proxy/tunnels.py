@@ -1,0 +1,237 @@
+"""The worker's HBONE side: client tunnels from the pool, server tunnels on :15008, their streams.
+
+`Tunnels` is the `Host` that `agent.tunnel` connections and streams report to, and the part of a
+worker that opens and accepts them:
+
+- client: `open_stream` adds a CONNECT stream for an app connection to a pooled connection
+  (`agent.proxy.tunnel_pool`, keyed by source workload and destination IP), opening one from the
+  source netns (marked) to `<ip>:tunnel_port` when none has room; its server must present the
+  identity the directory names for that IP;
+- server: `accept` terminates TLS with the workload's certificate and requires a client
+  certificate from the trust bundle and domain; each CONNECT is judged by the decision core
+  (`decide.admit_stream`) and, admitted, connected inside the workload's netns from the tunnel
+  peer's IP (a transparent socket), 200 once connected, 503 when that connect fails;
+- `sweep` ends connections still connecting or handshaking after the connect timeout and closes
+  idle pooled ones; `flush` writes each connection that queued frames once per batch of events.
+
+It shares the worker's epoll loop through the `Loop` protocol (handlers by fd, fds that went
+stale during the current batch, interest changes).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from agent.config import RedirectionConfig
+from agent.linux import reset
+from agent.proxy import decide
+from agent.proxy.messages import TunnelCounters
+from agent.proxy.sockets import upstream_socket
+from agent.proxy.tunnel_pool import TunnelPool
+from agent.proxy.workload import FlowStats, ServedWorkload
+from agent.tunnel.authority import format_authority
+from agent.tunnel.connection import Buffers, TunnelConn
+from agent.tunnel.stream import TunnelStream
+
+log = logging.getLogger("ferry.proxy.worker")
+
+STREAMS_PER_CONN = 100
+POOL_IDLE = 30.0
+
+Handler = Callable[[int, int], None]
+
+
+class Loop(Protocol):
+    handlers: dict[int, Handler]
+    stale: set[int]
+
+    def watch(self, fd: int, old: int, new: int) -> None: ...
+
+
+class Tunnels:
+    def __init__(
+        self, loop: Loop, cfg: RedirectionConfig, own_ports: frozenset[int], home_fd: int
+    ) -> None:
+        self.loop = loop
+        self.cfg = cfg
+        self.own_ports = own_ports
+        self.home_fd = home_fd
+        self.trust_domain = ""
+        self.bufs = Buffers()
+        self.pool: TunnelPool[TunnelConn] = TunnelPool(STREAMS_PER_CONN)
+        self.conns: set[TunnelConn] = set()
+        self.handshakes = 0
+        self.to_flush: list[TunnelConn] = []
+
+    # -- client side ------------------------------------------------------------------------
+
+    def open_stream(
+        self, wl: ServedWorkload, client: socket.socket, dst: tuple[str, int], expected: str
+    ) -> None:
+        stats = wl.flow("outbound", "mtls", expected)
+        now = time.monotonic()
+        key = (wl.uid, dst[0])
+        conn = self.pool.find(key)
+        if conn is None:
+            try:
+                conn = self._connect(wl, dst[0], expected, now)
+            except (OSError, ssl.SSLError) as exc:
+                log.debug("%s: cannot open a tunnel to %s: %s", wl.uid, dst[0], exc)
+                stats.failures += 1
+                reset(client)
+                return
+            self.pool.add(key, conn)
+            self._track(conn)
+        stream = TunnelStream(conn, client, owner=stats, now=now)
+        self.loop.handlers[stream.fd] = stream.on_event
+        stats.relays.add(stream)
+        conn.add_stream(stream, format_authority(*dst))
+
+    def _connect(self, wl: ServedWorkload, ip: str, expected: str, now: float) -> TunnelConn:
+        assert wl.client_ctx is not None
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        sock = upstream_socket(wl.netns_fd, family, self.cfg.mark, None, home_fd=self.home_fd)
+        err = sock.connect_ex((ip, self.cfg.tunnel_port))
+        if err and err != errno.EINPROGRESS:
+            sock.close()
+            raise OSError(err, os.strerror(err))
+        return TunnelConn(
+            self, self.bufs, sock, wl.client_ctx, client=True, trust_domain=self.trust_domain,
+            expected_identity=expected, owner=(wl, (wl.uid, ip)), now=now,
+        )  # fmt: skip
+
+    def _track(self, conn: TunnelConn) -> None:
+        self.conns.add(conn)
+        self.loop.handlers[conn.fd] = conn.on_event
+        conn.start()
+
+    # -- server side ------------------------------------------------------------------------
+
+    def accept(self, wl: ServedWorkload, client: socket.socket, peer: Any) -> None:
+        verdict = decide.admit_tunnel(wl)
+        if isinstance(verdict, decide.Deny):
+            wl.flow("inbound", "mtls").deny(verdict.reason)
+            reset(client)
+            return
+        assert wl.server_ctx is not None  # certified: both contexts are built together
+        try:
+            client.setblocking(False)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = TunnelConn(
+                self, self.bufs, client, wl.server_ctx, client=False,
+                trust_domain=self.trust_domain, owner=(wl, None), now=time.monotonic(),
+            )  # fmt: skip
+        except OSError as exc:
+            log.debug("%s: tunnel accept: %s", wl.uid, exc)
+            wl.flow("inbound", "mtls").failures += 1
+            reset(client)
+            return
+        self._track(conn)
+
+    def tunnel_request(self, conn: TunnelConn, stream_id: int, authority: str) -> None:
+        wl: ServedWorkload = conn.owner[0]
+        core = conn.core
+        assert core is not None
+        stats = wl.flow("inbound", "mtls", conn.peer_identity)
+        verdict = decide.admit_stream(wl, conn.peer_identity, authority, self.own_ports)
+        if isinstance(verdict, decide.Deny):
+            stats.deny(verdict.reason)
+            core.refuse(stream_id, verdict.status)
+            return
+        ip, port = verdict.ip, verdict.port
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        bind_to = (conn.peer_ip, 0) if (":" in conn.peer_ip) == (":" in ip) else None
+        try:
+            up = upstream_socket(wl.netns_fd, family, self.cfg.mark, bind_to, home_fd=self.home_fd)
+        except OSError as exc:
+            log.debug("%s: cannot open upstream for %s: %s", wl.uid, authority, exc)
+            stats.failures += 1
+            core.refuse(stream_id, 503)
+            return
+        err = up.connect_ex((ip, port))
+        if err and err != errno.EINPROGRESS:
+            up.close()
+            stats.failures += 1
+            core.refuse(stream_id, 503)
+            return
+        stream = TunnelStream(
+            conn, up, sid=stream_id, app_connecting=True, owner=stats, now=time.monotonic()
+        )
+        self.loop.handlers[stream.fd] = stream.on_event
+        stats.relays.add(stream)
+        stream.update()
+
+    # -- host callbacks ---------------------------------------------------------------------
+
+    def watch(self, fd: int, old: int, new: int) -> None:
+        self.loop.watch(fd, old, new)
+
+    def flush_soon(self, conn: TunnelConn) -> None:
+        self.to_flush.append(conn)
+
+    def tunnel_ready(self, conn: TunnelConn) -> None:
+        self.handshakes += 1
+
+    def tunnel_closed(self, conn: TunnelConn, reason: str) -> None:
+        wl: ServedWorkload = conn.owner[0]
+        key = conn.owner[1]
+        log.debug("%s: tunnel %s %s closed: %s", wl.uid, "to" if conn.client else "from",
+                  conn.peer_ip, reason)  # fmt: skip
+        if conn.core is None and not conn.client:
+            wl.flow("inbound", "mtls").deny(decide.Reason.UNKNOWN_PEER)  # never authenticated
+        self.conns.discard(conn)
+        self.loop.handlers.pop(conn.fd, None)
+        self.loop.stale.add(conn.fd)
+        if key is not None:
+            self.pool.discard(key, conn)
+
+    def stream_done(self, stream: TunnelStream) -> None:
+        stats: FlowStats = stream.owner
+        self.loop.handlers.pop(stream.fd, None)
+        self.loop.stale.add(stream.fd)
+        stats.relays.discard(stream)
+        if stream.connect_failed:
+            stats.failures += 1
+        else:
+            stats.closed += 1
+            stats.bytes_received += stream.bytes_up
+            stats.bytes_sent += stream.bytes_down
+
+    # -- loop duties ------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """One TLS write per tunnel connection that queued frames in this batch of events."""
+        to_flush = self.to_flush
+        while to_flush:
+            batch = to_flush[:]
+            to_flush.clear()
+            for conn in batch:
+                if conn.flush_pending:
+                    conn.flush()
+
+    def sweep(self, now: float, connect_timeout: float, idle_timeout: float) -> None:
+        for conn in list(self.conns):
+            if conn.core is None:
+                if now - conn.started_at >= connect_timeout:
+                    conn.fail("connect/handshake timeout")
+            elif not conn.streams and not conn.queued:
+                limit = POOL_IDLE if conn.client else max(POOL_IDLE, idle_timeout)
+                if conn.retired or now - conn.idle_since >= limit:
+                    conn.close()
+
+    def drop(self, wl: ServedWorkload | None = None, reason: str = "workload removed") -> None:
+        """Fail the connections of `wl` (all of them when None)."""
+        for conn in list(self.conns):
+            if wl is None or conn.owner[0] is wl:
+                conn.fail(reason)
+
+    def counters(self) -> TunnelCounters:
+        streams = sum(len(c.streams) + len(c.queued) for c in self.conns)
+        return TunnelCounters(self.handshakes, len(self.pool), streams)
