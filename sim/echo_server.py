@@ -14,6 +14,10 @@ nothing but the standard library, so any interpreter can run it.
   (HTTP/1.1 with Content-Length) works, so `wrk` can drive it.
 * `--mode tcp` echoes every byte back until the client closes.
 
+Everything that reaches the server is recorded on stdout, one JSON line each (`{"seen": "request",
+"peer", "method", "path"}` or `{"seen": "connection", "peer"}`), so a test can prove what did
+and did not get through (`sim.node.Pod.seen`).
+
 Both modes listen on `[::]` with IPV6_V6ONLY off, i.e. on IPv4 and IPv6 at once.
 """
 
@@ -30,6 +34,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 def _plain(address: str) -> str:
     """`::ffff:10.1.2.3` -> `10.1.2.3`; anything else unchanged."""
     return address.removeprefix("::ffff:") if address.startswith("::ffff:") else address
+
+
+def _record(event: dict[str, object]) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
 
 
 class _DualStack:
@@ -73,6 +82,8 @@ class _HTTPHandler(BaseHTTPRequestHandler):
             "headers": dict(self.headers.items()),
             "body_len": body_len,
         }
+        _record({"seen": "request", "peer": report["peer"], "method": self.command,
+                 "path": self.path})  # fmt: skip
         payload = (json.dumps(report) + "\n").encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -91,6 +102,7 @@ class _TCPEchoHandler(socketserver.BaseRequestHandler):
     request: socket.socket
 
     def handle(self) -> None:
+        _record({"seen": "connection", "peer": _plain(self.client_address[0])})
         while data := self.request.recv(65536):
             self.request.sendall(data)
 

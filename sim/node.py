@@ -252,6 +252,13 @@ class Pod:
         self.wait_listening(port, proc=proc, log=log)
         return proc
 
+    def seen(self, what: str, port: int) -> list[dict[str, Any]]:
+        """What reached the echo server (`what`: http or tcp) on `port` so far, as it recorded
+        it: one dict per request or connection."""
+        log = self.node.tmpdir / "logs" / f"{self.name}-{what}-{port}.log"
+        lines = log.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith('{"seen"')]
+
     def start_http_server(self, port: int) -> subprocess.Popen[Any]:
         """`sim/echo_server.py --mode http`: answers every request with JSON naming the peer."""
         argv = [sys.executable, str(ECHO_SERVER), "--mode", "http", "--port", str(port)]

@@ -1,25 +1,29 @@
 """Shared fixtures: simulated nodes (sim/node.py) that are always torn down, and a leak check.
 
-Every SimNode made through these fixtures is named `ferry-t<run id>-...`, with a random run id
-per pytest session, so two runs can share the machine and the session-end check can tell this
-run's leftovers from anyone else's.  A test that needs nodes but runs somewhere they cannot be
-built (not root, CNI plugins missing) fails with the reason; it is never skipped.
+Every namespace a test makes, SimNodes included, is named `ferry-t<run id>-...` (`tests.run_id`),
+so two runs can share the machine and the session-end check can tell this run's leftovers from
+anyone else's.  That check fails the run when anything the tests made outlived them: network
+namespaces of this run, processes the tests started (the pytest process's descendants), and
+namespace or socket descriptors the pytest process opened and never closed; it cleans them up
+and names them.  A test that needs nodes but runs somewhere they cannot be built (not root, CNI
+plugins missing) fails with the reason; it is never skipped.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 
+import psutil
 import pytest
 
 from sim.node import CNI_PATH, CNI_PLUGINS, NETNS_DIR, SimNode
+from tests.run_id import NAME_PREFIX, SIM_PREFIX
 
-RUN_ID = secrets.token_hex(3)
-SIM_PREFIX = f"t{RUN_ID}"
+_BASELINE_FDS: dict[int, str] = {}
 
 
 def _missing_requirements() -> list[str]:
@@ -93,21 +97,79 @@ def sim_node(sim_node_factory: Callable[[], SimNode]) -> SimNode:
     return sim_node_factory()
 
 
+def _fd_targets() -> dict[int, str]:
+    """The pytest process's namespace and socket descriptors: fd -> what it points at.
+
+    Raw IP sockets are left out: python-iptables keeps one libiptc handle per table (ten at
+    most), each holding a raw socket, for the life of the process; that is bounded and not a
+    test's leak.
+    """
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and _is_raw(int(name)):
+            continue
+        if target.startswith(("net:[", "socket:[")):
+            found[int(name)] = target
+    return found
+
+
+def _is_raw(fd: int) -> bool:
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            return sock.type == socket.SOCK_RAW
+    except OSError:
+        return False
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _BASELINE_FDS.update(_fd_targets())
+
+
 def _leaked_netns() -> list[str]:
     if not NETNS_DIR.is_dir():
         return []
-    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(f"ferry-{SIM_PREFIX}-"))
+    leaked = sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(NAME_PREFIX))
+    for name in leaked:
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+    return leaked
+
+
+def _leaked_processes() -> list[str]:
+    leaked = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            leaked.append(f"pid {child.pid} {' '.join(child.cmdline())[:120]}")
+            child.kill()
+        except psutil.Error:
+            continue
+    return leaked
+
+
+def _leaked_fds() -> list[str]:
+    return [
+        f"fd {fd} -> {target}"
+        for fd, target in sorted(_fd_targets().items())
+        if _BASELINE_FDS.get(fd) != target
+    ]
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the run if any of this run's namespaces outlived it (and remove them)."""
-    leaked = _leaked_netns()
-    if not leaked:
+    """Fail the run if anything this run made outlived it (and remove what can be removed)."""
+    problems = []
+    if leaked := _leaked_netns():
+        problems.append(f"network namespaces (now deleted): {', '.join(leaked)}")
+    if leaked := _leaked_processes():
+        problems.append(f"processes (now killed): {'; '.join(leaked)}")
+    if leaked := _leaked_fds():
+        problems.append(f"descriptors of the pytest process: {', '.join(leaked)}")
+    if not problems:
         return
-    for name in leaked:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    message = f"leaked network namespaces from this run (now deleted): {', '.join(leaked)}"
-    if reporter is not None:
-        reporter.write_line(f"\nERROR: {message}", red=True, bold=True)
+    for problem in problems:
+        if reporter is not None:
+            reporter.write_line(f"\nERROR: leaked {problem}", red=True, bold=True)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED

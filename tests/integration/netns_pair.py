@@ -3,10 +3,10 @@ real worker processes started for them, and the helpers that talk to those worke
 
     side 0 netns (ips[0]/30, veth0)  <--veth-->  side 1 netns (ips[1]/30, veth0)
 
-Namespaces are named `ferry-t-<hex>-<side>`.  `NetnsPair.close()` stops every process started
-through it and removes the namespaces it created, also when the setup itself fails half-way
-(`closed_on_error`); the test modules' fixtures hold it in a `with`, so close() runs whatever the
-test's outcome.
+Namespaces are named `ferry-t<run>-<hex>-<side>` (`tests.run_id`). `NetnsPair.close()` stops every
+process started through it and removes the namespaces it created, also when the setup itself fails
+half-way (`closed_on_error`); the test modules' fixtures hold it in a `with`, so close() runs
+whatever the test's outcome.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from agent.proxy.messages import (
 )
 from agent.proxy.sockets import open_listeners
 from agent.redirect.iptables import IptablesRedirection
+from tests.run_id import netns_name
 
 REPO = Path(__file__).resolve().parents[2]
 HTTP_PORT = 8080
@@ -87,8 +87,8 @@ class NetnsPair:
         redirection: RedirectionConfig,
         proxy: ProxyConfig,
     ) -> None:
-        tag = secrets.token_hex(4)
-        self.names = (f"ferry-t-{tag}-{sides[0]}", f"ferry-t-{tag}-{sides[1]}")
+        base = netns_name()
+        self.names = (f"{base}-{sides[0]}", f"{base}-{sides[1]}")
         self.ips = ips
         self.tmp = tmp
         self.redirection = redirection

@@ -1,17 +1,16 @@
 """The iptables backend against the real kernel, in throwaway network namespaces.
 
-Each test gets fresh namespaces named `ferry-t-<random>` (deleted in the fixture's finalizer even
-when the test fails) and checks the kernel's own view: `iptables-legacy-save`,
-`ip6tables-legacy-save`, `ip rule` and `ip route`.  The traffic test sends TCP only inside its own
-namespace, to an address routed to a veth pair whose both ends are there.  Needs root and
-iptables-legacy.
+Each test gets fresh namespaces named `ferry-t<run>-<random>` (`tests.run_id`) (deleted in the
+fixture's finalizer even when the test fails) and checks the kernel's own view:
+`iptables-legacy-save`, `ip6tables-legacy-save`, `ip rule` and `ip route`. The traffic test sends
+TCP only inside its own namespace, to an address routed to a veth pair whose both ends are there.
+Needs root and iptables-legacy.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import secrets
 import socket
 import struct
 import subprocess
@@ -30,6 +29,7 @@ from agent.redirect.rules import (
     RedirectionError,
     desired_rules,
 )
+from tests.run_id import netns_name
 
 pytestmark = pytest.mark.usefixtures("privileged")  # fails, never skips, without root
 
@@ -57,7 +57,7 @@ def make_netns() -> Iterator[MakeNetns]:
     created: list[str] = []
 
     def make() -> Path:
-        name = f"ferry-t-{secrets.token_hex(4)}"
+        name = netns_name()
         run("ip", "netns", "add", name)
         created.append(name)
         run("ip", "-n", name, "link", "set", "lo", "up")

@@ -7,8 +7,8 @@ A namespace the test enrolls gets exactly the rules and routes production instal
 policy-routing return path that lets the worker's transparent socket (bound to the client's IP)
 receive the app's replies.  The worker is configured with the supervisor's typed messages.
 
-Everything runs inside namespaces created here (names `ferry-t-<random>`); they, their rules and
-every process started are removed at the end, also when a test fails.
+Everything runs inside namespaces created here (names `ferry-t<run>-<random>`); they, their rules
+and every process started are removed at the end, also when a test fails.
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@
 
 Both namespaces get the production iptables rules (`IptablesRedirection.apply`) when enrolled.
 Credentials come from `agent.identity`: a root CA and one node signer per node in a tmp dir,
-workload certificates minted from them and handed to the workers as `SetCertificate` messages;
-both workers get the same `SetTrust` and directory (`agent.proxy.messages`).  Namespaces
-(`ferry-t-<hex>-a|b`) and processes are removed at the end, also when a test fails.  Traffic only
-flows between these two namespaces.
+workload certificates minted from them and handed to the workers as `SetCertificate` messages; both
+workers get the same `SetTrust` and directory (`agent.proxy.messages`). Namespaces
+(`ferry-t<run>-<hex>-a|b`) and processes are removed at the end, also when a test fails. Traffic
+only flows between these two namespaces.
 """
 
 from __future__ import annotations
