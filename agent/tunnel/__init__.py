@@ -1,5 +1,9 @@
 """Proxy-to-proxy tunnel: HBONE (HTTP/2 CONNECT) over mutual TLS 1.3.
 
-`hbone` is the sans-IO protocol core, `tls` builds SSL contexts from in-memory PEM and reads the
-peer identity, `endpoint` drives both over non-blocking sockets for the proxy worker.
+The sans-IO core: `hbone` (`HboneConnection`: bytes in, events out), `events` (its events and its
+two errors, `TunnelProtocolError` and `LocalProtocolError`), `frames` (the HTTP/2 wire format),
+`headers` (header blocks and the CONNECT rules), `floods` (the bounds on what a peer may make it
+do), `authority` (`format_authority` / `parse_authority`).  Over sockets, for the proxy worker:
+`tls` (SSL contexts from in-memory PEM, the peer identity), `tlsbio` (TLS over memory BIOs),
+`connection` (`TunnelConn`, `Buffers`, the `Host` protocol) and `stream` (`TunnelStream`).
 """

@@ -7,15 +7,16 @@ END_STREAM is a TCP half-close (FIN), RST_STREAM a TCP reset, GOAWAY ends the co
 
 `HboneConnection` owns the small HTTP/2 subset HBONE needs (RFC 9113 framing, SETTINGS, PING,
 WINDOW_UPDATE, RST_STREAM, GOAWAY, HEADERS + CONTINUATION through `hpack`); it is used the way
-h11 is: feed it what the socket read (`receive(data)` -> list of events), ask it for what to write
-(`data_to_send()`, or send straight from the `out` buffer and delete what went out), and tell it
-what the application wants (`open_stream`, `accept`, `refuse`, `send_data`, `end_stream`,
-`reset`, `consumed`, `close`).  It never touches a socket.  It interoperates with any HTTP/2
-peer (the tests pair it with python-hyper `h2`), but the bulk path is its own: a DATA frame
-header is parsed with `struct` and its payload is handed out as a memoryview of the bytes given
-to `receive()` as soon as they arrive (no reassembly of a 1 MiB frame, no copy); a `Data` event
-is therefore only valid until the buffer passed to `receive()` is reused, and whoever keeps the
-bytes longer must copy them.  `send_data` appends a 9-byte header and the payload to `out`, so
+h11 is: feed it what the socket read (`receive(data)` -> list of events, `agent.tunnel.events`),
+ask it for what to write (`data_to_send()`, or send straight from the `out` buffer and delete
+what went out), and tell it what the application wants (`open_stream`, `accept`, `refuse`,
+`send_data`, `end_stream`, `reset`, `consumed`, `close`).  It never touches a socket.  The wire
+format is `agent.tunnel.frames`, the header rules `agent.tunnel.headers`.  It interoperates with
+any HTTP/2 peer (the tests pair it with python-hyper `h2`), but the bulk path is its own: a DATA
+frame header is parsed with `struct` and its payload is handed out as a memoryview of the bytes
+given to `receive()` as soon as they arrive (no reassembly of a 1 MiB frame, no copy); a `Data`
+event is therefore only valid until the buffer passed to `receive()` is reused, and whoever keeps
+the bytes longer must copy them.  `send_data` appends a 9-byte header and the payload to `out`, so
 many frames (and many streams) leave in one large TLS write; `data_header` is the zero-copy
 variant for a caller that read the payload right behind room for the header and sends both
 itself (after whatever `out` holds).
@@ -33,163 +34,40 @@ refused), so `open_streams` never counts finished tunnels; frames that were stil
 forgotten stream are ignored (their DATA still counts against, and is credited back to, the
 connection window).
 
-Every protocol violation by the peer (bad frames, bad headers, flow-control abuse) surfaces as
-one exception, `TunnelProtocolError`; the connection should then be closed after sending whatever
-`data_to_send()` holds (a GOAWAY).  Errors confined to one stream reset only that stream
-(`StreamReset` event, RST_STREAM to the peer).
+Errors come in two kinds, as in h11 (`agent.tunnel.events`).  A protocol violation by the peer
+(bad frames, bad headers, flow-control abuse, a flood) raises `TunnelProtocolError` from
+`receive()` after a GOAWAY was queued; the connection should be closed after sending what `out`
+holds.  Errors confined to one stream reset only that stream (`StreamReset` event, RST_STREAM to
+the peer).  A misuse by the caller (`open_stream` beyond the peer's SETTINGS_MAX_CONCURRENT_STREAMS
+or after GOAWAY, `send_data` / `data_header` beyond the send window or after `end_stream`, `accept`
+twice) raises `LocalProtocolError` and changes nothing: the peer never sees a negative window.
+
+Floods (`agent.tunnel.floods`): replies the peer does not read, frames that carry nothing, streams
+reset before we answered them and endless header blocks are counted here and bounded there.  The
+owner reports sent bytes with `drained()` and, having the clock, closes a connection whose
+`pending_header_block` stays pending too long.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import struct
-from dataclasses import dataclass
-
 import hpack
+
+from agent.tunnel import events, floods, frames, headers
+from agent.tunnel.events import Data, Event, LocalProtocolError, TunnelProtocolError
+from agent.tunnel.frames import DATA, END_STREAM, PADDED, ConnError, pack_header, unpack_header
 
 MAX_FRAME_SIZE = 1 << 20
 STREAM_WINDOW = 4 << 20
 CONNECTION_WINDOW = (1 << 30) - 1
 MAX_CONCURRENT_STREAMS = 1000
 MAX_HEADER_LIST_SIZE = 16384
-MAX_HEADER_BLOCK = 65536
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-MAX_WINDOW = (1 << 31) - 1
-DEFAULT_WINDOW = 65535
-DEFAULT_FRAME = 16384
-
-# frame types
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
-WINDOW_UPDATE, CONTINUATION = 8, 9
-# flags
-END_STREAM = 0x1
-ACK = 0x1
-END_HEADERS = 0x4
-PADDED = 0x8
-PRIORITY_FLAG = 0x20
-# error codes
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
-STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 5, 6, 7, 8, 9
-# settings
-S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 1, 2, 3
-S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 4, 5, 6
-
-_HEADER = struct.Struct(">HBBBL")  # length (24 bit: 16 + 8), type, flags, stream id
-_unpack_header = _HEADER.unpack_from
-_U32 = struct.Struct(">L")
-_U32x2 = struct.Struct(">LL")
-_SETTING = struct.Struct(">HL")
-
-
-def _frame_header(length: int, ftype: int, flags: int, sid: int) -> bytes:
-    return _HEADER.pack(length >> 8, length & 0xFF, ftype, flags, sid)
-
-
-class TunnelProtocolError(Exception):
-    """The peer broke HTTP/2 or the HBONE rules; the connection is unusable."""
-
-
-class _ConnError(Exception):
-    def __init__(self, code: int, msg: str) -> None:
-        super().__init__(msg)
-        self.code = code
-
-
-# -- events -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StreamRequested:
-    """Server side: the peer asks for a tunnel to `authority` (still unparsed `host:port`)."""
-
-    stream_id: int
-    authority: str
-
-
-@dataclass(frozen=True, slots=True)
-class StreamAccepted:
-    """Client side: the server answered 200; data may flow."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamRefused:
-    """Client side: the server answered with a non-200 status (403, 503, ...)."""
-
-    stream_id: int
-    status: int
-
-
-@dataclass(frozen=True, slots=True)
-class Data:
-    """Payload for the stream; call `consumed(stream_id, len(data))` once it was delivered.
-
-    `data` may be a view of the buffer given to `receive()`: copy what you keep beyond that.
-    """
-
-    stream_id: int
-    data: bytes | memoryview
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEnded:
-    """The peer half-closed the stream (TCP FIN)."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamReset:
-    """The peer reset the stream (TCP RST)."""
-
-    stream_id: int
-    error_code: int
-
-
-@dataclass(frozen=True, slots=True)
-class WindowOpened:
-    """More may be sent: on `stream_id`, or on every stream when `stream_id` is 0."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionEnded:
-    """GOAWAY from the peer: streams above `last_stream_id` were never processed."""
-
-    error_code: int
-    last_stream_id: int
-
-
-Event = (
-    StreamRequested
-    | StreamAccepted
-    | StreamRefused
-    | Data
-    | StreamEnded
-    | StreamReset
-    | WindowOpened
-    | ConnectionEnded
+_SETTINGS = (
+    (frames.S_MAX_FRAME_SIZE, MAX_FRAME_SIZE),
+    (frames.S_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+    (frames.S_MAX_CONCURRENT_STREAMS, MAX_CONCURRENT_STREAMS),
+    (frames.S_ENABLE_PUSH, 0),
+    (frames.S_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST_SIZE),
 )
-
-
-def format_authority(ip: str, port: int) -> str:
-    """`10.0.0.1:80` or `[fd00::1]:80`."""
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
-def parse_authority(authority: str) -> tuple[str, int]:
-    """(`ip`, port) from an authority; raises ValueError if it is not `ip:port` / `[v6]:port`."""
-    host, sep, port = authority.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"authority {authority!r} is not ip:port")
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
-    if host.startswith("[") and host.endswith("]"):
-        ip = ipaddress.IPv6Address(host[1:-1])
-    else:
-        ip = ipaddress.IPv4Address(host)
-    return str(ip), int(port)
 
 
 class _Stream:
@@ -208,7 +86,7 @@ class _Stream:
         self.unacked = 0  # consumed bytes not yet given back in a WINDOW_UPDATE
         self.local_closed = False  # we sent END_STREAM
         self.remote_closed = False  # the peer sent END_STREAM
-        self.responded = False  # client: the response HEADERS came
+        self.responded = False  # the response HEADERS came (client) or went (server)
 
 
 class HboneConnection:
@@ -225,62 +103,56 @@ class HboneConnection:
         self._encoder = hpack.Encoder()
         self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST_SIZE)
         # peer settings
-        self._peer_initial_window = DEFAULT_WINDOW
-        self._peer_max_frame = DEFAULT_FRAME
+        self._peer_initial_window = frames.DEFAULT_WINDOW
+        self._peer_max_frame = frames.DEFAULT_FRAME
         self._peer_max_streams = 1 << 31
         # connection windows
-        self._send_conn_window = DEFAULT_WINDOW
+        self._send_conn_window = frames.DEFAULT_WINDOW
         self._recv_conn_window = CONNECTION_WINDOW
         self._conn_unacked = 0
         # input state
-        self._preface_left = 0 if client else len(PREFACE)
+        self._preface_left = 0 if client else len(frames.PREFACE)
         self._partial = bytearray()  # an incomplete frame header or non-DATA frame
         self._data_left = 0  # payload bytes of the DATA frame being streamed
         self._data_sid = 0
         self._data_stream: _Stream | None = None
         self._data_end = False
-        self._block = bytearray()  # header block waiting for CONTINUATION
-        self._block_sid = 0
-        self._block_end_stream = False
-        out = self.out
+        self._block = headers.HeaderBlock()  # a header block waiting for CONTINUATION
+        # flood accounting (bounds in agent.tunnel.floods)
+        self._replies = 0  # control frames queued in reply to the peer since `drained()`
+        self._idle_frames = 0  # frames in a row that carried nothing
+        self._peer_opened = 0  # streams the peer opened
+        self._premature = 0  # ... and reset before we answered
         if client:
-            out += PREFACE
-        settings = (
-            (S_MAX_FRAME_SIZE, MAX_FRAME_SIZE),
-            (S_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
-            (S_MAX_CONCURRENT_STREAMS, MAX_CONCURRENT_STREAMS),
-            (S_ENABLE_PUSH, 0),
-            (S_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST_SIZE),
-        )
-        out += _frame_header(6 * len(settings), SETTINGS, 0, 0)
-        for key, value in settings:
-            out += _SETTING.pack(key, value)
-        out += _frame_header(4, WINDOW_UPDATE, 0, 0)
-        out += _U32.pack(CONNECTION_WINDOW - DEFAULT_WINDOW)
+            self.out += frames.PREFACE
+        self.out += frames.settings_frame(_SETTINGS)
+        self.out += frames.window_update(0, CONNECTION_WINDOW - frames.DEFAULT_WINDOW)
 
     # -- input ------------------------------------------------------------------------------
 
     def receive(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes read from the peer; return what happened.  Raises TunnelProtocolError."""
         if self._broken:
-            raise TunnelProtocolError("the connection already failed")
+            raise TunnelProtocolError("the connection already failed", frames.PROTOCOL_ERROR)
         out: list[Event] = []
         try:
             self._feed(memoryview(data).cast("B"), out)
-        except _ConnError as exc:
+        except ConnError as exc:
             self._broken = True
             self._goaway(exc.code)
-            raise TunnelProtocolError(f"HTTP/2 protocol error from the peer: {exc}") from None
+            what = "flood" if exc.code == frames.ENHANCE_YOUR_CALM else "protocol error"
+            raise TunnelProtocolError(f"HTTP/2 {what} from the peer: {exc}", exc.code) from None
         return out
 
     def _feed(self, mv: memoryview, out: list[Event]) -> None:
         n = len(mv)
         i = 0
         if self._preface_left:
+            preface = frames.PREFACE
             take = min(self._preface_left, n)
-            start = len(PREFACE) - self._preface_left
-            if mv[:take] != PREFACE[start : start + take]:
-                raise _ConnError(PROTOCOL_ERROR, "no HTTP/2 client preface")
+            start = len(preface) - self._preface_left
+            if mv[:take] != preface[start : start + take]:
+                raise ConnError(frames.PROTOCOL_ERROR, "no HTTP/2 client preface")
             self._preface_left -= take
             i = take
         partial = self._partial
@@ -331,42 +203,49 @@ class HboneConnection:
 
     def _start_frame(self, buf: memoryview | bytearray, i: int, out: list[Event]) -> bool:
         """Check a frame header at buf[i:]; True if it starts an unpadded DATA frame (streamed)."""
-        hi, lo, ftype, flags, sid = _unpack_header(buf, i)
+        hi, lo, ftype, flags, sid = unpack_header(buf, i)
         length = hi << 8 | lo
+        if ftype != DATA:
+            floods.check_control_frame(ftype, length)  # before any of it is buffered
+            return False
         if length > MAX_FRAME_SIZE:
-            raise _ConnError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
-        if ftype != DATA or flags & PADDED or self._block_sid:
+            raise ConnError(frames.FRAME_SIZE_ERROR, f"DATA frame of {length} bytes")
+        if flags & PADDED or self._block.sid:
             return False
         sid &= 0x7FFFFFFF
         st = self._data_frame(sid, length, out)
         self._data_sid = sid
         self._data_stream = st
-        self._data_end = bool(flags & END_STREAM)
+        self._data_end = end = bool(flags & END_STREAM)
         self._data_left = length
-        if not length:
+        if length:
+            self._idle_frames = 0
+        else:
+            if not end:
+                self._idle_frames = floods.idle_frame(self._idle_frames, "empty DATA frames")
             self._data_done(out)
         return True
 
     def _data_frame(self, sid: int, length: int, out: list[Event]) -> _Stream | None:
         """Flow control for an incoming DATA frame; the live stream it is for, or None."""
         if not sid:
-            raise _ConnError(PROTOCOL_ERROR, "DATA on stream 0")
+            raise ConnError(frames.PROTOCOL_ERROR, "DATA on stream 0")
         self._recv_conn_window -= length
         if self._recv_conn_window < 0:
-            raise _ConnError(FLOW_CONTROL_ERROR, "connection window exceeded")
+            raise ConnError(frames.FLOW_CONTROL_ERROR, "connection window exceeded")
         st = self._streams.get(sid)
         if st is None or st.remote_closed:
             if st is None and sid > self._last_peer_sid and (sid & 1) != self.client:
-                raise _ConnError(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+                raise ConnError(frames.PROTOCOL_ERROR, f"DATA on idle stream {sid}")
             self._credit(length, None)  # a forgotten stream: give the connection window back
             return None
         if self.client and not st.responded:
-            raise _ConnError(PROTOCOL_ERROR, f"DATA before the response on stream {sid}")
+            raise ConnError(frames.PROTOCOL_ERROR, f"DATA before the response on stream {sid}")
         st.recv_window -= length
         if st.recv_window < 0:
             self._credit(length, None)
-            self._stream_error(sid, FLOW_CONTROL_ERROR)
-            out.append(StreamReset(sid, FLOW_CONTROL_ERROR))
+            self._stream_error(sid, frames.FLOW_CONTROL_ERROR)
+            out.append(events.StreamReset(sid, frames.FLOW_CONTROL_ERROR))
             return None
         return st
 
@@ -378,235 +257,202 @@ class HboneConnection:
 
     def _remote_end(self, sid: int, st: _Stream, out: list[Event]) -> None:
         st.remote_closed = True
-        out.append(StreamEnded(sid))
+        out.append(events.StreamEnded(sid))
         if st.local_closed:
             del self._streams[sid]
 
     def _frame(self, frame: memoryview | bytes, out: list[Event]) -> None:
         """One complete non-streamed frame (header included)."""
-        hi, lo, ftype, flags, sid = _unpack_header(frame, 0)
+        hi, lo, ftype, flags, sid = unpack_header(frame, 0)
         length = hi << 8 | lo
         sid &= 0x7FFFFFFF
         body = memoryview(frame)[9 : 9 + length]
-        if self._block_sid and ftype != CONTINUATION:
-            raise _ConnError(PROTOCOL_ERROR, "header block interrupted")
+        block = self._block
+        if block.sid and ftype != frames.CONTINUATION:
+            raise ConnError(
+                frames.PROTOCOL_ERROR, f"header block interrupted by a frame of type {ftype}"
+            )
+        frames.check_shape(ftype, sid, length)
+        idle, self._idle_frames = self._idle_frames, 0  # in a row, unless this one is idle too
         if ftype == DATA:  # padded
             st = self._data_frame(sid, length, out)
-            payload = self._unpad(body, flags)
+            payload = frames.unpad(body, flags)
             if st is not None:
                 self._credit(length - len(payload), sid)
                 if payload:
                     out.append(Data(sid, payload))
                 if flags & END_STREAM:
                     self._remote_end(sid, st, out)
-        elif ftype == HEADERS:
-            self._headers(sid, flags, body)
-            if flags & END_HEADERS:
-                self._end_block(out)
-        elif ftype == CONTINUATION:
-            if not self._block_sid or sid != self._block_sid:
-                raise _ConnError(PROTOCOL_ERROR, "unexpected CONTINUATION")
-            self._add_block(body)
-            if flags & END_HEADERS:
-                self._end_block(out)
-        elif ftype == SETTINGS:
-            self._settings(sid, flags, body, out)
-        elif ftype == WINDOW_UPDATE:
+            if not payload and not flags & END_STREAM:
+                self._idle_frames = floods.idle_frame(idle, "empty DATA frames")
+        elif ftype in (frames.HEADERS, frames.CONTINUATION):
+            if ftype == frames.HEADERS:
+                block.start(sid, flags, body)
+            else:
+                block.add(sid, body)
+            if flags & frames.END_HEADERS:
+                self._end_block(out, idle)
+            else:
+                self._idle_frames = idle  # undecided until the block is complete
+        elif ftype == frames.SETTINGS:
+            self._settings(flags, body, out)
+        elif ftype == frames.WINDOW_UPDATE:
             self._window_update(sid, body, out)
-        elif ftype == PING:
-            if sid or length != 8:
-                raise _ConnError(PROTOCOL_ERROR if sid else FRAME_SIZE_ERROR, "bad PING")
-            if not flags & ACK:
-                self.out += _frame_header(8, PING, ACK, 0)
-                self.out += body
-        elif ftype == RST_STREAM:
-            if not sid or length != 4:
-                raise _ConnError(PROTOCOL_ERROR if not sid else FRAME_SIZE_ERROR, "bad RST")
-            if sid not in self._streams and self._idle(sid):
-                raise _ConnError(PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
-            if self._streams.pop(sid, None) is not None:
-                out.append(StreamReset(sid, _U32.unpack_from(body)[0]))
-        elif ftype == GOAWAY:
-            if sid or length < 8:
-                raise _ConnError(PROTOCOL_ERROR, "bad GOAWAY")
-            last, code = _U32x2.unpack_from(body)
+        elif ftype == frames.PING:
+            if flags & frames.ACK:
+                self._idle_frames = floods.idle_frame(idle, "PING acks")  # we send no PINGs
+            else:
+                self._reply(frames.ping_ack(body))
+        elif ftype == frames.RST_STREAM:
+            self._rst_stream(sid, frames.U32.unpack_from(body)[0], out)
+        elif ftype == frames.GOAWAY:
+            last, code = frames.parse_goaway(body)
             self.ended = True
-            out.append(ConnectionEnded(code, last & 0x7FFFFFFF))
-        elif ftype == PRIORITY:
-            if not sid or length != 5:
-                raise _ConnError(PROTOCOL_ERROR, "bad PRIORITY")
-        elif ftype == PUSH_PROMISE:
-            raise _ConnError(PROTOCOL_ERROR, "PUSH_PROMISE although push is disabled")
-        # unknown frame types are ignored (RFC 9113 section 4.1)
+            out.append(events.ConnectionEnded(code, last))
+        elif ftype == frames.PRIORITY:
+            self._idle_frames = floods.idle_frame(idle, "PRIORITY frames")
+        elif ftype == frames.PUSH_PROMISE:
+            raise ConnError(frames.PROTOCOL_ERROR, "PUSH_PROMISE although push is disabled")
+        else:  # unknown frame types are ignored (RFC 9113 section 4.1)
+            self._idle_frames = floods.idle_frame(idle, "frames of unknown types")
 
-    def _idle(self, sid: int) -> bool:
+    def _reply(self, frame: bytes) -> None:
+        """Queue a control frame the peer's frames caused; too many unread ones are a flood."""
+        self.out += frame
+        self._replies += 1
+        floods.check_replies(self._replies)
+
+    def _is_idle(self, sid: int) -> bool:
         if (sid & 1) == self.client:  # ours
             return sid >= self._next_sid
         return sid > self._last_peer_sid
 
-    @staticmethod
-    def _unpad(body: memoryview, flags: int) -> memoryview:
-        if not flags & PADDED:
-            return body
-        if not body:
-            raise _ConnError(PROTOCOL_ERROR, "padded frame without pad length")
-        pad = body[0]
-        if pad >= len(body):
-            raise _ConnError(PROTOCOL_ERROR, "padding longer than the frame")
-        return body[1 : len(body) - pad]
+    def _rst_stream(self, sid: int, code: int, out: list[Event]) -> None:
+        st = self._streams.pop(sid, None)
+        if st is None:
+            if self._is_idle(sid):
+                raise ConnError(frames.PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
+            return
+        out.append(events.StreamReset(sid, code))
+        if not self.client and not st.responded:  # opened and reset before we answered
+            self._premature += 1
+            floods.check_premature_resets(self._premature, self._peer_opened)
 
-    def _headers(self, sid: int, flags: int, body: memoryview) -> None:
-        if not sid:
-            raise _ConnError(PROTOCOL_ERROR, "HEADERS on stream 0")
-        block = self._unpad(body, flags)
-        if flags & PRIORITY_FLAG:
-            if len(block) < 5:
-                raise _ConnError(FRAME_SIZE_ERROR, "short priority block")
-            block = block[5:]
-        self._block_sid = sid
-        self._block_end_stream = bool(flags & END_STREAM)
-        self._block.clear()
-        self._add_block(block)
-
-    def _add_block(self, part: memoryview) -> None:
-        self._block += part
-        if len(self._block) > MAX_HEADER_BLOCK:
-            raise _ConnError(PROTOCOL_ERROR, "header block too large")
-
-    def _end_block(self, out: list[Event]) -> None:
-        sid, end_stream = self._block_sid, self._block_end_stream
-        self._block_sid = 0
-        try:
-            headers = self._decoder.decode(bytes(self._block), raw=False)
-        except (hpack.HPACKError, UnicodeDecodeError, ValueError) as exc:
-            raise _ConnError(COMPRESSION_ERROR, f"bad header block: {exc}") from None
-        self._block.clear()
-        fields: dict[str, str] = {}
-        for raw_name, raw_value in headers:
-            name, value = str(raw_name), str(raw_value)
-            if name in fields and name.startswith(":"):
-                fields[":invalid"] = name
-            fields.setdefault(name, value)
+    def _end_block(self, out: list[Event], idle: int) -> None:
+        block = self._block
+        sid, end_stream = block.sid, block.end_stream
+        fields = headers.decode(self._decoder, block.take())
         st = self._streams.get(sid)
         if st is None:
-            if (sid & 1) == self.client or not self._idle(sid):
-                return  # trailers or a response on a stream that is already gone
+            if (sid & 1) == self.client or not self._is_idle(sid):
+                # trailers or a response on a stream that is already gone
+                self._idle_frames = floods.idle_frame(idle, "header blocks for closed streams")
+                return
             self._request(sid, fields, end_stream, out)
         elif self.client and not st.responded:
             self._response(sid, st, fields, end_stream, out)
         else:  # trailers: HBONE has none
-            self._stream_error(sid, PROTOCOL_ERROR)
-            out.append(StreamReset(sid, PROTOCOL_ERROR))
+            self._stream_error(sid, frames.PROTOCOL_ERROR)
+            out.append(events.StreamReset(sid, frames.PROTOCOL_ERROR))
 
     def _request(self, sid: int, fields: dict[str, str], ended: bool, out: list[Event]) -> None:
         if self.client:
-            raise _ConnError(PROTOCOL_ERROR, "server-initiated stream")
+            raise ConnError(frames.PROTOCOL_ERROR, "server-initiated stream")
         self._last_peer_sid = sid
+        self._peer_opened += 1
+        floods.check_replies(self._replies)  # refusals by the owner count too
         if self.ended or len(self._streams) >= MAX_CONCURRENT_STREAMS:
-            self._send_rst(sid, REFUSED_STREAM)
+            self._reply(frames.rst_stream(sid, frames.REFUSED_STREAM))
             return
         st = self._streams[sid] = _Stream(self._peer_initial_window)
         st.remote_closed = ended
-        method = fields.get(":method")
-        authority = fields.get(":authority")
-        if ":invalid" in fields or any(k.lower() != k for k in fields):
-            self.refuse(sid, 400)
-        elif method != "CONNECT":
-            self.refuse(sid, 405)
-        elif not authority or ":protocol" in fields or ended:
-            self.refuse(sid, 400)
+        status = headers.request_refusal(fields, ended)
+        if status:
+            self.refuse(sid, status)
+            floods.check_replies(self._replies)
         else:
-            out.append(StreamRequested(sid, authority))
+            out.append(events.StreamRequested(sid, fields[":authority"]))
 
     def _response(
         self, sid: int, st: _Stream, fields: dict[str, str], ended: bool, out: list[Event]
     ) -> None:
-        status = fields.get(":status", "")
-        if len(status) != 3 or not status.isdigit():
-            self._stream_error(sid, PROTOCOL_ERROR)
-            out.append(StreamRefused(sid, 502))
+        code = headers.response_status(fields)
+        if not code or (code < 200 and ended):
+            self._stream_error(sid, frames.PROTOCOL_ERROR)
+            out.append(events.StreamRefused(sid, 502))
             return
-        code = int(status)
-        if 100 <= code < 200:
-            if ended:
-                self._stream_error(sid, PROTOCOL_ERROR)
-                out.append(StreamRefused(sid, 502))
+        if code < 200:
             return  # informational
         st.responded = True
         if code == 200:
-            out.append(StreamAccepted(sid))
+            out.append(events.StreamAccepted(sid))
             if ended:
                 self._remote_end(sid, st, out)
             return
         # Refused: the stream is done either way.
         if ended and not st.local_closed:
-            self.out += _frame_header(0, DATA, END_STREAM, sid)
+            self.out += frames.frame_header(0, DATA, END_STREAM, sid)
         elif not ended:
-            self._send_rst(sid, CANCEL)
+            self._reply(frames.rst_stream(sid, frames.CANCEL))
         self._streams.pop(sid, None)
-        out.append(StreamRefused(sid, code))
+        out.append(events.StreamRefused(sid, code))
 
-    def _settings(self, sid: int, flags: int, body: memoryview, out: list[Event]) -> None:
-        if sid:
-            raise _ConnError(PROTOCOL_ERROR, "SETTINGS on a stream")
-        if flags & ACK:
+    def _settings(self, flags: int, body: memoryview, out: list[Event]) -> None:
+        if flags & frames.ACK:
             if body:
-                raise _ConnError(FRAME_SIZE_ERROR, "SETTINGS ack with a payload")
+                raise ConnError(frames.FRAME_SIZE_ERROR, "SETTINGS ack with a payload")
             return
-        if len(body) % 6:
-            raise _ConnError(FRAME_SIZE_ERROR, "SETTINGS length")
-        for off in range(0, len(body), 6):
-            key, value = _SETTING.unpack_from(body, off)
-            if key == S_INITIAL_WINDOW_SIZE:
-                if value > MAX_WINDOW:
-                    raise _ConnError(FLOW_CONTROL_ERROR, "initial window too large")
-                delta = value - self._peer_initial_window
-                self._peer_initial_window = value
-                if delta:
-                    for st in self._streams.values():
-                        st.send_window += delta
-                        if st.send_window > MAX_WINDOW:
-                            raise _ConnError(FLOW_CONTROL_ERROR, "stream window too large")
-                    out.append(WindowOpened(0))
-            elif key == S_MAX_FRAME_SIZE:
-                if not DEFAULT_FRAME <= value < 1 << 24:
-                    raise _ConnError(PROTOCOL_ERROR, "bad SETTINGS_MAX_FRAME_SIZE")
-                self._peer_max_frame = value
-            elif key == S_MAX_CONCURRENT_STREAMS:
-                self._peer_max_streams = value
-            elif key == S_HEADER_TABLE_SIZE:
-                self._encoder.header_table_size = value
-            elif key == S_ENABLE_PUSH and value > 1:
-                raise _ConnError(PROTOCOL_ERROR, "bad SETTINGS_ENABLE_PUSH")
-        self.out += _frame_header(0, SETTINGS, ACK, 0)
+        floods.check_settings(len(body) // 6)
+        settings = frames.parse_settings(body)
+        window = settings.get(frames.S_INITIAL_WINDOW_SIZE, self._peer_initial_window)
+        delta, self._peer_initial_window = window - self._peer_initial_window, window
+        if delta:
+            for st in self._streams.values():
+                st.send_window += delta
+                if st.send_window > frames.MAX_WINDOW:
+                    raise ConnError(frames.FLOW_CONTROL_ERROR, "stream window too large")
+            out.append(events.WindowOpened(0))
+        self._peer_max_frame = settings.get(frames.S_MAX_FRAME_SIZE, self._peer_max_frame)
+        self._peer_max_streams = settings.get(
+            frames.S_MAX_CONCURRENT_STREAMS, self._peer_max_streams
+        )
+        if frames.S_HEADER_TABLE_SIZE in settings:
+            self._encoder.header_table_size = settings[frames.S_HEADER_TABLE_SIZE]
+        self._reply(frames.SETTINGS_ACK)
 
     def _window_update(self, sid: int, body: memoryview, out: list[Event]) -> None:
-        if len(body) != 4:
-            raise _ConnError(FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
-        inc = _U32.unpack_from(body)[0] & 0x7FFFFFFF
+        inc = frames.U32.unpack_from(body)[0] & 0x7FFFFFFF
         if not sid:
             if not inc:
-                raise _ConnError(PROTOCOL_ERROR, "zero connection window increment")
+                raise ConnError(frames.PROTOCOL_ERROR, "zero connection window increment")
             self._send_conn_window += inc
-            if self._send_conn_window > MAX_WINDOW:
-                raise _ConnError(FLOW_CONTROL_ERROR, "connection window too large")
-            out.append(WindowOpened(0))
+            if self._send_conn_window > frames.MAX_WINDOW:
+                raise ConnError(frames.FLOW_CONTROL_ERROR, "connection window too large")
+            out.append(events.WindowOpened(0))
             return
         st = self._streams.get(sid)
         if st is None:
-            if self._idle(sid):
-                raise _ConnError(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
+            if self._is_idle(sid):
+                raise ConnError(frames.PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
             return
-        if not inc or st.send_window + inc > MAX_WINDOW:
-            self._stream_error(sid, PROTOCOL_ERROR if not inc else FLOW_CONTROL_ERROR)
-            out.append(StreamReset(sid, PROTOCOL_ERROR if not inc else FLOW_CONTROL_ERROR))
+        if not inc or st.send_window + inc > frames.MAX_WINDOW:
+            code = frames.PROTOCOL_ERROR if not inc else frames.FLOW_CONTROL_ERROR
+            self._stream_error(sid, code)
+            out.append(events.StreamReset(sid, code))
             return
         st.send_window += inc
-        out.append(WindowOpened(sid))
+        out.append(events.WindowOpened(sid))
 
     def _stream_error(self, sid: int, code: int) -> None:
-        if self._streams.pop(sid, None) is not None or not self._idle(sid):
-            self._send_rst(sid, code)
+        if self._streams.pop(sid, None) is not None or not self._is_idle(sid):
+            self._reply(frames.rst_stream(sid, code))
+
+    @property
+    def pending_header_block(self) -> bool:
+        """A HEADERS frame came without END_HEADERS and its last CONTINUATION has not: nothing
+        else is read until it does.  The core has no clock; its owner should give up after
+        `floods.HEADER_BLOCK_TIMEOUT` (close the connection)."""
+        return self._block.sid != 0
 
     # -- output -----------------------------------------------------------------------------
 
@@ -616,48 +462,59 @@ class HboneConnection:
         self.out.clear()
         return data
 
-    def _send_headers(self, sid: int, headers: list[tuple[str, str]], flags: int) -> None:
-        block = self._encoder.encode(headers)
-        limit = self._peer_max_frame
-        out = self.out
-        if len(block) <= limit:
-            out += _frame_header(len(block), HEADERS, flags | END_HEADERS, sid)
-            out += block
-            return
-        out += _frame_header(limit, HEADERS, flags, sid)
-        out += block[:limit]
-        for start in range(limit, len(block), limit):
-            part = block[start : start + limit]
-            last = END_HEADERS if start + limit >= len(block) else 0
-            out += _frame_header(len(part), CONTINUATION, last, sid)
-            out += part
-
-    def _send_rst(self, sid: int, code: int) -> None:
-        self.out += _frame_header(4, RST_STREAM, 0, sid)
-        self.out += _U32.pack(code)
+    def drained(self) -> None:
+        """What was taken from `out` reached the peer's socket: the replies queued until then no
+        longer count against `floods.MAX_OUTBOUND_CONTROL`."""
+        self._replies = 0
 
     def _goaway(self, code: int) -> None:
         self.ended = True
-        self.out += _frame_header(8, GOAWAY, 0, 0)
-        self.out += _U32x2.pack(self._last_peer_sid, code)
+        self.out += frames.goaway(self._last_peer_sid, code)
 
     def open_stream(self, authority: str) -> int:
-        """Client: send a CONNECT for `authority`; returns the stream id."""
+        """Client: send a CONNECT for `authority`; returns the stream id.  See `can_open`."""
+        if not self.client:
+            raise LocalProtocolError("a server cannot open streams")
+        if self.ended:
+            raise LocalProtocolError("the connection is ending (GOAWAY): open another one")
+        if len(self._streams) >= self._peer_max_streams:
+            raise LocalProtocolError(
+                f"the peer allows {self._peer_max_streams} concurrent streams: wait until one"
+                " ends (can_open)"
+            )
         sid = self._next_sid
+        if sid > 0x7FFFFFFF:
+            raise LocalProtocolError("stream ids are used up: open another connection")
         self._next_sid += 2
         self._streams[sid] = _Stream(self._peer_initial_window)
         self._send_headers(sid, [(":method", "CONNECT"), (":authority", authority)], 0)
         return sid
 
+    def _send_headers(self, sid: int, fields: list[tuple[str, str]], flags: int) -> None:
+        block = self._encoder.encode(fields)
+        self.out += frames.header_frames(block, sid, flags, self._peer_max_frame)
+
     def accept(self, stream_id: int) -> None:
-        """Server: answer 200; the tunnel is open."""
-        if stream_id in self._streams:
+        """Server: answer 200; the tunnel is open (no-op if the peer reset the stream)."""
+        st = self._unanswered(stream_id, "accept")
+        if st is not None:
+            st.responded = True
             self._send_headers(stream_id, [(":status", "200")], 0)
 
     def refuse(self, stream_id: int, status: int) -> None:
         """Server: answer `status` (403 not allowed, 503 cannot connect) and end the stream."""
-        if self._streams.pop(stream_id, None) is not None:
+        if self._unanswered(stream_id, "refuse") is not None:
+            del self._streams[stream_id]
+            self._replies += 1  # caused by the peer: checked at its next request
             self._send_headers(stream_id, [(":status", str(status))], END_STREAM)
+
+    def _unanswered(self, stream_id: int, what: str) -> _Stream | None:
+        if self.client:
+            raise LocalProtocolError(f"a client cannot {what} streams")
+        st = self._streams.get(stream_id)
+        if st is not None and st.responded:
+            raise LocalProtocolError(f"cannot {what} stream {stream_id}: it was accepted")
+        return st
 
     def send_window(self, stream_id: int) -> int:
         """How many payload bytes `send_data` takes now (0: wait for WindowOpened)."""
@@ -668,25 +525,38 @@ class HboneConnection:
         c = self._send_conn_window
         return w if w < c else c
 
-    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
-        """Send payload; `len(data)` must not exceed `send_window(stream_id)`."""
+    def _sendable(self, stream_id: int, n: int) -> bool:
+        """Take `n` bytes from the windows; False if the stream is gone, misuse raises."""
         st = self._streams.get(stream_id)
-        if st is None or st.local_closed:
-            return
-        n = len(data)
+        if st is None:
+            return False  # reset meanwhile: the bytes have nowhere to go
+        if st.local_closed:
+            raise LocalProtocolError(f"stream {stream_id} already sent END_STREAM")
+        if n > st.send_window or n > self._send_conn_window:
+            raise LocalProtocolError(
+                f"{n} bytes exceed the send window of stream {stream_id}"
+                f" ({self.send_window(stream_id)} bytes): wait for WindowOpened"
+            )
         st.send_window -= n
         self._send_conn_window -= n
+        return True
+
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Send payload; `len(data)` must not exceed `send_window(stream_id)`."""
+        n = len(data)
+        if not self._sendable(stream_id, n):
+            return
         out = self.out
         frame = self._peer_max_frame
         if n <= frame:
-            out += _HEADER.pack(n >> 8, n & 0xFF, DATA, 0, stream_id)
+            out += pack_header(n >> 8, n & 0xFF, DATA, 0, stream_id)
             out += data
             return
         view = memoryview(data)
         for start in range(0, n, frame):
             part = view[start : start + frame]
             k = len(part)
-            out += _HEADER.pack(k >> 8, k & 0xFF, DATA, 0, stream_id)
+            out += pack_header(k >> 8, k & 0xFF, DATA, 0, stream_id)
             out += part
 
     @property
@@ -698,14 +568,11 @@ class HboneConnection:
         """Zero-copy `send_data`: account for `n` payload bytes (at most `send_window` and
         `max_frame`) and return the 9-byte DATA frame header; the caller sends it, immediately
         followed by the payload, after everything `out` holds.  b"" if the stream is gone."""
-        st = self._streams.get(stream_id)
-        if st is None or st.local_closed:
-            return b""
         if n > self._peer_max_frame:
-            raise ValueError(f"{n} bytes do not fit one DATA frame ({self._peer_max_frame})")
-        st.send_window -= n
-        self._send_conn_window -= n
-        return _HEADER.pack(n >> 8, n & 0xFF, DATA, 0, stream_id)
+            raise LocalProtocolError(f"{n} bytes do not fit one DATA frame ({self.max_frame})")
+        if not self._sendable(stream_id, n):
+            return b""
+        return pack_header(n >> 8, n & 0xFF, DATA, 0, stream_id)
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our direction of the stream (no-op if the stream is gone)."""
@@ -713,14 +580,14 @@ class HboneConnection:
         if st is None or st.local_closed:
             return
         st.local_closed = True
-        self.out += _frame_header(0, DATA, END_STREAM, stream_id)
+        self.out += frames.frame_header(0, DATA, END_STREAM, stream_id)
         if st.remote_closed:
             del self._streams[stream_id]
 
-    def reset(self, stream_id: int, error_code: int = CANCEL) -> None:
+    def reset(self, stream_id: int, error_code: int = frames.CANCEL) -> None:
         """Abort the stream (no-op if it is gone)."""
         if self._streams.pop(stream_id, None) is not None:
-            self._send_rst(stream_id, error_code)
+            self.out += frames.rst_stream(stream_id, error_code)
 
     def consumed(self, stream_id: int, n: int) -> None:
         """`n` bytes of this stream's Data reached the app: reopen that much window (batched)."""
@@ -729,8 +596,7 @@ class HboneConnection:
     def _credit(self, n: int, stream_id: int | None) -> None:
         self._conn_unacked += n
         if self._conn_unacked >= CONNECTION_WINDOW // 2:
-            self.out += _frame_header(4, WINDOW_UPDATE, 0, 0)
-            self.out += _U32.pack(self._conn_unacked)
+            self.out += frames.window_update(0, self._conn_unacked)
             self._recv_conn_window += self._conn_unacked
             self._conn_unacked = 0
         if stream_id is None:
@@ -740,8 +606,7 @@ class HboneConnection:
             return  # nothing more will come on it: no point reopening its window
         st.unacked += n
         if st.unacked >= STREAM_WINDOW // 2:
-            self.out += _frame_header(4, WINDOW_UPDATE, 0, stream_id)
-            self.out += _U32.pack(st.unacked)
+            self.out += frames.window_update(stream_id, st.unacked)
             st.recv_window += st.unacked
             st.unacked = 0
 

@@ -9,13 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.tunnel.hbone import (
-    MAX_FRAME_SIZE,
-    STREAM_WINDOW,
+from agent.tunnel.authority import format_authority, parse_authority
+from agent.tunnel.events import (
     ConnectionEnded,
     Data,
     Event,
-    HboneConnection,
+    LocalProtocolError,
     StreamAccepted,
     StreamEnded,
     StreamRefused,
@@ -23,9 +22,8 @@ from agent.tunnel.hbone import (
     StreamReset,
     TunnelProtocolError,
     WindowOpened,
-    format_authority,
-    parse_authority,
 )
+from agent.tunnel.hbone import MAX_FRAME_SIZE, STREAM_WINDOW, HboneConnection
 
 
 class Pair:
@@ -164,10 +162,10 @@ def test_data_header_is_send_data_without_the_copy() -> None:
     wire = p.client.data_to_send() + header + blob
     events = p.server.receive(wire)
     assert payload(events, sid) == b"first" + blob
-    with pytest.raises(ValueError):
+    with pytest.raises(LocalProtocolError):
         p.client.data_header(sid, MAX_FRAME_SIZE + 1)
-    p.client.end_stream(sid)
-    assert p.client.data_header(sid, 1) == b""  # half-closed: nothing more to send
+    p.client.reset(sid)
+    assert p.client.data_header(sid, 1) == b""  # gone: nothing more to send
 
 
 def test_window_exhaustion_and_reopening_after_consumed() -> None:
