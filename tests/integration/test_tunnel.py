@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -29,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hpack
 import pytest
 
 from agent.config import ProxyConfig, RedirectionConfig
@@ -37,9 +39,22 @@ from agent.identity.ca import init_ca, issue_node
 from agent.identity.certs import NodeSigner, WorkloadCertificate
 from agent.netns import entered
 from agent.proxy.messages import COUNTERS, SetCertificate, SetTrust, Stats, UpdateDirectory
-from agent.tunnel.events import Data, StreamAccepted
+from agent.tunnel.connection import EPOLLIN, EPOLLOUT, Buffers, TunnelConn
+from agent.tunnel.events import ConnectionEnded, Data, StreamAccepted, TunnelProtocolError
+from agent.tunnel.floods import HEADER_BLOCK_TIMEOUT
+from agent.tunnel.frames import (
+    CONTINUATION,
+    END_HEADERS,
+    ENHANCE_YOUR_CALM,
+    HEADERS,
+    PING,
+    PREFACE,
+    frame_header,
+    settings_frame,
+)
 from agent.tunnel.hbone import HboneConnection
-from agent.tunnel.tls import worker_environment
+from agent.tunnel.stream import TunnelStream
+from agent.tunnel.tls import client_context, server_context, worker_environment
 
 from .netns_pair import (
     HTTP_PORT,
@@ -524,3 +539,140 @@ def test_workers_negotiate_aes_128_gcm(tmp_path: Path) -> None:
     default = {k: v for k, v in os.environ.items() if k != "OPENSSL_CONF"}
     plain = subprocess.run(run, env=default, cwd=REPO, capture_output=True, text=True)
     assert plain.stdout.strip() == "TLS_AES_256_GCM_SHA384", plain.stderr
+
+
+# -- one tunnel connection in this process, against a hostile TLS peer ------------------------
+
+
+class _Host:
+    """The `Host` of a server `TunnelConn` that the test drives itself (no worker)."""
+
+    def __init__(self) -> None:
+        self.closed: list[str] = []
+        self.requests: list[int] = []
+
+    def watch(self, fd: int, old: int, new: int) -> None:
+        pass
+
+    def tunnel_ready(self, conn: TunnelConn) -> None:
+        pass
+
+    def tunnel_request(self, conn: TunnelConn, stream_id: int, authority: str) -> None:
+        self.requests.append(stream_id)
+
+    def tunnel_closed(self, conn: TunnelConn, reason: str) -> None:
+        self.closed.append(reason)
+
+    def stream_done(self, stream: TunnelStream) -> None:
+        pass
+
+    def flush_soon(self, conn: TunnelConn) -> None:
+        pass
+
+
+def _pump(conn: TunnelConn, host: _Host, timeout: float = 0.05) -> None:
+    """One round of the worker's loop for `conn`: wait for its socket, handle, flush."""
+    if host.closed:
+        return
+    bio = conn.bio
+    want_out = [conn.sock] if bio is not None and bio.tx_bytes else []
+    readable, writable, _ = select.select([conn.sock], want_out, [], timeout)
+    if readable or writable:
+        conn.on_event(conn.fd, (EPOLLIN if readable else 0) | (EPOLLOUT if writable else 0))
+    if conn.flush_pending:
+        conn.flush()
+
+
+def _served(tmp: Path) -> tuple[TunnelConn, _Host, ssl.SSLSocket]:
+    """A server TunnelConn over loopback TCP and a blocking TLS client, past the handshake."""
+    creds = Credentials(tmp)
+    ours, theirs = creds.mint("b", "back", "api"), creds.mint("a", "front", "web")
+    server_ctx = server_context(ours.chain_pem, ours.key_pem, creds.bundle)
+    client_ctx = client_context(theirs.chain_pem, theirs.key_pem, creds.bundle)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        raw = socket.create_connection(listener.getsockname())
+        sock, _ = listener.accept()
+    raw.settimeout(30)
+    sock.setblocking(False)
+    host = _Host()
+    conn = TunnelConn(host, Buffers(), sock, server_ctx, client=False, trust_domain=TD)
+    conn.start()
+    client: list[ssl.SSLSocket] = []
+    handshake = threading.Thread(target=lambda: client.append(client_ctx.wrap_socket(raw)))
+    handshake.start()
+    deadline = time.monotonic() + 10
+    while (conn.core is None or handshake.is_alive()) and time.monotonic() < deadline:
+        _pump(conn, host)
+    handshake.join(1)
+    assert conn.core is not None and client, host.closed
+    return conn, host, client[0]
+
+
+def _goaway_code(tls: ssl.SSLSocket) -> int | None:
+    """Read what the server sent until it closed; the error code of its GOAWAY, if any."""
+    core = HboneConnection(client=True)
+    code = None
+    try:
+        while data := tls.recv(65536):
+            for ev in core.receive(data):
+                if isinstance(ev, ConnectionEnded):
+                    code = ev.error_code
+    except (OSError, TunnelProtocolError):  # a reset, or TLS ended without close_notify
+        pass
+    return code
+
+
+def test_a_peer_that_floods_pings_without_reading_is_cut_off(tmp_path: Path) -> None:
+    """Issue 8: PINGs whose acks are never read grew the send queue to 144 MB.  Now the acks
+    the peer leaves unread are bounded (`floods.MAX_OUTBOUND_CONTROL`, counted until the socket
+    took them), the connection ends, and little ciphertext ever waits in the queue.  The PINGs
+    come 500 at a time, each batch read before the next: only the unread acks add up."""
+    conn, host, tls = _served(tmp_path)
+    tls.sendall(PREFACE + settings_frame([]))
+    pings = (frame_header(8, PING, 0, 0) + bytes(8)) * 500
+    backlog = 0
+    for _ in range((64 << 20) // len(pings)):  # far more acks than the socket buffers hold
+        tls.sendall(pings)
+        _pump(conn, host, 1.0)
+        while not host.closed and select.select([conn.sock], [], [], 0)[0]:
+            _pump(conn, host, 0)
+        if host.closed:
+            break
+        assert conn.bio is not None
+        backlog = max(backlog, conn.bio.backlog)
+    tls.close()
+    assert host.closed and "flood" in host.closed[0], host.closed
+    assert backlog < 256 << 10
+
+
+def test_a_header_block_left_open_ends_the_connection(tmp_path: Path) -> None:
+    """Issue 8: a header block that never completes blocked the connection forever.  The core
+    says it is pending; `TunnelConn.sweep` ends the connection after HEADER_BLOCK_TIMEOUT with
+    GOAWAY ENHANCE_YOUR_CALM."""
+    conn, host, tls = _served(tmp_path)
+    block = bytes(hpack.Encoder().encode([(":method", "CONNECT"), (":authority", "10.0.0.9:80")]))
+
+    def send_and_wait(data: bytes, until: Any) -> None:
+        tls.sendall(data)
+        deadline = time.monotonic() + 5
+        while not until() and time.monotonic() < deadline:
+            _pump(conn, host)
+
+    # A block completed in time is fine ...
+    first = PREFACE + settings_frame([]) + frame_header(3, HEADERS, 0, 1) + block[:3]
+    send_and_wait(first, lambda: conn.header_block_since)
+    since = conn.header_block_since
+    assert since
+    rest = frame_header(len(block) - 3, CONTINUATION, END_HEADERS, 1) + block[3:]
+    send_and_wait(rest, lambda: host.requests)
+    assert host.requests == [1] and not conn.header_block_since
+    conn.sweep(since + HEADER_BLOCK_TIMEOUT)
+    assert not host.closed
+    # ... one left open is not.
+    send_and_wait(frame_header(3, HEADERS, 0, 3) + block[:3], lambda: conn.header_block_since)
+    since = conn.header_block_since
+    conn.sweep(since + HEADER_BLOCK_TIMEOUT - 1)
+    assert not host.closed
+    conn.sweep(since + HEADER_BLOCK_TIMEOUT)
+    assert host.closed and "header block" in host.closed[0]
+    assert _goaway_code(tls) == ENHANCE_YOUR_CALM
