@@ -10,8 +10,8 @@ WINDOW_UPDATE, RST_STREAM, GOAWAY, HEADERS + CONTINUATION through `hpack`); it i
 h11 is: feed it what the socket read (`receive(data)` -> list of events, `agent.tunnel.events`),
 ask it for what to write (`data_to_send()`, or send straight from the `out` buffer and delete
 what went out), and tell it what the application wants (`open_stream`, `accept`, `refuse`,
-`send_data`, `end_stream`, `reset`, `consumed`, `close`).  It never touches a socket.  The wire
-format is `agent.tunnel.frames`, the header rules `agent.tunnel.headers`.  It interoperates with
+`send_data`, `end_stream`, `reset`, `consumed`, `close`).  It never touches a socket (wire
+format: `agent.tunnel.frames`, header rules: `agent.tunnel.headers`).  It interoperates with
 any HTTP/2 peer (the tests pair it with python-hyper `h2`), but the bulk path is its own: a DATA
 frame header is parsed with `struct` and its payload is handed out as a memoryview of the bytes
 given to `receive()` as soon as they arrive (no reassembly of a 1 MiB frame, no copy); a `Data`
@@ -21,72 +21,44 @@ many frames (and many streams) leave in one large TLS write; `data_header` is th
 variant for a caller that read the payload right behind room for the header and sends both
 itself (after whatever `out` holds).
 
-Bulk settings, in both directions: SETTINGS_MAX_FRAME_SIZE 1 MiB (fewer frames, fewer events),
-a large per-stream initial window, and a connection window of ~1 GiB so that only stream windows
-bound what is in flight.  A stream window is reopened only when the application calls
-`consumed(stream_id, n)`, i.e. after the bytes went on into the app socket, and only in batches
-(a WINDOW_UPDATE once half of the window was consumed): a slow reader behind the tunnel therefore
-stops its sender (backpressure end to end), while other streams of the same connection keep
-flowing.
-
-A stream is forgotten as soon as it is done (both ends sent END_STREAM, either reset it, or it was
-refused), so `open_streams` never counts finished tunnels; frames that were still in flight for a
-forgotten stream are ignored (their DATA still counts against, and is credited back to, the
-connection window).
+Flow control (`agent.tunnel.windows`): a stream window is reopened only when the application
+calls `consumed(stream_id, n)`, i.e. after the bytes went on into the app socket, and only in
+batches, so a slow reader behind the tunnel stops its sender while other streams keep flowing.
+A stream is forgotten as soon as it is done (both ends sent END_STREAM, either reset it, or it
+was refused), so `open_streams` never counts finished tunnels; frames still in flight for it are
+ignored (their DATA still counts against, and is credited back to, the connection window).
 
 Errors come in two kinds, as in h11 (`agent.tunnel.events`).  A protocol violation by the peer
 (bad frames, bad headers, flow-control abuse, a flood) raises `TunnelProtocolError` from
-`receive()` after a GOAWAY was queued; the connection should be closed after sending what `out`
-holds.  Errors confined to one stream reset only that stream (`StreamReset` event, RST_STREAM to
-the peer).  A misuse by the caller (`open_stream` beyond the peer's SETTINGS_MAX_CONCURRENT_STREAMS
-or after GOAWAY, `send_data` / `data_header` beyond the send window or after `end_stream`, `accept`
-twice) raises `LocalProtocolError` and changes nothing: the peer never sees a negative window.
+`receive()` after a GOAWAY was queued; close the connection after sending what `out` holds.
+Errors confined to one stream reset only that stream (`StreamReset`, RST_STREAM to the peer).  A
+misuse by the caller (`open_stream` beyond the peer's SETTINGS_MAX_CONCURRENT_STREAMS or after
+GOAWAY, `send_data` / `data_header` beyond the send window or after `end_stream`, `accept` twice)
+raises `LocalProtocolError` and changes nothing: the peer never sees a negative window.
 
-Floods (`agent.tunnel.floods`): replies the peer does not read, frames that carry nothing, streams
-reset before we answered them and endless header blocks are counted here and bounded there.  The
-owner reports sent bytes with `drained()` and, having the clock, closes a connection whose
-`pending_header_block` stays pending too long.
+Floods: replies the peer does not read, frames that carry nothing, streams reset before we
+answered them and endless header blocks are counted here and bounded in `agent.tunnel.floods`;
+the owner reports sent bytes (`drained()`) and times `pending_header_block`.
 """
 
 from __future__ import annotations
+
+from typing import NoReturn
 
 import hpack
 
 from agent.tunnel import events, floods, frames, headers
 from agent.tunnel.events import Data, Event, LocalProtocolError, TunnelProtocolError
 from agent.tunnel.frames import DATA, END_STREAM, PADDED, ConnError, pack_header, unpack_header
-
-MAX_FRAME_SIZE = 1 << 20
-STREAM_WINDOW = 4 << 20
-CONNECTION_WINDOW = (1 << 30) - 1
-MAX_CONCURRENT_STREAMS = 1000
-MAX_HEADER_LIST_SIZE = 16384
-_SETTINGS = (
-    (frames.S_MAX_FRAME_SIZE, MAX_FRAME_SIZE),
-    (frames.S_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
-    (frames.S_MAX_CONCURRENT_STREAMS, MAX_CONCURRENT_STREAMS),
-    (frames.S_ENABLE_PUSH, 0),
-    (frames.S_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST_SIZE),
+from agent.tunnel.windows import (
+    CONNECTION_WINDOW,
+    MAX_CONCURRENT_STREAMS,
+    MAX_FRAME_SIZE,
+    MAX_HEADER_LIST_SIZE,
+    SETTINGS,
+    STREAM_WINDOW,
+    StreamState,
 )
-
-
-class _Stream:
-    __slots__ = (
-        "local_closed",
-        "recv_window",
-        "remote_closed",
-        "responded",
-        "send_window",
-        "unacked",
-    )
-
-    def __init__(self, send_window: int) -> None:
-        self.send_window = send_window
-        self.recv_window = STREAM_WINDOW  # what the peer may still send (as we advertised)
-        self.unacked = 0  # consumed bytes not yet given back in a WINDOW_UPDATE
-        self.local_closed = False  # we sent END_STREAM
-        self.remote_closed = False  # the peer sent END_STREAM
-        self.responded = False  # the response HEADERS came (client) or went (server)
 
 
 class HboneConnection:
@@ -96,7 +68,7 @@ class HboneConnection:
         self.client = client
         self.ended = False  # GOAWAY sent or received, or a protocol error: no new streams
         self.out = bytearray()  # bytes for the peer; send from the front, `del out[:n]`
-        self._streams: dict[int, _Stream] = {}
+        self._streams: dict[int, StreamState] = {}
         self._next_sid = 1 if client else 2
         self._last_peer_sid = 0
         self._broken = False
@@ -115,7 +87,7 @@ class HboneConnection:
         self._partial = bytearray()  # an incomplete frame header or non-DATA frame
         self._data_left = 0  # payload bytes of the DATA frame being streamed
         self._data_sid = 0
-        self._data_stream: _Stream | None = None
+        self._data_stream: StreamState | None = None
         self._data_end = False
         self._block = headers.HeaderBlock()  # a header block waiting for CONTINUATION
         # flood accounting (bounds in agent.tunnel.floods)
@@ -125,7 +97,7 @@ class HboneConnection:
         self._premature = 0  # ... and reset before we answered
         if client:
             self.out += frames.PREFACE
-        self.out += frames.settings_frame(_SETTINGS)
+        self.out += frames.settings_frame(SETTINGS)
         self.out += frames.window_update(0, CONNECTION_WINDOW - frames.DEFAULT_WINDOW)
 
     # -- input ------------------------------------------------------------------------------
@@ -226,7 +198,7 @@ class HboneConnection:
             self._data_done(out)
         return True
 
-    def _data_frame(self, sid: int, length: int, out: list[Event]) -> _Stream | None:
+    def _data_frame(self, sid: int, length: int, out: list[Event]) -> StreamState | None:
         """Flow control for an incoming DATA frame; the live stream it is for, or None."""
         if not sid:
             raise ConnError(frames.PROTOCOL_ERROR, "DATA on stream 0")
@@ -255,7 +227,7 @@ class HboneConnection:
         if st is not None and self._data_end:
             self._remote_end(self._data_sid, st, out)
 
-    def _remote_end(self, sid: int, st: _Stream, out: list[Event]) -> None:
+    def _remote_end(self, sid: int, st: StreamState, out: list[Event]) -> None:
         st.remote_closed = True
         out.append(events.StreamEnded(sid))
         if st.local_closed:
@@ -364,7 +336,7 @@ class HboneConnection:
         if self.ended or len(self._streams) >= MAX_CONCURRENT_STREAMS:
             self._reply(frames.rst_stream(sid, frames.REFUSED_STREAM))
             return
-        st = self._streams[sid] = _Stream(self._peer_initial_window)
+        st = self._streams[sid] = StreamState(self._peer_initial_window)
         st.remote_closed = ended
         status = headers.request_refusal(fields, ended)
         if status:
@@ -374,7 +346,7 @@ class HboneConnection:
             out.append(events.StreamRequested(sid, fields[":authority"]))
 
     def _response(
-        self, sid: int, st: _Stream, fields: dict[str, str], ended: bool, out: list[Event]
+        self, sid: int, st: StreamState, fields: dict[str, str], ended: bool, out: list[Event]
     ) -> None:
         code = headers.response_status(fields)
         if not code or (code < 200 and ended):
@@ -449,9 +421,8 @@ class HboneConnection:
 
     @property
     def pending_header_block(self) -> bool:
-        """A HEADERS frame came without END_HEADERS and its last CONTINUATION has not: nothing
-        else is read until it does.  The core has no clock; its owner should give up after
-        `floods.HEADER_BLOCK_TIMEOUT` (close the connection)."""
+        """A header block waits for CONTINUATION, blocking the connection: the owner (with the
+        clock) closes it after `floods.HEADER_BLOCK_TIMEOUT`."""
         return self._block.sid != 0
 
     # -- output -----------------------------------------------------------------------------
@@ -486,7 +457,7 @@ class HboneConnection:
         if sid > 0x7FFFFFFF:
             raise LocalProtocolError("stream ids are used up: open another connection")
         self._next_sid += 2
-        self._streams[sid] = _Stream(self._peer_initial_window)
+        self._streams[sid] = StreamState(self._peer_initial_window)
         self._send_headers(sid, [(":method", "CONNECT"), (":authority", authority)], 0)
         return sid
 
@@ -508,7 +479,7 @@ class HboneConnection:
             self._replies += 1  # caused by the peer: checked at its next request
             self._send_headers(stream_id, [(":status", str(status))], END_STREAM)
 
-    def _unanswered(self, stream_id: int, what: str) -> _Stream | None:
+    def _unanswered(self, stream_id: int, what: str) -> StreamState | None:
         if self.client:
             raise LocalProtocolError(f"a client cannot {what} streams")
         st = self._streams.get(stream_id)
@@ -525,27 +496,16 @@ class HboneConnection:
         c = self._send_conn_window
         return w if w < c else c
 
-    def _sendable(self, stream_id: int, n: int) -> bool:
-        """Take `n` bytes from the windows; False if the stream is gone, misuse raises."""
-        st = self._streams.get(stream_id)
-        if st is None:
-            return False  # reset meanwhile: the bytes have nowhere to go
-        if st.local_closed:
-            raise LocalProtocolError(f"stream {stream_id} already sent END_STREAM")
-        if n > st.send_window or n > self._send_conn_window:
-            raise LocalProtocolError(
-                f"{n} bytes exceed the send window of stream {stream_id}"
-                f" ({self.send_window(stream_id)} bytes): wait for WindowOpened"
-            )
-        st.send_window -= n
-        self._send_conn_window -= n
-        return True
-
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         """Send payload; `len(data)` must not exceed `send_window(stream_id)`."""
+        st = self._streams.get(stream_id)
+        if st is None:
+            return  # reset meanwhile: the bytes have nowhere to go
         n = len(data)
-        if not self._sendable(stream_id, n):
-            return
+        if st.local_closed or n > st.send_window or n > self._send_conn_window:
+            self._cannot_send(stream_id, n)
+        st.send_window -= n
+        self._send_conn_window -= n
         out = self.out
         frame = self._peer_max_frame
         if n <= frame:
@@ -559,6 +519,14 @@ class HboneConnection:
             out += pack_header(k >> 8, k & 0xFF, DATA, 0, stream_id)
             out += part
 
+    def _cannot_send(self, stream_id: int, n: int) -> NoReturn:
+        if self._streams[stream_id].local_closed:
+            raise LocalProtocolError(f"stream {stream_id} already sent END_STREAM")
+        raise LocalProtocolError(
+            f"{n} bytes exceed the send window of stream {stream_id}"
+            f" ({self.send_window(stream_id)} bytes): wait for WindowOpened"
+        )
+
     @property
     def max_frame(self) -> int:
         """The largest DATA payload the peer accepts in one frame (its SETTINGS_MAX_FRAME_SIZE)."""
@@ -570,8 +538,13 @@ class HboneConnection:
         followed by the payload, after everything `out` holds.  b"" if the stream is gone."""
         if n > self._peer_max_frame:
             raise LocalProtocolError(f"{n} bytes do not fit one DATA frame ({self.max_frame})")
-        if not self._sendable(stream_id, n):
+        st = self._streams.get(stream_id)
+        if st is None:
             return b""
+        if st.local_closed or n > st.send_window or n > self._send_conn_window:
+            self._cannot_send(stream_id, n)
+        st.send_window -= n
+        self._send_conn_window -= n
         return pack_header(n >> 8, n & 0xFF, DATA, 0, stream_id)
 
     def end_stream(self, stream_id: int) -> None:
@@ -622,4 +595,8 @@ class HboneConnection:
     @property
     def can_open(self) -> bool:
         """Client: room for one more stream under the peer's MAX_CONCURRENT_STREAMS."""
-        return not self.ended and len(self._streams) < self._peer_max_streams
+        return (
+            not self.ended
+            and len(self._streams) < self._peer_max_streams
+            and self._next_sid <= 0x7FFFFFFF
+        )

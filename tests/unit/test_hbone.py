@@ -23,7 +23,8 @@ from agent.tunnel.events import (
     TunnelProtocolError,
     WindowOpened,
 )
-from agent.tunnel.hbone import MAX_FRAME_SIZE, STREAM_WINDOW, HboneConnection
+from agent.tunnel.hbone import HboneConnection
+from agent.tunnel.windows import MAX_FRAME_SIZE, STREAM_WINDOW
 
 
 class Pair:

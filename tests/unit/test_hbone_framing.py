@@ -44,7 +44,8 @@ from agent.tunnel.frames import (
     settings_frame,
     window_update,
 )
-from agent.tunnel.hbone import MAX_FRAME_SIZE, STREAM_WINDOW, HboneConnection
+from agent.tunnel.hbone import HboneConnection
+from agent.tunnel.windows import MAX_FRAME_SIZE, STREAM_WINDOW
 
 AUTHORITY = "10.0.0.2:80"
 
