@@ -3,7 +3,8 @@
 A Ferry workload identity is `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
 Only that exact shape is accepted: a lower-case DNS-name trust domain (no port, no user info) and
 exactly the four path segments `ns`, namespace, `sa`, service account, where namespace and service
-account are DNS labels, as in Kubernetes.  No query, no fragment, no percent-encoding, no empty or
+account are DNS labels, as in Kubernetes (the rules for both are `agent.names`, shared with the
+config and enrollment).  No query, no fragment, no percent-encoding, no empty or
 extra segments, no upper case anywhere.  Anything else raises `IdentityError` (a `ValueError`)
 naming the offending value, so a peer certificate with a surprising URI is refused rather than
 half-understood.
@@ -11,17 +12,15 @@ half-understood.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agent import names
+
 SCHEME = "spiffe://"
-LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
-DNS_LABEL = re.compile(LABEL)
-DNS_NAME = re.compile(rf"{LABEL}(\.{LABEL})*")
-TRUST_DOMAIN = DNS_NAME
-MAX_TRUST_DOMAIN = 253
+DNS_LABEL = names.DNS_LABEL  # the rules live in `agent.names`; these are their patterns
+DNS_NAME = names.DNS_SUBDOMAIN
 
 
 class IdentityError(ValueError):
@@ -46,26 +45,18 @@ class SpiffeId:
 
 def validate_trust_domain(trust_domain: str) -> str:
     """Return `trust_domain` if it is a lower-case DNS name, else raise `IdentityError`."""
-    if (
-        not isinstance(trust_domain, str)
-        or len(trust_domain) > MAX_TRUST_DOMAIN
-        or not TRUST_DOMAIN.fullmatch(trust_domain)
-    ):
-        raise IdentityError(
-            f"invalid trust domain {trust_domain!r}: must be a lower-case DNS name (labels of "
-            "letters, digits and '-' separated by '.', at most 253 characters)"
-        )
-    return trust_domain
+    try:
+        return names.trust_domain(trust_domain)
+    except names.InvalidName as exc:
+        raise IdentityError(str(exc)) from None
 
 
 def validate_label(kind: str, value: str) -> str:
     """Return `value` if it is a DNS label (namespace, service account), else raise."""
-    if not isinstance(value, str) or not DNS_LABEL.fullmatch(value):
-        raise IdentityError(
-            f"invalid {kind} {value!r}: must be a DNS label (lower-case letters, digits and '-', "
-            "at most 63 characters, starting and ending with a letter or digit)"
-        )
-    return value
+    try:
+        return names.dns_label(kind, value)
+    except names.InvalidName as exc:
+        raise IdentityError(str(exc)) from None
 
 
 def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
