@@ -1,25 +1,38 @@
-"""The `agent` command line: run, proxy, enroll, unenroll, status, cleanup.
+"""The `agent` command line: run, proxy, enroll, unenroll, status, cleanup (and `ca`).
 
 Every command takes `--state-dir` (default /run/ferry) so several simulated nodes can share one
-machine, and the daemons take `--config` (YAML; the embedded default needs no file).  Errors are
-printed as one line naming the bad value, with a non-zero exit code; nothing is half-applied.
+machine, and the commands that need settings take `--config` (YAML; the embedded default needs no
+file).  Errors are printed as one line naming the bad value, with a non-zero exit code; nothing
+is half-applied.
+
+`enroll` and `unenroll` ask the running agent (its admin socket), which validates and applies.
+Only when no agent runs, which they know by taking the agent's lock (`admin.agent_stopped`), do
+they record the change in the enrollment store themselves, with the same validation
+(`agent.workloads`); an agent that holds the lock but does not answer is an error, never a reason
+to write behind its back.  These everyday commands import only what they need (click and the
+admin client; the config, the enrollment checks and the kernel libraries only on the paths that
+use them; `cryptography` never), so they answer quickly: a CNI plugin runs the same paths on
+every pod start.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from agent import __version__
-from agent.admin import AGENT_SOCKET, AdminUnavailable, request
-from agent.config import DEFAULT_STATE_DIR, MODES, Config, ConfigError, load_config
-from agent.netns import NETNS_RUN_DIR, NetnsError, NetnsExecutor, is_netns_fd
-from agent.workloads import EnrollmentError, EnrollmentStore, plan_enroll, plan_unenroll
+from agent.admin import AGENT_SOCKET, AdminUnavailable, AgentRunning, Reply, agent_stopped, request
+
+if TYPE_CHECKING:
+    from agent.config import Config
+
+DEFAULT_STATE_DIR = Path("/run/ferry")
 
 state_dir_option = click.option(
     "--state-dir",
@@ -40,13 +53,34 @@ config_option = click.option(
 
 
 def _config(path: Path | None) -> Config:
+    from agent.config import ConfigError, load_config  # only for the commands that need it
+
     try:
         return load_config(path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
 
 
+@contextmanager
+def _one_line() -> Iterator[None]:
+    """An operator's command fails with one line naming what was wrong, never a traceback."""
+    try:
+        yield
+    except (ValueError, OSError, AgentRunning) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _ask_agent(state_dir: Path, body: dict[str, Any]) -> tuple[Reply | None, str]:
+    """The agent's reply, or None and why there is none (it may still be running)."""
+    try:
+        return request(state_dir / AGENT_SOCKET, body), ""
+    except (AdminUnavailable, OSError, ValueError) as exc:
+        return None, str(exc) or type(exc).__name__
+
+
 def _logging(verbose: bool) -> None:
+    import logging
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -112,7 +146,7 @@ def proxy(
     """Run the per-node proxy (data plane)."""
     from dataclasses import replace
 
-    from agent.config import parse_config
+    from agent.config import ConfigError, parse_config
     from agent.proxy.supervisor import run_proxy
 
     config = _config(config_path)
@@ -134,7 +168,7 @@ def proxy(
 @click.option("--service-account", required=True, help="Service account the workload runs as.")
 @click.option(
     "--mode",
-    type=click.Choice(MODES),
+    metavar="permissive|strict",
     default=None,
     help="permissive: plaintext inbound from non-mesh clients still accepted; strict: only "
     "tunnelled, authenticated inbound (default: mesh.namespace_modes, then mesh.default_mode).",
@@ -144,8 +178,6 @@ def enroll(
     netns: str, namespace: str, service_account: str, mode: str | None, state_dir: Path
 ) -> None:
     """Enroll network namespace NETNS (a name under /var/run/netns, or a path)."""
-    from agent.daemon import make_workload
-
     body = {
         "op": "enroll",
         "netns": netns,
@@ -153,21 +185,15 @@ def enroll(
         "service_account": service_account,
         "mode": mode,
     }
-    try:
-        reply = request(state_dir / AGENT_SOCKET, body)
-    except AdminUnavailable:
-        try:
-            workload = make_workload(netns, namespace, service_account, mode)
-            store = EnrollmentStore(state_dir)
-            with store.locked():
-                store.save(plan_enroll(store.load(), workload))
-        except (EnrollmentError, NetnsError, ConfigError) as exc:
-            raise click.ClickException(str(exc)) from exc
-        click.echo(
-            f"enrolled {workload.name} as {namespace}/{service_account} (recorded; the "
-            "agent is not running, redirection starts when `agent run` starts)"
-        )
-        return
+    with _one_line():
+        reply, why = _ask_agent(state_dir, body)
+        if reply is None:
+            name = _enroll_offline(state_dir, why, netns, namespace, service_account, mode)
+            click.echo(
+                f"enrolled {name} as {namespace}/{service_account} (recorded; the agent is not "
+                "running, redirection starts when `agent run` starts)"
+            )
+            return
     if not reply.get("ok"):
         raise click.ClickException(str(reply.get("error")))
     click.echo(
@@ -176,27 +202,75 @@ def enroll(
     )
 
 
+def _enroll_offline(
+    state_dir: Path,
+    why: str,
+    netns: str,
+    namespace: str,
+    service_account: str,
+    mode: str | None,
+) -> str:
+    """Record an enrollment while no agent runs: the agent's own checks, then the store."""
+    from agent.netns import host_namespaces, resolve_netns
+    from agent.workloads import EnrollmentStore, check_request, new_workload, plan_enroll
+
+    check_request(namespace, service_account, mode)
+    path, netns_id = resolve_netns(netns)
+    workload = new_workload(path, netns_id, namespace, service_account, mode)
+    store = EnrollmentStore(state_dir)
+    refusal = f"the agent is running but did not answer: {why}"
+    with agent_stopped(state_dir, refusal), store.locked():
+        current = store.load()
+        store.save(plan_enroll(current, workload, host_namespaces()).after(current))
+    return workload.name
+
+
 @main.command()
 @click.argument("netns")
 @state_dir_option
-def unenroll(netns: str, state_dir: Path) -> None:
-    """Stop redirecting NETNS and forget its enrollment."""
-    try:
-        reply = request(state_dir / AGENT_SOCKET, {"op": "unenroll", "netns": netns})
-    except AdminUnavailable:
-        path = Path(netns) if "/" in netns else NETNS_RUN_DIR / netns
-        store = EnrollmentStore(state_dir)
-        try:
-            with store.locked():
-                store.save(plan_unenroll(store.load(), str(path), netns))
-        except EnrollmentError as exc:
-            raise click.ClickException(str(exc)) from exc
-        _remove_redirection([path], _config(None))
-        click.echo(f"unenrolled {netns} (the agent is not running)")
-        return
+@config_option
+def unenroll(netns: str, state_dir: Path, config_path: Path | None) -> None:
+    """Stop redirecting NETNS (any name or path of it, or the name of one that is gone) and
+    forget its enrollment."""
+    with _one_line():
+        reply, why = _ask_agent(state_dir, {"op": "unenroll", "netns": netns})
+        if reply is None:
+            removed = _unenroll_offline(state_dir, why, netns, config_path)
+            detail = "" if removed else ", its network namespace is gone"
+            click.echo(f"unenrolled {netns} (the agent is not running{detail})")
+            return
     if not reply.get("ok"):
         raise click.ClickException(str(reply.get("error")))
     click.echo(f"unenrolled {netns}")
+
+
+def _unenroll_offline(state_dir: Path, why: str, netns: str, config_path: Path | None) -> bool:
+    """Forget an enrollment while no agent runs, then remove its redirection (if reachable)
+    with the configured route table and marks.  Returns whether there was a namespace."""
+    from agent.netns import NetnsError, resolve_netns
+    from agent.workloads import EnrollmentStore, find_enrollment, reach, without
+
+    config = _config(config_path)
+    try:
+        path, live = resolve_netns(netns)
+    except NetnsError:
+        path, live = None, None
+    store = EnrollmentStore(state_dir)
+    with agent_stopped(state_dir, f"the agent is running but did not answer: {why}"):
+        with store.locked():
+            current = store.load()
+            workload = find_enrollment(current, netns, live)
+            store.save(without(current, workload.uid))
+        target = reach(workload, path, live)
+        if target is not None:
+            try:
+                _remove_redirection([target], config, strict=True)
+            except (ValueError, OSError) as exc:
+                raise click.ClickException(
+                    f"forgot the enrollment of {netns}, but removing its redirection from "
+                    f"{target} failed: {exc} (retry with `agent cleanup`)"
+                ) from None
+    return target is not None
 
 
 @main.command()
@@ -207,13 +281,19 @@ def status(state_dir: Path, config_path: Path | None, as_json: bool) -> None:
     """Show enrollments, redirection read back from the kernel, and proxy health."""
     from agent.status import gather, render
 
-    document = gather(_config(config_path), state_dir)
+    with _one_line():
+        document = gather(state_dir, lambda: _config(config_path))
     click.echo(json.dumps(document, indent=2) if as_json else render(document))
     sys.exit(0 if document["healthy"] else 1)
 
 
 def _all_netns() -> list[Path]:
     """Every network namespace on the host: named ones and those of running processes."""
+    import os
+
+    from agent.linux import is_netns_fd
+    from agent.netns import NETNS_RUN_DIR
+
     seen: dict[tuple[int, int], Path] = {}
     candidates = sorted(NETNS_RUN_DIR.glob("*")) if NETNS_RUN_DIR.is_dir() else []
     candidates += [Path(f"/proc/{pid}/ns/net") for pid in os.listdir("/proc") if pid.isdigit()]
@@ -231,7 +311,10 @@ def _all_netns() -> list[Path]:
     return list(seen.values())
 
 
-def _remove_redirection(paths: list[Path], config: Config) -> list[Path]:
+def _remove_redirection(paths: list[Path], config: Config, strict: bool = False) -> list[Path]:
+    """Remove Ferry's redirection from `paths` (with `config`'s route table and marks); the
+    ones that had some.  A namespace that goes away meanwhile is skipped, unless `strict`."""
+    from agent.netns import NetnsError, NetnsExecutor
     from agent.redirect.iptables import IptablesRedirection
 
     executor = NetnsExecutor()
@@ -244,7 +327,8 @@ def _remove_redirection(paths: list[Path], config: Config) -> list[Path]:
                     backend.remove(path)
                     cleaned.append(path)
             except (OSError, NetnsError):
-                continue  # the namespace went away meanwhile
+                if strict:
+                    raise
     finally:
         executor.shutdown()
     return cleaned
@@ -256,23 +340,20 @@ def _remove_redirection(paths: list[Path], config: Config) -> list[Path]:
 def cleanup(state_dir: Path, config_path: Path | None) -> None:
     """Remove everything Ferry installed: rules and routes in every netns, enrollments, and
     this node's entry in the mesh directory (node credentials, made by an operator, stay)."""
+    from agent.config import node_name_of
+    from agent.workloads import EnrollmentStore
+
     config = _config(config_path)
-    try:
-        request(state_dir / AGENT_SOCKET, {"op": "status"}, timeout=5)
-    except AdminUnavailable:
-        pass
-    else:
-        raise click.ClickException(
-            f"the agent is running on {state_dir}; stop it first (it would re-apply the rules)"
-        )
-    cleaned = _remove_redirection(_all_netns(), config)
-    for path in cleaned:
-        click.echo(f"removed redirection from {path}")
-    store = EnrollmentStore(state_dir)
-    directory = Path(config.mesh.directory or state_dir / "directory")
-    published = directory / f"{config.node_name}.json"
-    for leftover in (store.path, store.path.with_suffix(".tmp"), published):
-        if leftover.exists():
-            leftover.unlink()
-            click.echo(f"removed {leftover}")
+    refusal = f"the agent is running on {state_dir}; stop it first (it would re-apply the rules)"
+    with _one_line(), agent_stopped(state_dir, refusal):
+        node = node_name_of(config)
+        cleaned = _remove_redirection(_all_netns(), config)
+        for path in cleaned:
+            click.echo(f"removed redirection from {path}")
+        store = EnrollmentStore(state_dir)
+        directory = Path(config.mesh.directory or state_dir / "directory")
+        for leftover in (store.path, store.tmp_path, directory / f"{node}.json"):
+            if leftover.exists():
+                leftover.unlink()
+                click.echo(f"removed {leftover}")
     click.echo(f"cleanup done: {len(cleaned)} network namespace(s) had Ferry redirection")

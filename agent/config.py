@@ -1,62 +1,63 @@
 """Configuration: grouped, frozen dataclasses with documented defaults, loaded from YAML.
 
 `load_config(None)` returns the embedded default, so every command works with no file.  A file
-only needs the keys it changes.  Every value is validated on load; a bad one raises `ConfigError`
-naming the key and the value, and nothing starts with a half-understood configuration.
+only needs the keys it changes.  Every value is validated on load; a bad one (a wrong type too: a
+scalar where a list or mapping belongs, or the reverse) raises `ConfigError` naming the key and
+the value, and nothing starts with a half-understood configuration.  Names follow the rules of
+`agent.names` (one set of rules for the whole agent).
+
+Every key, with its default; lines marked "example" show a value that is NOT the default:
 
 ```yaml
-node_name: node-a                # default: the host name
+node_name: node-a                # example; default: the host name, lower-cased (a DNS subdomain)
 redirection:
-  backend: iptables              # only iptables today
-  outbound_port: 15001           # in-pod listener for redirected outbound TCP
-  inbound_port: 15006            # in-pod listener for redirected inbound TCP
-  tunnel_port: 15008             # never redirected (mTLS tunnel listener)
-  mark: 0x539                    # SO_MARK on every proxy socket; rules skip it
-  mark_mask: 0xfff
-  connmark: 0x111                # marks the inbound return path to the proxy
-  route_table: 100               # policy routing table for that return path
-  exclude_outbound_ports: [22]
-  exclude_inbound_ports: []
-  exclude_outbound_cidrs: ["10.96.0.0/12"]
-  ipv6: true
+  backend: iptables              # default (only iptables today)
+  outbound_port: 15001           # default: in-pod listener for redirected outbound TCP
+  inbound_port: 15006            # default: in-pod listener for redirected inbound TCP
+  tunnel_port: 15008             # default: never redirected (mTLS tunnel listener)
+  mark: 0x539                    # default: SO_MARK on every proxy socket; rules skip it
+  mark_mask: 0xfff               # default
+  connmark: 0x111                # default: marks the inbound return path to the proxy
+  route_table: 100               # default: policy routing table for that return path
+  exclude_outbound_ports: [22]   # example; default: [] (lists of ports)
+  exclude_inbound_ports: []      # default
+  exclude_outbound_cidrs: ["10.96.0.0/12"]  # example; default: []
+  ipv6: true                     # default
 proxy:
-  workers: 0                     # 0 = one per core
-  connect_timeout: 5.0           # seconds
-  idle_timeout: 3600.0           # seconds without bytes in either direction
-  metrics_address: 127.0.0.1:15020
+  workers: 0                     # default: 0 = one per core
+  connect_timeout: 5.0           # default, seconds
+  idle_timeout: 3600.0           # default, seconds without bytes in either direction
+  metrics_address: 127.0.0.1:15020  # default
 agent:
-  reconcile_interval: 10.0       # seconds between full drift checks
+  reconcile_interval: 10.0       # default, seconds between full drift checks
 identity:
-  trust_domain: cluster.local    # spiffe://<trust_domain>/ns/<namespace>/sa/<service account>
-  node_credentials: ""           # dir with node.crt, node.key, bundle.pem (`agent ca issue-node`);
-                                 # default: <state-dir>/identity
-  workload_cert_ttl: 86400.0     # seconds; renewed at half their lifetime
+  trust_domain: cluster.local    # default: spiffe://<trust_domain>/ns/<namespace>/sa/<sa>
+  node_credentials: ""           # default, meaning <state-dir>/identity: a dir with node.crt,
+                                 # node.key, bundle.pem (`agent ca issue-node`)
+  workload_cert_ttl: 86400.0     # default, seconds; renewed at half their lifetime
 mesh:
-  directory: ""                  # shared dir where every node publishes its workloads;
-                                 # default: <state-dir>/directory (this node only)
-  default_mode: permissive       # permissive | strict (only tunnelled, authenticated inbound)
-  namespace_modes: {prod: strict}
-  egress: passthrough            # passthrough | refuse: destinations outside the mesh
-workloads:                       # declarative standalone enrollments
-  - netns: web                   # a name under /var/run/netns, or a path
-    namespace: shop
-    service_account: web
+  directory: ""                  # default, meaning <state-dir>/directory (this node only): the
+                                 # shared dir where every node publishes its workloads
+  default_mode: permissive       # default: permissive | strict (only tunnelled, authenticated)
+  namespace_modes: {prod: strict}  # example; default: {} (namespace -> mode)
+  egress: passthrough            # default: passthrough | refuse: destinations outside the mesh
+workloads:                       # example; default: [] (declarative standalone enrollments)
+  - netns: web                   # example: a name under /var/run/netns, or a path
+    namespace: shop              # example
+    service_account: web         # example
 ```
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
 import socket
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-DEFAULT_STATE_DIR = Path("/run/ferry")
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+from agent import names
+from agent.workloads import MODES
 
 
 class ConfigError(ValueError):
@@ -99,7 +100,6 @@ class IdentityConfig:
     workload_cert_ttl: float = 86400.0
 
 
-MODES = ("permissive", "strict")
 EGRESS = ("passthrough", "refuse")
 
 
@@ -126,7 +126,7 @@ class WorkloadSpec:
 
 @dataclass(frozen=True)
 class Config:
-    node_name: str = field(default_factory=socket.gethostname)
+    node_name: str = field(default_factory=lambda: socket.gethostname().lower())
     redirection: RedirectionConfig = RedirectionConfig()
     proxy: ProxyConfig = ProxyConfig()
     agent: AgentConfig = AgentConfig()
@@ -135,13 +135,36 @@ class Config:
     workloads: tuple[WorkloadSpec, ...] = ()
 
 
-def validate_name(kind: str, value: str) -> str:
+def _label(key: str, value: Any) -> str:
     """Kubernetes namespaces and service accounts are DNS labels; so are ours."""
-    if not isinstance(value, str) or not DNS_LABEL.match(value):
-        raise ConfigError(
-            f"invalid {kind} {value!r}: must be a DNS label (lower-case letters, digits and '-', "
-            "at most 63 characters, starting and ending with a letter or digit)"
-        )
+    try:
+        return names.dns_label(key, value)
+    except names.InvalidName as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _text(key: str, value: Any) -> str:
+    """A scalar written as a string (a number is taken as its text), never a list or mapping."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return str(value)
+
+
+def _list(key: str, value: Any) -> tuple[Any, ...]:
+    """A YAML list (absent or null: empty); a scalar or a mapping is an error naming the key."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    return tuple(value)
+
+
+def _mapping(key: str, value: Any) -> dict[Any, Any]:
+    """A YAML mapping (absent or null: empty); anything else is an error naming the key."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
     return value
 
 
@@ -158,22 +181,22 @@ def _positive(key: str, value: Any) -> float:
 
 
 def _section(name: str, raw: Any, cls: type[Any]) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{name}: expected a mapping, got {raw!r}")
+    values = _mapping(name, raw)
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(str(key) for key in values if key not in known)
     if unknown:
         raise ConfigError(f"{name}: unknown key(s) {', '.join(unknown)}; known: {sorted(known)}")
-    return dict(raw)
+    return dict(values)
+
+
+LIST_KEYS = ("exclude_outbound_ports", "exclude_inbound_ports", "exclude_outbound_cidrs")
 
 
 def _redirection(raw: Any) -> RedirectionConfig:
-    values: dict[str, Any] = {
-        key: tuple(value) if isinstance(value, list) else value
-        for key, value in _section("redirection", raw, RedirectionConfig).items()
-    }
+    values = _section("redirection", raw, RedirectionConfig)
+    for key in LIST_KEYS:
+        if key in values:
+            values[key] = _list(f"redirection.{key}", values[key])
     cfg = replace(RedirectionConfig(), **values)
     if cfg.backend != "iptables":
         raise ConfigError(f"redirection.backend: {cfg.backend!r} is not supported (iptables)")
@@ -231,16 +254,12 @@ def _agent(raw: Any) -> AgentConfig:
     return cfg
 
 
-TRUST_DOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,253}[a-z0-9])?$")
-
-
 def _identity(raw: Any) -> IdentityConfig:
     cfg = replace(IdentityConfig(), **_section("identity", raw, IdentityConfig))
-    if not isinstance(cfg.trust_domain, str) or not TRUST_DOMAIN.match(cfg.trust_domain):
-        raise ConfigError(
-            f"identity.trust_domain: {cfg.trust_domain!r} is not a trust domain (lower-case "
-            "letters, digits, '-' and '.')"
-        )
+    try:
+        names.trust_domain(cfg.trust_domain)
+    except names.InvalidName as exc:
+        raise ConfigError(f"identity.trust_domain: {exc}") from None
     if not isinstance(cfg.node_credentials, str):
         raise ConfigError(f"identity.node_credentials: {cfg.node_credentials!r} is not a path")
     ttl = _positive("identity.workload_cert_ttl", cfg.workload_cert_ttl)
@@ -250,23 +269,21 @@ def _identity(raw: Any) -> IdentityConfig:
 
 
 def _mode(key: str, value: Any) -> str:
-    if value not in MODES:
+    if not isinstance(value, str) or value not in MODES:
         raise ConfigError(f"{key}: {value!r} is not a mode ({' or '.join(MODES)})")
-    return str(value)
+    return value
 
 
 def _mesh(raw: Any) -> MeshConfig:
     values = _section("mesh", raw, MeshConfig)
-    modes = values.get("namespace_modes") or {}
-    if not isinstance(modes, dict):
-        raise ConfigError(f"mesh.namespace_modes: expected a mapping, got {modes!r}")
+    modes = _mapping("mesh.namespace_modes", values.get("namespace_modes"))
     for namespace, mode in modes.items():
-        validate_name("mesh.namespace_modes namespace", namespace)
+        _label("mesh.namespace_modes namespace", namespace)
         _mode(f"mesh.namespace_modes.{namespace}", mode)
     values["namespace_modes"] = tuple(sorted(modes.items()))
     cfg = replace(MeshConfig(), **values)
     _mode("mesh.default_mode", cfg.default_mode)
-    if cfg.egress not in EGRESS:
+    if not isinstance(cfg.egress, str) or cfg.egress not in EGRESS:
         raise ConfigError(f"mesh.egress: {cfg.egress!r} is not one of {', '.join(EGRESS)}")
     if not isinstance(cfg.directory, str):
         raise ConfigError(f"mesh.directory: {cfg.directory!r} is not a path")
@@ -274,19 +291,16 @@ def _mesh(raw: Any) -> MeshConfig:
 
 
 def _workloads(raw: Any) -> tuple[WorkloadSpec, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise ConfigError(f"workloads: expected a list, got {raw!r}")
     specs = []
-    for index, item in enumerate(raw):
-        values = _section(f"workloads[{index}]", item, WorkloadSpec)
+    for index, item in enumerate(_list("workloads", raw)):
+        key = f"workloads[{index}]"
+        values = _section(key, item, WorkloadSpec)
         missing = sorted({"netns", "namespace", "service_account"} - set(values))
         if missing:
-            raise ConfigError(f"workloads[{index}]: missing {', '.join(missing)}")
-        spec = WorkloadSpec(**{k: str(v) for k, v in values.items()})
-        validate_name(f"workloads[{index}].namespace", spec.namespace)
-        validate_name(f"workloads[{index}].service_account", spec.service_account)
+            raise ConfigError(f"{key}: missing {', '.join(missing)}")
+        spec = WorkloadSpec(**{k: _text(f"{key}.{k}", v) for k, v in values.items()})
+        _label(f"{key}.namespace", spec.namespace)
+        _label(f"{key}.service_account", spec.service_account)
         specs.append(spec)
     netns = [s.netns for s in specs]
     dupes = sorted({n for n in netns if netns.count(n) > 1})
@@ -295,12 +309,32 @@ def _workloads(raw: Any) -> tuple[WorkloadSpec, ...]:
     return tuple(specs)
 
 
+def _node_name(values: dict[str, Any]) -> str:
+    if "node_name" not in values:
+        return Config().node_name  # the host name: checked where it is used, `node_name_of`
+    try:
+        return names.node_name(values["node_name"])
+    except names.InvalidName as exc:
+        raise ConfigError(f"node_name: {exc}") from None
+
+
+def node_name_of(config: Config) -> str:
+    """The node name, checked: the default (the host name) is only checked where it names a
+    file (the agent, `agent cleanup`), so processes that never use it are not stopped by it."""
+    try:
+        return names.node_name(config.node_name)
+    except names.InvalidName:
+        raise ConfigError(
+            f"node_name: the host name {config.node_name!r} is not a valid node name (a "
+            "lower-case DNS name); set node_name in the config"
+        ) from None
+
+
 def parse_config(raw: Any) -> Config:
     """Validate a decoded YAML document into a `Config` (pure)."""
     values = _section("config", raw, Config)
-    base = Config()
     return Config(
-        node_name=str(values.get("node_name", base.node_name)),
+        node_name=_node_name(values),
         redirection=_redirection(values.get("redirection")),
         proxy=_proxy(values.get("proxy")),
         agent=_agent(values.get("agent")),
@@ -313,7 +347,9 @@ def parse_config(raw: Any) -> Config:
 def load_config(path: Path | None) -> Config:
     """Read and validate a YAML file, or return the embedded default when `path` is None."""
     if path is None:
-        return Config()
+        return parse_config(None)
+    import yaml  # only when there is a file: the everyday commands run without one
+
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as exc:

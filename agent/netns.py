@@ -1,30 +1,42 @@
-"""Network namespaces: naming them, checking them, and running code inside them.
+"""Network namespaces: naming them, identifying them, and running code inside them.
 
 A workload on a standalone host *is* a network namespace, named by `ip netns` (a bind mount under
-/var/run/netns) or given as any path to an nsfs file (`/proc/<pid>/ns/net`).  `resolve_netns`
-turns what the user typed into a path and checks, with the `NS_GET_NSTYPE` ioctl, that it really is
-a network namespace, so a typo is an error and not an enrollment of nothing.
+/var/run/netns) or given as any path to an nsfs file (`/proc/<pid>/ns/net`, a bind mount
+elsewhere).  `resolve_netns` turns what the user typed into a path and checks, with the
+`NS_GET_NSTYPE` ioctl, that it really is a network namespace, so a typo is an error and not an
+enrollment of nothing.
 
-`entered(fd)` switches only the calling thread into a namespace (pyroute2's `setns`, i.e.
-`setns(2)` with CLONE_NEWNET) and back again on exit.  Sockets created meanwhile stay in that
-namespace for their whole life, which is what lets one process hold listeners and upstream
-connections inside every pod.  `NetnsExecutor` is a dedicated thread for blocking work that must
-happen inside a namespace (python-iptables, netlink), so the caller's thread never moves.
+A namespace's identity is `NetnsId`, the device and inode of its nsfs file: every path to one
+namespace stats to the same pair, and a namespace deleted and created again under the same name
+gets a new one.  Enrollment is keyed by it (`NetnsId.uid`), never by a path.  `host_namespaces`
+names the namespaces that must never be enrolled: the one this process runs in (the node's own)
+and PID 1's (the host's), as far as they can be seen.
+
+`entered(fd)` switches only the calling thread into a namespace (setns(2) with CLONE_NEWNET,
+`agent.linux.setns`) and back again on exit.  Sockets created meanwhile stay in that namespace for
+their whole life, which is what lets one process hold listeners and upstream connections inside
+every pod.  `NetnsExecutor` is a dedicated thread for blocking work that must happen inside a
+namespace (python-iptables, netlink), so the caller's thread never moves.
 """
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
+import ipaddress
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from agent.linux import is_netns_fd, open_thread_netns, setns
+
 NETNS_RUN_DIR = Path("/var/run/netns")
-NS_GET_NSTYPE = 0xB703
-CLONE_NEWNET = 0x40000000
+HOST_NAMESPACES = (
+    ("/proc/1/ns/net", "the host's network namespace (PID 1's)"),
+    ("/proc/self/ns/net", "the network namespace the agent itself runs in (the node's own)"),
+)
 
 T = TypeVar("T")
 
@@ -33,11 +45,29 @@ class NetnsError(ValueError):
     """The named network namespace does not exist or is not a network namespace."""
 
 
-def resolve_netns(name_or_path: str) -> Path:
-    """Map `web` to /var/run/netns/web (a path stays a path) and check it is a live netns."""
+@dataclass(frozen=True, order=True)
+class NetnsId:
+    """A network namespace's identity: the device and inode of its nsfs file."""
+
+    dev: int
+    inode: int
+
+    @property
+    def uid(self) -> str:
+        """The enrollment uid of the namespace, e.g. `netns-4-4026532281`."""
+        return f"netns-{self.dev}-{self.inode}"
+
+
+def netns_path(name_or_path: str) -> Path:
+    """`web` means /var/run/netns/web (`ip netns` names); anything with a '/' is a path."""
+    return Path(name_or_path) if "/" in name_or_path else NETNS_RUN_DIR / name_or_path
+
+
+def resolve_netns(name_or_path: str) -> tuple[Path, NetnsId]:
+    """The path and identity of a live network namespace, or `NetnsError` naming the input."""
     if not name_or_path or name_or_path in {".", ".."}:
         raise NetnsError(f"invalid network namespace {name_or_path!r}")
-    path = Path(name_or_path) if "/" in name_or_path else NETNS_RUN_DIR / name_or_path
+    path = netns_path(name_or_path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -50,21 +80,47 @@ def resolve_netns(name_or_path: str) -> Path:
     try:
         if not is_netns_fd(fd):
             raise NetnsError(f"{str(path)!r} is not a network namespace")
+        st = os.fstat(fd)
     finally:
         os.close(fd)
-    return path
+    return path, NetnsId(st.st_dev, st.st_ino)
 
 
-def is_netns_fd(fd: int) -> bool:
+def current_id(path: Path | str) -> NetnsId | None:
+    """The identity of the namespace at `path` now; None when there is none (gone)."""
     try:
-        return fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
+        st = os.stat(path)
     except OSError:
-        return False
+        return None
+    return NetnsId(st.st_dev, st.st_ino)
 
 
-def netns_inode(path: Path | str) -> int:
-    """The namespace's inode: stable while it lives, so it tells a recreated netns apart."""
-    return os.stat(path).st_ino
+def host_namespaces() -> dict[NetnsId, str]:
+    """The namespaces never to enroll, each with what it is: PID 1's and this process's own."""
+    found: dict[NetnsId, str] = {}
+    for path, what in HOST_NAMESPACES:
+        with contextlib.suppress(OSError):  # PID 1's may be hidden (hardened /proc, no root)
+            st = os.stat(path)
+            found.setdefault(NetnsId(st.st_dev, st.st_ino), what)
+    return found
+
+
+def nsfs_device() -> int:
+    """The device number every network namespace file has (the kernel's one nsfs)."""
+    return os.stat("/proc/self/ns/net").st_dev
+
+
+def pod_addresses() -> tuple[str, ...]:
+    """The global unicast addresses of the calling thread's netns (run it inside a pod)."""
+    from pyroute2 import IPRoute  # ~20 MB: loaded only where addresses are read
+
+    with IPRoute() as ipr:
+        found = []
+        for message in ipr.get_addr():
+            address = ipaddress.ip_address(dict(message["attrs"])["IFA_ADDRESS"])
+            if not (address.is_loopback or address.is_link_local):
+                found.append(str(address))
+        return tuple(sorted(found))
 
 
 def open_netns(path: Path | str) -> int:
@@ -79,15 +135,13 @@ def open_netns(path: Path | str) -> int:
 @contextmanager
 def entered(netns_fd: int) -> Iterator[None]:
     """Run the block with the calling thread inside `netns_fd`; always switch back."""
-    from pyroute2 import netns as pyroute2_netns  # ~20 MB: loaded only where netns are entered
-
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    home = open_thread_netns()
     try:
-        pyroute2_netns.setns(netns_fd)
+        setns(netns_fd)
         try:
             yield
         finally:
-            pyroute2_netns.setns(home)
+            setns(home)
     finally:
         os.close(home)
 
@@ -96,6 +150,8 @@ class NetnsExecutor:
     """One dedicated thread that runs blocking calls inside a given namespace, one at a time."""
 
     def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor  # only where namespaces are entered
+
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netns")
 
     def call(self, netns: Path | str | int, fn: Callable[[], T]) -> T:

@@ -1,11 +1,12 @@
 """Reconciliation decisions: compare desired enrollments with what the kernel shows.
 
-The agent gathers an `Observation` per enrolled workload (does its netns still exist, is it the
-same namespace, what state is its redirection in) and `plan_reconcile` decides, purely, what to do:
+The agent gathers an `Observation` per enrolled workload (which namespace its path reaches now,
+if any, and what state its redirection is in) and `plan_reconcile` decides, purely, what to do:
 forget workloads whose namespace disappeared or was replaced, re-apply redirection that drifted
 or went missing, and enroll declared workloads (from the config's `workloads` list) whose
-namespace now exists.  The agent performs the actions and reports them; a failure is retried on
-the next tick, because every tick recomputes the whole plan from scratch.
+namespace now exists and is not enrolled (by any path: they are given by the uid their namespace
+would get).  The agent performs the actions through its one enrollment path and reports them; a
+failure is retried on the next tick, because every tick recomputes the whole plan from scratch.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agent.config import WorkloadSpec
+from agent.netns import NetnsId
 from agent.workloads import Workload
 
 
 @dataclass(frozen=True)
 class Observation:
-    netns_inode: int | None  # None: the namespace is gone
+    netns: NetnsId | None  # the namespace the workload's path reaches now; None: gone
     redirection: str  # ok | drifted | missing | unknown (netns gone)
     differences: tuple[str, ...] = ()
 
@@ -50,20 +52,20 @@ def plan_reconcile(
     observed: Mapping[str, Observation],
     declared: Mapping[str, WorkloadSpec],
 ) -> list[ReconcileAction]:
-    """`declared` maps netns paths that exist now to their spec (missing ones are left out)."""
+    """`declared` maps the uids of declared namespaces that exist now to their spec."""
     actions: list[ReconcileAction] = []
     for uid, workload in sorted(enrollments.items()):
         seen = observed.get(uid)
-        if seen is None or seen.netns_inode is None:
+        if seen is None or seen.netns is None:
             actions.append(Forget(workload, f"network namespace {workload.netns} disappeared"))
-        elif seen.netns_inode != workload.netns_inode:
+        elif seen.netns != workload.netns_id:
             actions.append(
                 Forget(workload, f"network namespace {workload.netns} was replaced by a new one")
             )
         elif seen.redirection != "ok":
             actions.append(Repair(workload, seen.redirection, seen.differences))
-    for path, spec in sorted(declared.items()):
-        if path not in enrollments:
+    for uid, spec in sorted(declared.items()):
+        if uid not in enrollments:
             actions.append(EnrollDeclared(spec))
     return actions
 

@@ -2,24 +2,30 @@
 
 `gather` is the only part with effects: it reads the enrollment store, asks the agent and the
 proxy over their admin sockets (either may be down: that is part of the answer), and reads the
-redirection rules and addresses back from the kernel inside every enrolled namespace.  `assess`
-(pure) lists the problems an operator must act on; `render` (pure) draws the table.  The JSON form
-(`--json`) is the gathered document itself; its schema is `ferry.status/v1`, see docs/status.md.
+redirection rules and addresses back from the kernel inside every enrolled namespace
+(`read_back`).  A running agent does that read-back itself when asked (`"readback": true`: it has
+the iptables and netlink libraries loaded already, so the command stays quick); only when the
+agent is down does `gather` read the kernel itself, and only then does it need the configuration
+(the running agent's answer names its node, backend and trust domain).  `assess` (pure) lists the
+problems an operator must act on; `render` (pure) draws the table.  The JSON form (`--json`) is
+the gathered document itself; its schema is `ferry.status/v1`, see docs/status.md.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
-from typing import Any
-
-from pyroute2 import IPRoute
+from typing import TYPE_CHECKING, Any
 
 from agent.admin import AGENT_SOCKET, PROXY_SOCKET, AdminUnavailable, request
-from agent.config import Config
-from agent.netns import NetnsExecutor, netns_inode
-from agent.redirect.iptables import IptablesRedirection
-from agent.workloads import EnrollmentStore
+from agent.netns import NetnsExecutor, current_id
+from agent.workloads import EnrollmentStore, Workload
+
+if TYPE_CHECKING:
+    from agent.config import Config
+    from agent.redirect.backend import RedirectionBackend
 
 SCHEMA = "ferry.status/v1"
 
@@ -37,6 +43,8 @@ def _ask(path: Path, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _addresses() -> list[str]:
+    from pyroute2 import IPRoute  # loaded only when the kernel is read here
+
     with IPRoute() as ipr:
         return sorted(
             f"{dict(a['attrs'])['IFA_ADDRESS']}/{a['prefixlen']}"
@@ -47,55 +55,71 @@ def _addresses() -> list[str]:
         )
 
 
-def gather(config: Config, state_dir: Path) -> dict[str, Any]:
+def read_back(
+    workload: Workload, backend: RedirectionBackend, executor: NetnsExecutor
+) -> dict[str, Any]:
+    """What the kernel holds for one workload: is its netns there, its addresses, its rules."""
+    if current_id(workload.netns) != workload.netns_id:
+        return {"netns_present": False, "ips": [], "redirection": "gone", "differences": []}
+    report = backend.inspect(Path(workload.netns))
+    return {
+        "netns_present": True,
+        "ips": executor.call(workload.netns, _addresses),
+        "redirection": report.state,
+        "differences": [*report.missing, *report.unexpected],
+    }
+
+
+def _read_locally(config: Config, enrollments: dict[str, Workload]) -> dict[str, Any]:
+    from agent.redirect.iptables import IptablesRedirection  # python-iptables: only here
+
+    executor = NetnsExecutor()
+    try:
+        backend = IptablesRedirection(config.redirection, executor)
+        return {uid: read_back(w, backend, executor) for uid, w in enrollments.items()}
+    finally:
+        executor.shutdown()
+
+
+def gather(state_dir: Path, load_config: Callable[[], Config]) -> dict[str, Any]:
+    config = cache(load_config)  # read only if the agent does not answer for itself
     store = EnrollmentStore(state_dir)
     with store.locked():
         enrollments = store.load()
-    agent = _ask(state_dir / AGENT_SOCKET, {"op": "status"})
+    agent = _ask(state_dir / AGENT_SOCKET, {"op": "status", "readback": True})
     proxy = _ask(state_dir / PROXY_SOCKET, {"op": "status"})
     served: dict[str, Any] = proxy.pop("workloads", {}) if proxy["running"] else {}
-    executor = NetnsExecutor()
-    backend = IptablesRedirection(config.redirection, executor)
+    kernel: dict[str, Any] = agent.pop("readback", None) or {}
+    missing = {uid: w for uid, w in enrollments.items() if uid not in kernel}
+    if missing:
+        kernel.update(_read_locally(config(), missing))
+    identity = agent.get("identity") or {"trust_domain": config().identity.trust_domain}
     workloads = []
-    try:
-        for uid, w in sorted(enrollments.items(), key=lambda kv: kv[1].name):
-            entry: dict[str, Any] = {
-                "name": w.name,
-                "netns": w.netns,
-                "namespace": w.namespace,
-                "service_account": w.service_account,
-                "identity": w.identity(),
-                "ips": [],
-                "netns_present": False,
-                "redirection": "gone",
-                "differences": [],
-                "mode": agent.get("modes", {}).get(uid, served.get(uid, {}).get("mode")),
-                "certificate": agent.get("identity", {}).get("certificates", {}).get(uid),
-                "security": security_counts(served.get(uid, {}).get("flows", [])),
-                "served_by_proxy": uid in served,
-                "listeners": served.get(uid, {}).get("listeners", []),
-                "traffic": served.get(uid, {}).get("traffic", {}),
-            }
-            try:
-                present = netns_inode(w.netns) == w.netns_inode
-            except OSError:
-                present = False
-            if present:
-                report = backend.inspect(Path(w.netns))
-                entry.update(
-                    netns_present=True,
-                    ips=executor.call(w.netns, _addresses),
-                    redirection=report.state,
-                    differences=[*report.missing, *report.unexpected],
-                )
-            workloads.append(entry)
-    finally:
-        executor.shutdown()
+    for uid, w in sorted(enrollments.items(), key=lambda kv: kv[1].name):
+        entry: dict[str, Any] = {
+            "name": w.name,
+            "netns": w.netns,
+            "namespace": w.namespace,
+            "service_account": w.service_account,
+            "identity": w.identity(identity["trust_domain"]),
+            "ips": [],
+            "netns_present": False,
+            "redirection": "gone",
+            "differences": [],
+            "mode": agent.get("modes", {}).get(uid, served.get(uid, {}).get("mode")),
+            "certificate": agent.get("identity", {}).get("certificates", {}).get(uid),
+            "security": security_counts(served.get(uid, {}).get("flows", [])),
+            "served_by_proxy": uid in served,
+            "listeners": served.get(uid, {}).get("listeners", []),
+            "traffic": served.get(uid, {}).get("traffic", {}),
+        }
+        entry.update(kernel[uid])
+        workloads.append(entry)
     document: dict[str, Any] = {
         "schema": SCHEMA,
         "generated_at": time.time(),
-        "node": agent.get("node", config.node_name),
-        "backend": config.redirection.backend,
+        "node": agent.get("node") or config().node_name,
+        "backend": agent.get("backend") or config().redirection.backend,
         "state_dir": str(state_dir),
         "agent": agent,
         "proxy": proxy,

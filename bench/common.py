@@ -46,7 +46,7 @@ import psutil
 
 from agent.config import RedirectionConfig, parse_config
 from agent.netns import NetnsExecutor
-from agent.redirect import IptablesRedirection
+from agent.redirect.iptables import IptablesRedirection
 from bench.envoy import ENVOY
 from sim.ferry import FerryNode
 from sim.node import Pod, SimNode

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, load_config, parse_config
+from agent.config import ConfigError, load_config, node_name_of, parse_config
 
 
 def test_embedded_default_needs_no_file() -> None:
@@ -62,3 +63,98 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("redirection: [")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (
+            {"redirection": {"exclude_outbound_ports": 22}},
+            "exclude_outbound_ports: expected a list",
+        ),
+        (
+            {"redirection": {"exclude_inbound_ports": "22"}},
+            "exclude_inbound_ports: expected a list",
+        ),
+        (
+            {"redirection": {"exclude_outbound_cidrs": "10.0.0.0/8"}},
+            "exclude_outbound_cidrs: expected a list, got '10.0.0.0/8'",
+        ),
+        ({"redirection": {"exclude_outbound_ports": {"a": 1}}}, "expected a list"),
+        ({"redirection": {"exclude_outbound_ports": ["22"]}}, "'22' is not a TCP port"),
+        ({"redirection": {"exclude_outbound_cidrs": [["10.0.0.0/8"]]}}, "is not a CIDR"),
+        ({"redirection": {"outbound_port": [15001]}}, "[15001] is not a TCP port"),
+        ({"redirection": {"ipv6": [True]}}, "ipv6: [True] must be true or false"),
+        ({"redirection": ["iptables"]}, "redirection: expected a mapping"),
+        ({"proxy": "fast"}, "proxy: expected a mapping, got 'fast'"),
+        ({"agent": 10}, "agent: expected a mapping"),
+        ({"identity": ["cluster.local"]}, "identity: expected a mapping"),
+        ({"mesh": "strict"}, "mesh: expected a mapping"),
+        ({"mesh": {"namespace_modes": "prod"}}, "mesh.namespace_modes: expected a mapping"),
+        ({"mesh": {"namespace_modes": {"prod": ["strict"]}}}, "mesh.namespace_modes.prod"),
+        ({"mesh": {"default_mode": ["strict"]}}, "mesh.default_mode: ['strict']"),
+        ({"mesh": {"egress": ["refuse"]}}, "mesh.egress: ['refuse']"),
+        ({"mesh": {"directory": ["/x"]}}, "mesh.directory: ['/x'] is not a path"),
+        ({"identity": {"trust_domain": ["a"]}}, "identity.trust_domain: invalid trust domain"),
+        ({"identity": {"node_credentials": 1}}, "node_credentials: 1 is not a path"),
+        ({"workloads": "web"}, "workloads: expected a list, got 'web'"),
+        ({"workloads": {"netns": "web"}}, "workloads: expected a list"),
+        ({"workloads": ["web"]}, "workloads[0]: expected a mapping, got 'web'"),
+        (
+            {"workloads": [{"netns": ["web"], "namespace": "s", "service_account": "x"}]},
+            "workloads[0].netns: expected a string, got ['web']",
+        ),
+        (
+            {"workloads": [{"netns": "web", "namespace": {"a": 1}, "service_account": "x"}]},
+            "workloads[0].namespace: expected a string",
+        ),
+        ([1, 2], "config: expected a mapping"),
+        ({1: 2}, "unknown key(s) 1"),
+    ],
+)
+def test_a_wrong_type_is_a_config_error_naming_the_key(raw: object, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("node_name", "needle"),
+    [
+        ("../x", "invalid node name '../x'"),
+        (["node-a"], "invalid node name ['node-a']"),
+        ("Node-A", "invalid node name 'Node-A'"),
+        ("a" * 254, "at most 253 characters"),
+        ("node_a", "'node_a'"),
+        ("", "invalid node name ''"),
+    ],
+)
+def test_node_name_is_a_dns_subdomain(node_name: object, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"node_name": node_name})
+    assert str(info.value).startswith("node_name: ")
+    assert needle in str(info.value)
+
+
+def test_valid_names_pass() -> None:
+    config = parse_config({"node_name": "node-a.rack-1", "identity": {"trust_domain": "ex.org"}})
+    assert (config.node_name, config.identity.trust_domain) == ("node-a.rack-1", "ex.org")
+    assert parse_config({"workloads": None, "redirection": {"exclude_outbound_ports": None}})
+
+
+def test_the_default_node_name_is_checked_where_it_names_a_file() -> None:
+    config = replace(load_config(None), node_name="My_Host")
+    with pytest.raises(ConfigError, match="host name 'My_Host' is not a valid node name"):
+        node_name_of(config)
+
+
+def test_the_docstring_marks_every_value_as_default_or_example() -> None:
+    import agent.config
+
+    doc = agent.config.__doc__ or ""
+    yaml_block = doc.split("```yaml\n")[1].split("```")[0]
+    for line in yaml_block.splitlines():
+        key, _, rest = line.partition(":")
+        if not rest.strip() or key.strip().startswith("#"):
+            continue  # a section header or a continued comment
+        assert "# default" in rest or "# example" in rest, line

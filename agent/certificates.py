@@ -1,0 +1,142 @@
+"""Workload certificates on the agent: minted at enrollment, renewed at half-life, forgotten.
+
+`Certificates` holds the node's signer and the current certificate of every enrolled workload
+(by uid).  `load` reads the node's credentials (`agent ca issue-node`, in
+`identity.node_credentials` or `<state-dir>/identity`) when the agent starts: that is the only
+place `cryptography` is imported (through `agent.identity.certs`), so the CLI's enroll, unenroll
+and status never load it.  Without credentials there is no signer: the mesh is plaintext and
+every method here is a no-op that returns None.
+
+`issue` mints a workload's certificate when it has none, when its current one is due (half its
+lifetime, `agent.identity.certs.renewal_due`) or when asked to renew; `due` lists the workloads
+whose certificate must be renewed now; `forget` drops one at unenrollment.  The results are the
+control-protocol messages (`WorkloadCertificate`, `TrustBundle`): sending them to the proxies is
+the proxy hub's job.  Private keys stay in memory and in those messages, never in a log.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from agent.config import IdentityConfig
+from agent.control.protocol import TrustBundle, WorkloadCertificate
+from agent.workloads import Workload
+
+if TYPE_CHECKING:
+    from agent.identity.certs import WorkloadCertificate as Minted
+
+log = logging.getLogger("ferry.agent")
+
+
+class Signer(Protocol):
+    """What the agent needs of `agent.identity.certs.NodeSigner`."""
+
+    bundle_pem: bytes
+
+    @property
+    def not_after(self) -> dt.datetime: ...
+
+    def mint(
+        self, namespace: str, service_account: str, ttl_seconds: float, now: dt.datetime
+    ) -> Minted: ...
+
+
+def load_node_signer(identity: IdentityConfig, state_dir: Path) -> Signer | None:
+    """The node's signing credentials; None (plaintext mesh) when there are none at all."""
+    folder = Path(identity.node_credentials or state_dir / "identity")
+    if not folder.exists():
+        log.warning(
+            "no node credentials in %s: workloads get no certificates and traffic stays "
+            "plaintext (create them with `agent ca issue-node`)",
+            folder,
+        )
+        return None
+    from agent.identity.certs import NodeSigner  # cryptography: only in the running agent
+
+    return NodeSigner.load(folder, identity.trust_domain)
+
+
+class Certificates:
+    def __init__(
+        self,
+        identity: IdentityConfig,
+        state_dir: Path,
+        loader: Callable[[IdentityConfig, Path], Signer | None] = load_node_signer,
+    ) -> None:
+        self.identity = identity
+        self.state_dir = state_dir
+        self.loader = loader
+        self.signer: Signer | None = None
+        self.current: dict[str, Minted] = {}
+
+    def load(self) -> None:
+        self.signer = self.loader(self.identity, self.state_dir)
+
+    def trust(self) -> TrustBundle | None:
+        if self.signer is None:
+            return None
+        return TrustBundle(self.identity.trust_domain, self.signer.bundle_pem.decode())
+
+    def issue(
+        self, workload: Workload, renew: bool = False, now: dt.datetime | None = None
+    ) -> WorkloadCertificate | None:
+        """The workload's certificate message, minted (again) when missing, due or asked."""
+        if self.signer is None:
+            return None
+        now = now or dt.datetime.now(dt.UTC)
+        cert = self.current.get(workload.uid)
+        if cert is None or renew or _due(cert, now):
+            cert = self.signer.mint(
+                workload.namespace, workload.service_account, self.identity.workload_cert_ttl, now
+            )
+            self.current[workload.uid] = cert
+            log.info(
+                "issued certificate for %s (%s), serial %x, expires %s",
+                workload.name,
+                cert.spiffe_id,
+                cert.serial,
+                cert.not_after.isoformat(),
+            )
+        return message(workload.uid, cert)
+
+    def due(self, workloads: Iterable[Workload], now: dt.datetime) -> list[Workload]:
+        """The workloads whose current certificate is due for renewal at `now`."""
+        return [w for w in workloads if (c := self.current.get(w.uid)) is not None and _due(c, now)]
+
+    def forget(self, uid: str) -> None:
+        self.current.pop(uid, None)
+
+    def status(self) -> dict[str, Any]:
+        """The `identity` part of the agent's status reply (no key material)."""
+        return {
+            "enabled": self.signer is not None,
+            "trust_domain": self.identity.trust_domain,
+            "node_certificate_expires": (
+                self.signer.not_after.timestamp() if self.signer is not None else None
+            ),
+            "certificates": {
+                uid: {
+                    "spiffe_id": cert.spiffe_id,
+                    "serial": f"{cert.serial:x}",
+                    "not_before": cert.not_before.timestamp(),
+                    "not_after": cert.not_after.timestamp(),
+                }
+                for uid, cert in self.current.items()
+            },
+        }
+
+
+def message(uid: str, cert: Minted) -> WorkloadCertificate:
+    return WorkloadCertificate(
+        uid, cert.chain_pem.decode(), cert.key_pem.decode(), cert.not_after.timestamp()
+    )
+
+
+def _due(cert: Minted, now: dt.datetime) -> bool:
+    from agent.identity.certs import renewal_due  # loaded already: a signer minted `cert`
+
+    return renewal_due(cert, now)
