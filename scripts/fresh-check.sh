@@ -32,7 +32,9 @@ die() { echo "fresh-check: error: $*" >&2; exit 1; }
 say() { printf '\n== fresh-check: %s\n' "$*"; }
 now() { echo "$EPOCHREALTIME"; }
 # m:ss of the time since $1
-since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { s = b - a; printf "%d:%04.1f", s / 60, s % 60 }'; }
+since() {
+  awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { s = b - a; printf "%d:%04.1f", s / 60, s % 60 }'
+}
 
 # step TIMINGS NAME CMD...: run CMD, append "NAME<TAB>m:ss<TAB>exit status" to TIMINGS.
 step() {
@@ -64,7 +66,7 @@ mount_root() {
   if grep -qw tracefs /proc/filesystems && [ -d "$root/sys/kernel/tracing" ]; then
     mount -t tracefs tracefs "$root/sys/kernel/tracing"   # bcc's kprobes
   fi
-  mount --bind /dev "$root/dev"                     # the device nodes (devtmpfs), without submounts
+  mount --bind /dev "$root/dev"                     # device nodes (devtmpfs), not its submounts
   mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5 devpts "$root/dev/pts"
   mount --bind "$root/dev/pts/ptmx" "$root/dev/ptmx"    # ptys from this devpts, not the host's
   mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$root/dev/shm"
@@ -78,8 +80,13 @@ chroot_env() {
   CHROOT_ENV=(HOME=/root USER=root LOGNAME=root SHELL=/bin/bash PATH="$CHROOT_PATH"
     LANG=C.UTF-8 TERM="${TERM:-dumb}")
   while read -r name; do
+    case "$name" in
+      PIP_FIND_LINKS | PIP_INDEX_URL | PIP_EXTRA_INDEX_URL)
+        # shellcheck disable=SC2086 # pip splits these on whitespace too
+        local_only ${!name} && continue ;;   # local to this machine, as in drop_local_indexes
+    esac
     CHROOT_ENV+=("$name=${!name}")
-  done < <(compgen -e | grep -E '^(PIP_[A-Z_]+|(http|https|ftp|all|no)_proxy|(HTTP|HTTPS|FTP|ALL|NO)_PROXY)$' || true)
+  done < <(compgen -e | grep -iE '^(PIP_[A-Z_]+|(http|https|ftp|all|no)_proxy)$' || true)
 }
 
 in_chroot() {
@@ -100,16 +107,16 @@ inside() {
     "git clone -q /tmp/ferry.bundle /root/ferry &&
      git -C /root/ferry -c advice.detachedHead=false checkout -q $commit &&
      rm /tmp/ferry.bundle && git -C /root/ferry log -1 --format='%H %s'"
-  step "$timings" "make demo" in_chroot "cd /root/ferry && make demo"
+  step "$timings" "make demo (runs make setup)" in_chroot "cd /root/ferry && make demo"
   step "$timings" "make test" in_chroot "cd /root/ferry && make test"
 }
 
-# ca-certificates rebuilt the root's bundle from its own list plus /usr/local/share/ca-certificates;
+# ca-certificates rebuilt the root's bundle from its own list and /usr/local/share/ca-certificates;
 # say so if this machine's bundle has certificates the root's lacks (HTTPS may then fail).
 check_ca_bundle() {
-  local root=$1 host_n root_n
-  host_n=$(grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt 2>/dev/null || true)
-  root_n=$(grep -c 'BEGIN CERTIFICATE' "$root/etc/ssl/certs/ca-certificates.crt" 2>/dev/null || true)
+  local root=$1 bundle=/etc/ssl/certs/ca-certificates.crt host_n root_n
+  host_n=$(grep -c 'BEGIN CERTIFICATE' "$bundle" 2>/dev/null || true)
+  root_n=$(grep -c 'BEGIN CERTIFICATE' "$root$bundle" 2>/dev/null || true)
   if [ "${root_n:-0}" -lt "${host_n:-0}" ]; then
     echo "fresh-check: warning: the root's CA bundle has $root_n certificates, this machine's" \
       "$host_n (put extra CAs in /usr/local/share/ca-certificates on this machine)" >&2
@@ -143,7 +150,7 @@ host_mirror() {
 # root gets the same mirror, updates and security suites. Third-party sources stay out.
 debian_source_files() {
   local f
-  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.{list,sources}; do
     [ -f "$f" ] && grep -q bookworm "$f" || continue
     if grep -iE '(signed-by)[:=]' "$f" | grep -vq 'debian-archive-'; then continue; fi
     echo "$f"
@@ -195,13 +202,51 @@ copy_machine_config() {
     mkdir -p "$root/root/.config/pip"
     cp -L "$home_pip" "$root/root/.config/pip/pip.conf"
   fi
+  for f in "$root/etc/pip.conf" "$root/etc/xdg/pip/pip.conf" "$root/root/.config/pip/pip.conf" \
+    "$root${PIP_CONFIG_FILE:-/nonexistent}"; do
+    [ -f "$f" ] && drop_local_indexes "$f"
+  done
   # No init system runs in a chroot: a package's postinst must not start its daemon (nginx on
   # :80 in this machine's network namespace). Debian's convention for chroots and images.
-  printf '#!/bin/sh\n# fresh-check: no services in this chroot\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
+  printf '#!/bin/sh\n# fresh-check: no services in this chroot\nexit 101\n' \
+    >"$root/usr/sbin/policy-rc.d"
   chmod 755 "$root/usr/sbin/policy-rc.d"
 }
 
+# Package locations that are files on this machine (file: URLs, paths) do not exist in the root
+# and are not how a new user installs: pip settings naming only such locations are left out.
+local_only() {  # local_only VALUE...: all values are local files or directories
+  local v
+  for v in "$@"; do
+    case "$v" in file:* | /* | ./* | ../*) ;; *) return 1 ;; esac
+  done
+}
+
+drop_local_indexes() {
+  local conf=$1 line key values tmp
+  tmp=$conf.tmp
+  : >"$tmp"
+  while IFS= read -r line || [ -n "$line" ]; do
+    if [[ "$line" =~ ^[[:space:]]*(find-links|index-url|extra-index-url)[[:space:]]*=(.*)$ ]]; then
+      key=${BASH_REMATCH[1]}
+      read -ra values <<<"${BASH_REMATCH[2]}"
+      if local_only "${values[@]}"; then
+        echo "fresh-check: pip: leaving out $key = ${values[*]} (local to this machine)"
+        line="# fresh-check: local to the machine: $line"
+      fi
+    fi
+    printf '%s\n' "$line" >>"$tmp"
+  done <"$conf"
+  mv "$tmp" "$conf"
+}
+
+# debootstrap without its line per package and stage.
 debootstrap_root() {
+  debootstrap_root_ "$@" 2>&1 \
+    | { grep --line-buffered -vE '^I: (Retriev|Validat|Extract|Unpack|Configur)ing ' || true; }
+}
+
+debootstrap_root_() {
   local work=$1 mirror=$2 arch tarball
   arch=$(dpkg --print-architecture)
   # In a private mount namespace: the proc/sys mounts debootstrap makes in the target die with it.
@@ -275,7 +320,7 @@ shell_inside() {
   ROOT=$1/root
   mount_root "$ROOT"
   chroot_env
-  chroot "$ROOT" /usr/bin/env -i "${CHROOT_ENV[@]}" /bin/bash -l -c 'cd /root/ferry 2>/dev/null; exec bash -l'
+  chroot "$ROOT" /usr/bin/env -i "${CHROOT_ENV[@]}" /bin/bash -c 'cd /root/ferry; exec bash -l'
 }
 
 main() {
@@ -327,14 +372,14 @@ finish() {
   echo "fresh-check: steps"
   printf '  %-46s %9s  %s\n' step "time" result
   while IFS=$'\t' read -r name took rc; do
-    printf '  %-46s %9s  %s\n' "$name" "$took" "$([ "$rc" = 0 ] && echo ok || echo "FAILED (exit $rc)")"
+    [ "$rc" = 0 ] && rc=ok || rc="FAILED (exit $rc)"
+    printf '  %-46s %9s  %s\n' "$name" "$took" "$rc"
   done <"$work/timings"
   [ -n "${TOTAL:-}" ] && printf '  %-46s %9s\n' total "$TOTAL"
   if [ "${KEEP:-0}" = 1 ]; then
     echo "fresh-check: kept $work (KEEP=1): scripts/fresh-check.sh enter $work;" \
       "scripts/fresh-check.sh remove $work"
   else
-    cp "$work/timings" "$work.timings" 2>/dev/null || true
     remove_work "$work" && echo "fresh-check: removed $work"
   fi
   if [ "$status" = 0 ]; then
