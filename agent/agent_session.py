@@ -36,7 +36,7 @@ from agent.control.protocol import (
     TrustBundle,
     WorkloadCertificate,
 )
-from agent.workloads import EnrollmentError, Workload
+from agent.workloads import EnrollmentError, Mode, Workload
 
 
 class ProxyRefused(EnrollmentError):
@@ -47,7 +47,7 @@ class ProxyRefused(EnrollmentError):
 class Snapshot:
     """What a (re)connecting proxy must hold: the agent's whole state, as plain data."""
 
-    workloads: Sequence[tuple[Workload, str]]  # (workload, resolved mode), enrollment order
+    workloads: Sequence[tuple[Workload, Mode]]  # (workload, resolved mode), enrollment order
     trust: TrustBundle | None
     certificates: Sequence[WorkloadCertificate]
     directory: Directory

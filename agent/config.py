@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import names
-from agent.workloads import MODES
+from agent.workloads import MODES, Mode
 
 
 class ConfigError(ValueError):
@@ -106,11 +106,11 @@ EGRESS = ("passthrough", "refuse")
 @dataclass(frozen=True)
 class MeshConfig:
     directory: str = ""
-    default_mode: str = "permissive"
-    namespace_modes: tuple[tuple[str, str], ...] = ()
+    default_mode: Mode = "permissive"
+    namespace_modes: tuple[tuple[str, Mode], ...] = ()
     egress: str = "passthrough"
 
-    def mode_for(self, namespace: str, explicit: str | None = None) -> str:
+    def mode_for(self, namespace: str, explicit: Mode | None = None) -> Mode:
         """A workload's mode: its own, else its namespace's, else the default."""
         return explicit or dict(self.namespace_modes).get(namespace, self.default_mode)
 
@@ -268,19 +268,23 @@ def _identity(raw: Any) -> IdentityConfig:
     return replace(cfg, workload_cert_ttl=ttl)
 
 
-def _mode(key: str, value: Any) -> str:
-    if not isinstance(value, str) or value not in MODES:
-        raise ConfigError(f"{key}: {value!r} is not a mode ({' or '.join(MODES)})")
-    return value
+def _mode(key: str, value: Any) -> Mode:
+    for mode in MODES:
+        if value == mode:
+            return mode
+    raise ConfigError(f"{key}: {value!r} is not a mode ({' or '.join(MODES)})")
 
 
 def _mesh(raw: Any) -> MeshConfig:
     values = _section("mesh", raw, MeshConfig)
     modes = _mapping("mesh.namespace_modes", values.get("namespace_modes"))
-    for namespace, mode in modes.items():
-        _label("mesh.namespace_modes namespace", namespace)
-        _mode(f"mesh.namespace_modes.{namespace}", mode)
-    values["namespace_modes"] = tuple(sorted(modes.items()))
+    checked = {
+        _label("mesh.namespace_modes namespace", namespace): _mode(
+            f"mesh.namespace_modes.{namespace}", mode
+        )
+        for namespace, mode in modes.items()
+    }
+    values["namespace_modes"] = tuple(sorted(checked.items()))
     cfg = replace(MeshConfig(), **values)
     _mode("mesh.default_mode", cfg.default_mode)
     if not isinstance(cfg.egress, str) or cfg.egress not in EGRESS:

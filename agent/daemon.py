@@ -165,10 +165,12 @@ class Agent:
             "directory": self.publisher.status(),
         }
         if readback:  # the kernel's view, read now, for `agent status`
-            reply["readback"] = {
-                uid: await asyncio.to_thread(read_back, w, self.backend, self.executor)
-                for uid, w in list(self.enrollments.items())
-            }
+            workloads = dict(self.enrollments)
+            reply["readback"] = await asyncio.to_thread(
+                lambda: {
+                    uid: read_back(w, self.backend, self.executor) for uid, w in workloads.items()
+                }
+            )
         return reply
 
     # -------------------------------------------------------------- reconcile

@@ -57,6 +57,7 @@ from agent.workloads import (
     EnrollmentError,
     Enrollments,
     EnrollmentStore,
+    Mode,
     Workload,
     check_request,
     find_enrollment,
@@ -70,7 +71,7 @@ log = logging.getLogger("ferry.agent")
 
 
 class Proxies(Protocol):
-    async def add_workload(self, workload: Workload, mode: str) -> int: ...
+    async def add_workload(self, workload: Workload, mode: Mode) -> int: ...
 
     async def del_workload(self, uid: str) -> int: ...
 
@@ -140,7 +141,7 @@ class Enrollment:
         self.forbidden = forbidden
         self.enrollments: Enrollments = {}
 
-    def mode(self, workload: Workload) -> str:
+    def mode(self, workload: Workload) -> Mode:
         return self.mesh.mode_for(workload.namespace, workload.mode)
 
     async def enroll(

@@ -28,12 +28,12 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.agent_session import AgentSession, Snapshot, snapshot_messages
+from agent.agent_session import AgentSession, ProxyRefused, Snapshot, snapshot_messages
 from agent.control.channel import CONTROL_SOCKET, AsyncChannel, ChannelClosed
 from agent.control.protocol import (
     AddWorkload,
@@ -44,7 +44,7 @@ from agent.control.protocol import (
     WorkloadCertificate,
 )
 from agent.netns import NetnsError, open_netns
-from agent.workloads import Workload
+from agent.workloads import Mode, Workload
 
 log = logging.getLogger("ferry.agent")
 ACK_TIMEOUT = 10.0
@@ -87,7 +87,7 @@ class ProxyHub:
         self._handlers: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------- broadcasts
-    async def add_workload(self, workload: Workload, mode: str) -> int:
+    async def add_workload(self, workload: Workload, mode: Mode) -> int:
         """Hand a workload (with a fresh fd on its netns per proxy) to every proxy."""
         return await self._broadcast(AddWorkload(workload, mode), workload.netns)
 
@@ -149,7 +149,7 @@ class ProxyHub:
             snapshot = self.snapshot()
             try:
                 sent = await self._send_snapshot(link, snapshot)
-            except (*BROKEN, ProtocolError, ValueError) as exc:
+            except (*BROKEN, ProxyRefused) as exc:
                 log.warning("snapshot to proxy pid %s failed: %s", link.pid, exc)
                 link.channel.close()
                 return
@@ -219,6 +219,6 @@ class ProxyHub:
         ]
 
 
-def _close_all(fds: Any) -> None:
+def _close_all(fds: Iterable[int]) -> None:
     for fd in fds:
         os.close(fd)

@@ -6,13 +6,16 @@ redirection rules and addresses back from the kernel inside every enrolled names
 (`read_back`).  A running agent does that read-back itself when asked (`"readback": true`: it has
 the iptables and netlink libraries loaded already, so the command stays quick); only when the
 agent is down does `gather` read the kernel itself, and only then does it need the configuration
-(the running agent's answer names its node, backend and trust domain).  `assess` (pure) lists the
+(the running agent's answer names its node, backend and trust domain).  The agent is asked first,
+from a thread, so its read-back overlaps with loading the store and asking the proxy; the
+enrollment modules are imported in that time too.  `assess` (pure) lists the
 problems an operator must act on; `render` (pure) draws the table.  The JSON form (`--json`) is
 the gathered document itself; its schema is `ferry.status/v1`, see docs/status.md.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from functools import cache
@@ -20,12 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.admin import AGENT_SOCKET, PROXY_SOCKET, AdminUnavailable, request
-from agent.netns import NetnsExecutor, current_id
-from agent.workloads import EnrollmentStore, Workload
 
 if TYPE_CHECKING:
     from agent.config import Config
+    from agent.netns import NetnsExecutor
     from agent.redirect.backend import RedirectionBackend
+    from agent.workloads import Workload
 
 SCHEMA = "ferry.status/v1"
 
@@ -59,6 +62,8 @@ def read_back(
     workload: Workload, backend: RedirectionBackend, executor: NetnsExecutor
 ) -> dict[str, Any]:
     """What the kernel holds for one workload: is its netns there, its addresses, its rules."""
+    from agent.netns import current_id
+
     if current_id(workload.netns) != workload.netns_id:
         return {"netns_present": False, "ips": [], "redirection": "gone", "differences": []}
     report = backend.inspect(Path(workload.netns))
@@ -71,6 +76,7 @@ def read_back(
 
 
 def _read_locally(config: Config, enrollments: dict[str, Workload]) -> dict[str, Any]:
+    from agent.netns import NetnsExecutor
     from agent.redirect.iptables import IptablesRedirection  # python-iptables: only here
 
     executor = NetnsExecutor()
@@ -83,11 +89,24 @@ def _read_locally(config: Config, enrollments: dict[str, Workload]) -> dict[str,
 
 def gather(state_dir: Path, load_config: Callable[[], Config]) -> dict[str, Any]:
     config = cache(load_config)  # read only if the agent does not answer for itself
-    store = EnrollmentStore(state_dir)
-    with store.locked():
-        enrollments = store.load()
-    agent = _ask(state_dir / AGENT_SOCKET, {"op": "status", "readback": True})
-    proxy = _ask(state_dir / PROXY_SOCKET, {"op": "status"})
+    answers: dict[str, dict[str, Any]] = {}
+    asking = threading.Thread(
+        target=lambda: answers.update(
+            agent=_ask(state_dir / AGENT_SOCKET, {"op": "status", "readback": True})
+        ),
+        name="ask-agent",
+    )
+    asking.start()
+    try:
+        from agent.workloads import EnrollmentStore
+
+        store = EnrollmentStore(state_dir)
+        with store.locked():
+            enrollments = store.load()
+        proxy = _ask(state_dir / PROXY_SOCKET, {"op": "status"})
+    finally:
+        asking.join()
+    agent = answers["agent"]
     served: dict[str, Any] = proxy.pop("workloads", {}) if proxy["running"] else {}
     kernel: dict[str, Any] = agent.pop("readback", None) or {}
     missing = {uid: w for uid, w in enrollments.items() if uid not in kernel}

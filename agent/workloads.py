@@ -41,14 +41,15 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from agent.names import InvalidName, dns_label
 from agent.netns import NetnsId, current_id, netns_path, nsfs_device
 
 STORE_NAME = "enrollments.json"
 STORE_VERSION = 2
-MODES = ("permissive", "strict")  # strict: only tunnelled, authenticated inbound
+Mode = Literal["permissive", "strict"]  # strict: only tunnelled, authenticated inbound
+MODES: tuple[Mode, ...] = ("permissive", "strict")
 
 
 class EnrollmentError(ValueError):
@@ -67,7 +68,7 @@ class Workload:
     netns_inode: int
     namespace: str
     service_account: str
-    mode: str | None = None  # permissive | strict; None: the namespace's or the default
+    mode: Mode | None = None  # None: the namespace's or the default
     ips: tuple[str, ...] = ()  # the pod's addresses, read in its netns at enrollment
     netns_dev: int = 0
 
@@ -97,7 +98,7 @@ class Workload:
                 netns_inode=int(raw["netns_inode"]),
                 namespace=str(raw["namespace"]),
                 service_account=str(raw["service_account"]),
-                mode=None if raw.get("mode") is None else str(raw["mode"]),
+                mode=parse_mode(raw.get("mode")),
                 ips=tuple(str(ip) for ip in raw.get("ips", ())),
                 netns_dev=int(raw.get("netns_dev", 0)),
             )
@@ -121,6 +122,16 @@ class EnrollPlan:
         return {**kept, self.workload.uid: self.workload}
 
 
+def parse_mode(value: object) -> Mode | None:
+    """A workload's own mode (None: none of its own), or `EnrollmentError` naming the value."""
+    if value is None:
+        return None
+    for mode in MODES:
+        if value == mode:
+            return mode
+    raise EnrollmentError(f"invalid mode {value!r}: must be one of {', '.join(MODES)}")
+
+
 def check_request(namespace: str, service_account: str, mode: str | None) -> None:
     """Refuse a bad identity or mode, naming the value (pure)."""
     try:
@@ -128,8 +139,7 @@ def check_request(namespace: str, service_account: str, mode: str | None) -> Non
         dns_label("service account", service_account)
     except InvalidName as exc:
         raise EnrollmentError(str(exc)) from None
-    if mode is not None and mode not in MODES:
-        raise EnrollmentError(f"invalid mode {mode!r}: must be one of {', '.join(MODES)}")
+    parse_mode(mode)
 
 
 def new_workload(
@@ -148,7 +158,7 @@ def new_workload(
         netns_inode=netns.inode,
         namespace=namespace,
         service_account=service_account,
-        mode=mode,
+        mode=parse_mode(mode),
         netns_dev=netns.dev,
     )
 

@@ -110,13 +110,21 @@ async def acking(channel: AsyncChannel, session: ProxySession) -> None:
 async def connected(
     hub: ProxyHub, script: Script
 ) -> tuple[ProxySession, asyncio.Task[None], asyncio.Task[None]]:
-    """A proxy (running `script` after its hello) connected to `hub`, snapshot received."""
+    """A proxy (running `script` after its hello) connected to `hub`, snapshot received.
+    The proxy's end is closed when its task ends (also when it is cancelled)."""
     agent_end, proxy_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     channel = AsyncChannel(proxy_end)
     await channel.send(Hello("0.1.0", 4242))
     session = ProxySession()
+
+    async def run() -> None:
+        try:
+            await script(channel, session)
+        finally:
+            channel.close()
+
     link = asyncio.create_task(hub.connect(agent_end))
-    proxy = asyncio.create_task(script(channel, session))
+    proxy = asyncio.create_task(run())
     for _ in range(200):
         if hub.links:
             break
