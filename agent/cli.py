@@ -313,8 +313,9 @@ def _all_netns() -> list[Path]:
 
 def _remove_redirection(paths: list[Path], config: Config, strict: bool = False) -> list[Path]:
     """Remove Ferry's redirection from `paths` (with `config`'s route table and marks); the
-    ones that had some.  A namespace that goes away meanwhile is skipped, unless `strict`."""
-    from agent.netns import NetnsError, NetnsExecutor
+    ones that had some.  A namespace that goes away meanwhile (a process's, which exited) is
+    skipped, unless `strict`; a failure in a namespace that is still there is raised."""
+    from agent.netns import NetnsExecutor, current_id
     from agent.redirect.iptables import IptablesRedirection
 
     executor = NetnsExecutor()
@@ -326,8 +327,8 @@ def _remove_redirection(paths: list[Path], config: Config, strict: bool = False)
                 if backend.installed(path):
                     backend.remove(path)
                     cleaned.append(path)
-            except (OSError, NetnsError):
-                if strict:
+            except (OSError, ValueError):  # RedirectionError, NetnsError
+                if strict or current_id(path) is not None:
                     raise
     finally:
         executor.shutdown()
