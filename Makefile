@@ -34,6 +34,7 @@ lint: setup
 	.venv/bin/ruff check agent sim bench demo tests
 	.venv/bin/ruff format --check agent sim bench demo tests
 	.venv/bin/mypy
+	.venv/bin/lint-imports --no-cache
 
 bench: setup
 	$(PY) -m bench.run; s=$$?; [ $$s -ge 128 ] && exit $$s; $(PY) -m bench.run --cross-node; c=$$?; exit $$(( s > c ? s : c ))

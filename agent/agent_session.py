@@ -13,8 +13,8 @@ message before it goes out (never before the hello, never while another awaits i
 `snapshot_messages(snapshot)` is the ordered snapshot for a (re)connecting proxy, from plain data:
 every reachable workload (`add_workload`, with its netns fd attached by the adapter), the trust
 bundle, the certificates of those workloads (a certificate may only follow its workload's add),
-the mesh directory, and `snapshot_sent`, after which the proxy drops whatever it held that the
-snapshot did not name.
+the mesh directory (as reset chunks), and `snapshot_sent`, after which the proxy drops whatever
+it held that the snapshot did not name.
 
 This core could live next to `ProxySession` in `agent.control.protocol`; it sits here, with the
 proxy hub that drives it, until that module's owner moves it.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from agent.control.protocol import (
     Ack,
     AddWorkload,
-    Directory,
+    DirectoryChunk,
     Hello,
     Message,
     ProtocolError,
@@ -36,6 +36,7 @@ from agent.control.protocol import (
     TrustBundle,
     WorkloadCertificate,
 )
+from agent.directory import DirectoryUpdate
 from agent.workloads import EnrollmentError, Mode, Workload
 
 
@@ -50,7 +51,7 @@ class Snapshot:
     workloads: Sequence[tuple[Workload, Mode]]  # (workload, resolved mode), enrollment order
     trust: TrustBundle | None
     certificates: Sequence[WorkloadCertificate]
-    directory: Directory
+    directory: Sequence[DirectoryUpdate]  # the whole directory, as reset chunks
 
 
 def snapshot_messages(snapshot: Snapshot) -> list[Message]:
@@ -60,7 +61,8 @@ def snapshot_messages(snapshot: Snapshot) -> list[Message]:
         messages.append(snapshot.trust)
     sent = {w.uid for w, _mode in snapshot.workloads}
     messages += [cert for cert in snapshot.certificates if cert.uid in sent]
-    messages += [snapshot.directory, SnapshotSent()]
+    messages += [DirectoryChunk(chunk) for chunk in snapshot.directory]
+    messages.append(SnapshotSent())
     return messages
 
 

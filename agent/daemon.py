@@ -112,7 +112,7 @@ class Agent:
             [(w, self.enrollment.mode(w)) for w in workloads],
             self.certificates.trust(),
             [c for c in certificates if c is not None],
-            self.publisher.message(),
+            self.publisher.current.full(),
         )
 
     # ------------------------------------------------------------------ admin

@@ -180,9 +180,11 @@ class FolderReader:
 
     folder: Path
     _cache: dict[str, tuple[tuple[int, int, int], str, NodeFile]] = field(default_factory=dict)
+    fingerprint: tuple[tuple[str, tuple[int, int, int]], ...] = ()  # of the files last read
 
     def read(self) -> tuple[dict[str, NodeFile], list[str]]:
-        """(node -> its file, problems with whole files)."""
+        """(node -> its file, problems with whole files); `fingerprint` changes whenever a file
+        was added, removed or changed (inode, size or mtime) since the previous read."""
         nodes: dict[str, NodeFile] = {}
         problems: list[str] = []
         seen: set[str] = set()
@@ -205,6 +207,7 @@ class FolderReader:
             nodes[node] = parsed
         for gone in set(self._cache) - seen:
             del self._cache[gone]
+        self.fingerprint = tuple(sorted((name, entry[0]) for name, entry in self._cache.items()))
         return nodes, problems
 
 
@@ -223,6 +226,10 @@ class DirectoryUpdate:
     removals: tuple[str, ...] = ()
     last: bool = True
     rejected: tuple[str, ...] = ()  # entries that failed validation on decoding (not encoded)
+
+    @staticmethod
+    def from_json(raw: Any) -> DirectoryUpdate:
+        return parse_update(raw)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -16,8 +16,10 @@ dropped and not counted, since it gets a full snapshot when it reconnects.  A pr
 (an ack with an error) raises `ProxyRefused`, which the enrollment turns into a rollback.
 Between requests each link is polled for EOF, so a proxy that goes away while idle is noticed.
 
-`send_directory` is the one place the mesh directory is sent after connect (the snapshot is the
-other), so a change of how the directory travels stays here.
+The directory travels as versioned chunks (`publishing.DirectoryChange`).  Each link remembers
+the directory version its proxy acked; `send_directory` gives a proxy at the change's base only
+the delta, any other proxy the whole directory as a reset, and answers a proxy that refuses a
+delta (it missed a version) with the reset.  The snapshot ends with the whole directory.
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ from agent.control.channel import CONTROL_SOCKET, AsyncChannel, ChannelClosed
 from agent.control.protocol import (
     AddWorkload,
     DelWorkload,
-    Directory,
+    DirectoryChunk,
     Message,
     ProtocolError,
     WorkloadCertificate,
 )
+from agent.directory import DirectoryUpdate
 from agent.netns import NetnsError, open_netns
+from agent.publishing import DirectoryChange
 from agent.workloads import Mode, Workload
 
 log = logging.getLogger("ferry.agent")
@@ -61,6 +65,7 @@ class ProxyLink:
     session: AgentSession = field(default_factory=AgentSession)
     connected_at: float = field(default_factory=time.time)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    directory_version: int = -1  # what the proxy acked; -1: nothing yet
 
     @property
     def pid(self) -> int | None:
@@ -97,8 +102,43 @@ class ProxyHub:
     async def send_certificate(self, certificate: WorkloadCertificate) -> int:
         return await self._broadcast(certificate)
 
-    async def send_directory(self, directory: Directory) -> int:
-        return await self._broadcast(directory)
+    async def send_directory(self, change: DirectoryChange) -> int:
+        """Bring every proxy to `change.version`: the delta where the proxy is at its base, the
+        whole directory otherwise or when the proxy refuses the delta."""
+        started = time.monotonic()
+        acked = 0
+        for link in list(self.links):
+            try:
+                async with link.lock:
+                    if link.directory_version == change.base:
+                        try:
+                            await self._send_chunks(link, change.delta())
+                        except ProxyRefused as exc:
+                            log.warning(
+                                "proxy pid %s refused directory %d -> %d (%s); sending all of it",
+                                link.pid,
+                                change.base,
+                                change.version,
+                                exc,
+                            )
+                            await self._send_chunks(link, change.full())
+                    else:
+                        await self._send_chunks(link, change.full())
+                acked += 1
+            except (*BROKEN, ProxyRefused) as exc:
+                log.warning("dropping proxy pid %s: %s", link.pid, exc)
+                self.drop(link)
+        log.info("directory version %d (%d entries, %d upserted, %d removed) reached %d "
+                 "proxy(ies) in %.1f ms", change.version, len(change.entries),
+                 len(change.upserts), len(change.removals), acked,
+                 (time.monotonic() - started) * 1e3)  # fmt: skip
+        return acked
+
+    @staticmethod
+    async def _send_chunks(link: ProxyLink, chunks: list[DirectoryUpdate]) -> None:
+        for chunk in chunks:
+            await link.request(DirectoryChunk(chunk))
+        link.directory_version = chunks[-1].version
 
     async def _broadcast(self, message: Message, netns: str | None = None) -> int:
         acked = 0
@@ -179,6 +219,8 @@ class ProxyHub:
             for message in messages:
                 fd = fds.get(message.workload.uid) if isinstance(message, AddWorkload) else None
                 await link.request(message, (fd,) if fd is not None else ())
+                if isinstance(message, DirectoryChunk):
+                    link.directory_version = message.update.version
         finally:
             _close_all(fds.values())
         return len(reachable)

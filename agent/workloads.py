@@ -103,7 +103,7 @@ class Workload:
                 netns_dev=int(raw.get("netns_dev", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise EnrollmentError(f"malformed workload record {dict(raw)!r}: {exc}") from exc
+            raise EnrollmentError(f"malformed workload record {raw!r:.200}: {exc}") from exc
 
 
 Enrollments = dict[str, Workload]

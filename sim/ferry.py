@@ -184,11 +184,13 @@ class Mesh:
         return ferry
 
     def wait_directory(self, entries: int, timeout: float = 10.0) -> None:
-        """Until every node's proxy knows `entries` directory entries (IPs)."""
+        """Until every worker of every node's proxy applied `entries` directory entries (IPs)."""
         deadline = time.monotonic() + timeout
+        counts: list[list[int]] = []
         while time.monotonic() < deadline:
-            counts = [n.status()["proxy"].get("directory_entries", 0) for n in self.nodes]
-            if all(count == entries for count in counts):
+            proxies = [n.status()["proxy"] for n in self.nodes]
+            counts = [[a["directory_entries"] for a in p.get("applied", [])] for p in proxies]
+            if all(c and set(c) == {entries} for c in counts):
                 return
             time.sleep(0.1)
         raise FerryError(f"directory did not converge to {entries} entries: {counts}")

@@ -1,44 +1,52 @@
 """The agent <-> proxy control protocol, as a core with no I/O.
 
 Transport (see docs/protocol.md): a SOCK_SEQPACKET unix socket, `<state-dir>/control.sock`,
-served by the agent.  One datagram is one UTF-8 JSON object; an `add_workload` datagram carries
-exactly one file descriptor (the workload's network namespace) as SCM_RIGHTS.  Every message the
-agent sends is answered by exactly one `ack`, in order.
+served by the agent.  One datagram is one UTF-8 JSON object of at most 64 KiB; an `add_workload`
+datagram carries exactly one file descriptor (the workload's network namespace) as SCM_RIGHTS.
+Every message the agent sends is answered by exactly one `ack`, in order.
 
-    proxy -> agent   {"type": "hello", "version": 1, "proxy_version": "0.1.0", "pid": 42}
-    agent -> proxy   {"type": "add_workload", "uid": "...", "workload": {...}}   + netns fd
+    proxy -> agent   {"type": "hello", "version": 2, "proxy_version": "0.1.0", "pid": 42}
+    agent -> proxy   {"type": "add_workload", "workload": {...}, "mode": "strict"}  + netns fd
     agent -> proxy   {"type": "del_workload", "uid": "..."}
     agent -> proxy   {"type": "workload_certificate", "uid": "...", "chain_pem": "...",
                       "key_pem": "...", "not_after": 1764400000.0}
     agent -> proxy   {"type": "trust_bundle", "trust_domain": "cluster.local", "bundle_pem": "..."}
-    agent -> proxy   {"type": "directory", "egress": "passthrough",
-                      "entries": [{"ip": "10.1.2.3", "identity": "spiffe://...", "node": "a"}]}
+    agent -> proxy   {"type": "directory", "update": {"version": 7, "base": 6, "reset": false,
+                      "egress": "passthrough", "upserts": [{"ip", "identity", "node"}, ...],
+                      "removals": ["10.1.2.4"], "last": true}}
     agent -> proxy   {"type": "snapshot_sent"}
     proxy -> agent   {"type": "ack", "error": null | "what went wrong"}
 
-`add_workload` also carries the workload's resolved `mode` (permissive | strict).  Key material
-only ever travels in `workload_certificate`, on this root-only socket; `repr` of that message
-hides it, so it cannot reach a log by accident.
+`add_workload` carries the workload's resolved `mode` (permissive | strict).  Key material only
+ever travels in `workload_certificate`, on this root-only socket; `repr` of that message hides
+it, so it cannot reach a log by accident.  The directory travels as versioned deltas cut into
+chunks (`agent.directory.DirectoryUpdate`), so any size fits the datagram limit; a chunk the
+proxy cannot apply (its base is not the proxy's version) is acked with an error and the agent
+sends the whole directory again (`reset`).  Entries are validated one by one: a bad one is
+skipped and reported, never the whole update.
 
-After `hello` the agent sends one `add_workload` per enrolled workload, then `snapshot_sent`; the
-proxy then drops every workload it holds that the snapshot did not name.  Later adds and dels are
-incremental.  Either side may restart: the proxy reconnects with backoff and gets a new snapshot.
+After `hello` the agent sends one `add_workload` per enrolled workload, the trust bundle, the
+certificates and the directory, then `snapshot_sent`; the proxy then drops every workload it
+holds that the snapshot did not name.  Later messages are incremental.  Either side may restart:
+the proxy reconnects with backoff and gets a new snapshot.
 
-`encode`/`decode` turn messages into datagrams and back, raising `ProtocolError` on anything
-malformed.  `ProxySession` is the proxy's state machine: fed the agent's messages in order, it
-says what to do (add, delete, drop stale) and enforces the ordering rules above.
+`encode`/`decode` turn messages into datagrams and back (the typed encoding of `agent.wire`),
+raising `ProtocolError` on anything malformed, naming the field.  `ProxySession` is the proxy's
+state machine: fed the agent's messages in order, it says what to do (add, delete, drop stale)
+and enforces the ordering rules above.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from agent.directory import DirectoryEntry
-from agent.workloads import EnrollmentError, Workload
+from agent.directory import DirectoryUpdate
+from agent.wire import WireError, from_json, to_json
+from agent.workloads import Workload
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_DATAGRAM = 64 * 1024
 
 
@@ -48,6 +56,7 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True)
 class Hello:
+    TYPE: ClassVar[str] = "hello"
     proxy_version: str
     pid: int
     version: int = PROTOCOL_VERSION
@@ -55,12 +64,14 @@ class Hello:
 
 @dataclass(frozen=True)
 class AddWorkload:
+    TYPE: ClassVar[str] = "add_workload"
     workload: Workload
-    mode: str = "permissive"
+    mode: Literal["permissive", "strict"] = "permissive"
 
 
 @dataclass(frozen=True)
 class WorkloadCertificate:
+    TYPE: ClassVar[str] = "workload_certificate"
     uid: str
     chain_pem: str
     key_pem: str = field(repr=False)
@@ -69,28 +80,31 @@ class WorkloadCertificate:
 
 @dataclass(frozen=True)
 class TrustBundle:
+    TYPE: ClassVar[str] = "trust_bundle"
     trust_domain: str
     bundle_pem: str
 
 
 @dataclass(frozen=True)
-class Directory:
-    entries: tuple[DirectoryEntry, ...]
-    egress: str = "passthrough"
+class DirectoryChunk:
+    TYPE: ClassVar[str] = "directory"
+    update: DirectoryUpdate
 
 
 @dataclass(frozen=True)
 class DelWorkload:
+    TYPE: ClassVar[str] = "del_workload"
     uid: str
 
 
 @dataclass(frozen=True)
 class SnapshotSent:
-    pass
+    TYPE: ClassVar[str] = "snapshot_sent"
 
 
 @dataclass(frozen=True)
 class Ack:
+    TYPE: ClassVar[str] = "ack"
     error: str | None = None
 
 
@@ -102,42 +116,27 @@ Message = (
     | Ack
     | WorkloadCertificate
     | TrustBundle
-    | Directory
+    | DirectoryChunk
 )
+_BY_TYPE: dict[str, type[Any]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        AddWorkload,
+        DelWorkload,
+        SnapshotSent,
+        Ack,
+        WorkloadCertificate,
+        TrustBundle,
+        DirectoryChunk,
+    )
+}
 
 
 def encode(message: Message) -> bytes:
-    body: dict[str, Any]
-    match message:
-        case Hello(proxy_version=pv, pid=pid, version=version):
-            body = {"type": "hello", "version": version, "proxy_version": pv, "pid": pid}
-        case AddWorkload(workload=w, mode=mode):
-            body = {"type": "add_workload", "uid": w.uid, "workload": w.to_json(), "mode": mode}
-        case WorkloadCertificate(uid=uid, chain_pem=chain, key_pem=key, not_after=not_after):
-            body = {
-                "type": "workload_certificate",
-                "uid": uid,
-                "chain_pem": chain,
-                "key_pem": key,
-                "not_after": not_after,
-            }
-        case TrustBundle(trust_domain=td, bundle_pem=bundle):
-            body = {"type": "trust_bundle", "trust_domain": td, "bundle_pem": bundle}
-        case Directory(entries=entries, egress=egress):
-            body = {
-                "type": "directory",
-                "egress": egress,
-                "entries": [{"ip": e.ip, "identity": e.identity, "node": e.node} for e in entries],
-            }
-        case DelWorkload(uid=uid):
-            body = {"type": "del_workload", "uid": uid}
-        case SnapshotSent():
-            body = {"type": "snapshot_sent"}
-        case Ack(error=error):
-            body = {"type": "ack", "error": error}
-    data = json.dumps(body, separators=(",", ":")).encode()
+    data = json.dumps({"type": message.TYPE, **to_json(message)}, separators=(",", ":")).encode()
     if len(data) > MAX_DATAGRAM:
-        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_DATAGRAM}")
+        raise ProtocolError(f"{message.TYPE} message of {len(data)} bytes exceeds {MAX_DATAGRAM}")
     return data
 
 
@@ -148,53 +147,20 @@ def decode(data: bytes) -> Message:
         raise ProtocolError(f"not a JSON message: {data[:80]!r}") from exc
     if not isinstance(body, dict):
         raise ProtocolError(f"message is not an object: {data[:80]!r}")
-    kind = body.get("type")
+    kind = body.pop("type", None)
+    cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {kind!r}")
     try:
-        if kind == "hello":
-            version = int(body["version"])
-            if version != PROTOCOL_VERSION:
-                raise ProtocolError(
-                    f"unsupported protocol version {version} (this side speaks {PROTOCOL_VERSION})"
-                )
-            return Hello(proxy_version=str(body["proxy_version"]), pid=int(body["pid"]))
-        if kind == "add_workload":
-            workload = Workload.from_json(body["workload"])
-            if workload.uid != body["uid"]:
-                raise ProtocolError(f"add_workload uid {body['uid']!r} != {workload.uid!r}")
-            mode = str(body.get("mode", "permissive"))
-            if mode not in ("permissive", "strict"):
-                raise ProtocolError(f"add_workload mode {mode!r} is not permissive or strict")
-            return AddWorkload(workload, mode)
-        if kind == "workload_certificate":
-            return WorkloadCertificate(
-                uid=str(body["uid"]),
-                chain_pem=str(body["chain_pem"]),
-                key_pem=str(body["key_pem"]),
-                not_after=float(body["not_after"]),
-            )
-        if kind == "trust_bundle":
-            return TrustBundle(str(body["trust_domain"]), str(body["bundle_pem"]))
-        if kind == "directory":
-            egress = str(body.get("egress", "passthrough"))
-            if egress not in ("passthrough", "refuse"):
-                raise ProtocolError(f"directory egress {egress!r} is not passthrough or refuse")
-            entries = tuple(
-                DirectoryEntry(str(e["ip"]), str(e["identity"]), str(e["node"]))
-                for e in body["entries"]
-            )
-            return Directory(entries, egress)
-        if kind == "del_workload":
-            return DelWorkload(uid=str(body["uid"]))
-        if kind == "snapshot_sent":
-            return SnapshotSent()
-        if kind == "ack":
-            error = body.get("error")
-            return Ack(error=None if error is None else str(error))
-    except (KeyError, TypeError, ValueError, EnrollmentError) as exc:
-        if isinstance(exc, ProtocolError):
-            raise
-        raise ProtocolError(f"malformed {kind} message: {exc}") from exc
-    raise ProtocolError(f"unknown message type {kind!r}")
+        message: Message = from_json(cls, body, kind)
+    except WireError as exc:
+        raise ProtocolError(f"malformed {exc}") from None
+    if isinstance(message, Hello) and message.version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"unsupported protocol version {message.version} (this side speaks "
+            f"{PROTOCOL_VERSION}): run the same Ferry version for agent and proxy"
+        )
+    return message
 
 
 def fds_expected(message: Message) -> int:
@@ -213,7 +179,7 @@ class Remove:
     uids: tuple[str, ...]
 
 
-Action = Add | Remove | WorkloadCertificate | TrustBundle | Directory
+Action = Add | Remove | WorkloadCertificate | TrustBundle | DirectoryChunk
 
 
 @dataclass
@@ -240,7 +206,7 @@ class ProxySession:
                 if uid not in self.held:
                     raise ProtocolError(f"certificate for {uid!r}, which is not a workload here")
                 return [message]
-            case TrustBundle() | Directory():
+            case TrustBundle() | DirectoryChunk():
                 return [message]
             case DelWorkload(uid=uid):
                 self.held.discard(uid)

@@ -24,14 +24,12 @@ worker -> supervisor:
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal
 
-from agent.directory import DirectoryUpdate, parse_update
+from agent.directory import DirectoryUpdate
+from agent.wire import WireError, from_json, to_json
 
 Direction = Literal["outbound", "inbound", "tunnel"]
 Mode = Literal["permissive", "strict"]
@@ -190,7 +188,7 @@ _BY_OP: dict[str, type[Any]] = {
 
 
 def encode(message: Message) -> bytes:
-    body = {"op": message.OP, **_to_json(message)}
+    body = {"op": message.OP, **to_json(message)}
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -205,80 +203,8 @@ def decode(data: bytes) -> Message:
     cls = _BY_OP.get(op) if isinstance(op, str) else None
     if cls is None:
         raise MessageError(f"unknown op {op!r}")
-    message: Message = _from_json(cls, body, op)
+    try:
+        message: Message = from_json(cls, body, op)
+    except WireError as exc:
+        raise MessageError(str(exc)) from None
     return message
-
-
-def _to_json(value: Any) -> Any:
-    if isinstance(value, DirectoryUpdate):
-        return value.to_json()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple | list):
-        return [_to_json(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _to_json(item) for key, item in value.items()}
-    return value
-
-
-_HINTS: dict[type[Any], dict[str, Any]] = {}
-_KINDS: dict[Any, str] = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
-
-
-def _from_json(tp: Any, raw: Any, where: str) -> Any:
-    """Check `raw` (decoded JSON) against the annotation `tp`; build dataclasses."""
-    origin = get_origin(tp)
-    if tp is DirectoryUpdate:
-        try:
-            return parse_update(raw)
-        except ValueError as exc:
-            raise MessageError(f"{where}: {exc}") from None
-    if origin is Literal:
-        if raw not in get_args(tp) or isinstance(raw, bool):
-            raise MessageError(f"{where}: {raw!r} is not one of {list(get_args(tp))}")
-        return raw
-    if origin in (Union, types.UnionType):
-        if raw is None and type(None) in get_args(tp):
-            return None
-        for arg in get_args(tp):
-            if arg is not type(None):
-                return _from_json(arg, raw, where)
-    if origin is tuple:
-        if not isinstance(raw, list):
-            raise MessageError(f"{where}: expected a list, got {raw!r:.80}")
-        item = get_args(tp)[0]
-        return tuple(_from_json(item, x, f"{where}[{i}]") for i, x in enumerate(raw))
-    if origin is dict:
-        if not isinstance(raw, dict):
-            raise MessageError(f"{where}: expected an object, got {raw!r:.80}")
-        item = get_args(tp)[1]
-        return {str(k): _from_json(item, v, f"{where}.{k}") for k, v in raw.items()}
-    if dataclasses.is_dataclass(tp):
-        return _dataclass(tp, raw, where)
-    if tp is float:
-        if isinstance(raw, int | float) and not isinstance(raw, bool):
-            return float(raw)
-    elif tp is int:
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            return raw
-    elif isinstance(raw, tp):
-        return raw
-    raise MessageError(f"{where}: {raw!r:.80} is not {_KINDS.get(tp, tp)}")
-
-
-def _dataclass(cls: Any, raw: Any, where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise MessageError(f"{where}: expected an object, got {raw!r:.80}")
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.name in raw:
-            values[f.name] = _from_json(hints[f.name], raw[f.name], f"{where}.{f.name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise MessageError(f"{where}: missing {f.name!r}")
-    unknown = set(raw) - set(values)
-    if unknown:
-        raise MessageError(f"{where}: unknown field(s) {sorted(unknown)}")
-    return cls(**values)

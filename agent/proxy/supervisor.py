@@ -54,7 +54,7 @@ from agent.control.channel import CONTROL_SOCKET, ChannelClosed, recv_message, s
 from agent.control.protocol import (
     Ack,
     Add,
-    Directory,
+    DirectoryChunk,
     Hello,
     ProtocolError,
     ProxySession,
@@ -63,7 +63,7 @@ from agent.control.protocol import (
     TrustBundle,
     WorkloadCertificate,
 )
-from agent.directory import DirectoryTable, DirectoryUpdate, plan_update
+from agent.directory import DirectoryTable, DirectoryUpdate
 from agent.proxy.messages import (
     AddWorkload,
     Done,
@@ -112,7 +112,7 @@ class Served:
         os.close(self.netns_fd)
 
 
-@dataclass
+@dataclass(eq=False)
 class WorkerHandle:
     index: int
     process: subprocess.Popen[bytes]
@@ -304,16 +304,6 @@ class Supervisor:
             if errors:
                 raise ValueError("; ".join(errors))
 
-    def set_directory(self, directory: Directory) -> None:
-        """A whole directory from the agent: a reset to the next version, in chunks."""
-        with self.lock:
-            entries = {e.ip: e for e in directory.entries}
-            if entries == self.directory.entries and directory.egress == self.directory.egress:
-                return
-            for chunk in plan_update(self.directory.version + 1, 0, directory.egress,
-                                     entries.values(), (), reset=True):  # fmt: skip
-                self.update_directory(chunk)
-
     # -------------------------------------------------------------- workloads
     def add(self, workload: Workload, mode: str, netns_fd: int) -> None:
         with self.lock:
@@ -366,6 +356,8 @@ class Supervisor:
             except (ChannelClosed, ConnectionError, ProtocolError, OSError) as exc:
                 if not self.stopping.is_set():
                     log.warning("control connection to the agent lost: %s; reconnecting", exc)
+            except Exception:  # a bug must not end the control thread: reconnect, fresh snapshot
+                log.exception("control session failed; reconnecting")
             finally:
                 synced = self.agent_connected
                 self.agent_connected = False
@@ -392,8 +384,8 @@ class Supervisor:
                             self.set_certificate(cert)
                         case TrustBundle() as trust:
                             self.set_trust(trust)
-                        case Directory() as directory:
-                            self.set_directory(directory)
+                        case DirectoryChunk(update=update):
+                            self.update_directory(update)
                         case Remove(uids=uids):
                             for uid in uids:
                                 self.remove(uid)

@@ -37,7 +37,7 @@ from agent.proxy.sockets import upstream_socket
 from agent.proxy.tunnel_pool import TunnelPool
 from agent.proxy.workload import FlowStats, ServedWorkload
 from agent.tunnel.authority import format_authority
-from agent.tunnel.connection import Buffers, TunnelConn
+from agent.tunnel.connection import CLOSED, Buffers, TunnelConn
 from agent.tunnel.stream import TunnelStream
 
 log = logging.getLogger("ferry.proxy.worker")
@@ -221,7 +221,9 @@ class Tunnels:
             if conn.core is None:
                 if now - conn.started_at >= connect_timeout:
                     conn.fail("connect/handshake timeout")
-            elif not conn.streams and not conn.queued:
+                continue
+            conn.sweep(now)  # an open header block that never completes ends the connection
+            if conn.state != CLOSED and not conn.streams and not conn.queued:
                 limit = POOL_IDLE if conn.client else max(POOL_IDLE, idle_timeout)
                 if conn.retired or now - conn.idle_since >= limit:
                     conn.close()

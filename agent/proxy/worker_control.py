@@ -40,7 +40,7 @@ from agent.proxy.messages import (
     encode,
 )
 from agent.proxy.workload import Listening, ServedWorkload
-from agent.tunnel.tls import TunnelTLSError, client_context, server_context
+from agent.tunnel.tls import TunnelTLSError, check_bundle, client_context, server_context
 
 log = logging.getLogger("ferry.proxy.worker")
 
@@ -178,6 +178,7 @@ class Registry:
         bundle = msg.bundle_pem.encode()
         if (msg.trust_domain, bundle) == (self.trust_domain, self.bundle_pem):
             return False  # a snapshot after a reconnect: keep the contexts
+        check_bundle(bundle)  # refused even while no workload would use it yet
         built, errors = {}, []
         for uid, wl in self.workloads.items():
             try:

@@ -66,6 +66,17 @@ def _context(
     return ctx
 
 
+def check_bundle(bundle_pem: bytes) -> None:
+    """Raise TunnelTLSError unless `bundle_pem` holds at least one usable root certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_verify_locations(cadata=bundle_pem.decode("ascii"))
+    except (ssl.SSLError, ValueError) as exc:
+        raise TunnelTLSError(f"cannot load the trust bundle: {exc}") from None
+    if not ctx.get_ca_certs():
+        raise TunnelTLSError("cannot load the trust bundle: it holds no certificate")
+
+
 def client_context(chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> ssl.SSLContext:
     """Context that originates tunnels with this workload's certificate."""
     return _context(False, chain_pem, key_pem, bundle_pem)

@@ -21,10 +21,11 @@ from pathlib import Path
 
 from agent.certificates import Certificates
 from agent.config import Config, IdentityConfig, MeshConfig, WorkloadSpec
-from agent.control.protocol import Directory, ProtocolError, WorkloadCertificate
+from agent.control.protocol import ProtocolError, WorkloadCertificate
 from agent.enrollment import Enrollment
 from agent.identity.certs import WorkloadCertificate as Minted
 from agent.netns import NetnsError, NetnsId
+from agent.publishing import DirectoryChange
 from agent.redirect.rules import RedirectionReport
 from agent.workloads import EnrollmentStore, Workload
 
@@ -81,7 +82,7 @@ class FakeHub:
         self.journal = journal
         self.workloads: dict[str, str] = {}  # uid -> mode
         self.certificates: dict[str, WorkloadCertificate] = {}
-        self.directories: list[Directory] = []
+        self.directories: list[DirectoryChange] = []
 
     async def add_workload(self, workload: Workload, mode: str) -> int:
         self.journal("hub.add")
@@ -101,8 +102,8 @@ class FakeHub:
         self.certificates[certificate.uid] = certificate
         return 1
 
-    async def send_directory(self, directory: Directory) -> int:
-        self.directories.append(directory)
+    async def send_directory(self, change: DirectoryChange) -> int:
+        self.directories.append(change)
         return 1
 
 

@@ -24,7 +24,7 @@ from agent.control.protocol import (
     Add,
     AddWorkload,
     DelWorkload,
-    Directory,
+    DirectoryChunk,
     Hello,
     ProtocolError,
     ProxySession,
@@ -32,11 +32,14 @@ from agent.control.protocol import (
     TrustBundle,
     WorkloadCertificate,
 )
+from agent.directory import DirectoryEntry, plan_update
 from agent.netns import NetnsId
 from agent.proxy_hub import ProxyHub
 from agent.workloads import Workload, new_workload
 
 OWN_NETNS = "/proc/self/ns/net"  # only an fd is opened on it: nothing is enrolled or changed
+
+EMPTY = plan_update(0, 0, "passthrough", (), (), reset=True)  # a directory of no entries
 
 
 def workload(name: str, inode: int, netns: str = OWN_NETNS) -> Workload:
@@ -50,7 +53,9 @@ def cert(w: Workload) -> WorkloadCertificate:
 def test_the_snapshot_is_in_protocol_order_and_the_proxy_core_accepts_it() -> None:
     web, db, gone = workload("web", 1), workload("db", 2), workload("gone", 3)
     trust = TrustBundle("cluster.local", "BUNDLE")
-    directory = Directory(())
+    directory = plan_update(
+        4, 0, "passthrough", [DirectoryEntry("10.0.0.1", web.identity("td"), "n")], (), reset=True
+    )
     messages = snapshot_messages(
         Snapshot([(web, "strict"), (db, "permissive")], trust, [cert(web), cert(gone)], directory)
     )
@@ -59,7 +64,7 @@ def test_the_snapshot_is_in_protocol_order_and_the_proxy_core_accepts_it() -> No
         AddWorkload(db, "permissive"),
         trust,
         cert(web),  # the certificate of a workload left out of the snapshot is left out too
-        directory,
+        DirectoryChunk(directory[0]),
         SnapshotSent(),
     ]
     proxy = ProxySession(held={"netns-4-9"})
@@ -135,7 +140,7 @@ async def connected(
 def test_a_proxy_gets_the_snapshot_then_broadcasts() -> None:
     web = workload("web", 1)
     lock = asyncio.Lock()
-    hub = ProxyHub(lambda: Snapshot([(web, "permissive")], None, [cert(web)], Directory(())), lock)
+    hub = ProxyHub(lambda: Snapshot([(web, "permissive")], None, [cert(web)], EMPTY), lock)
 
     async def scenario() -> tuple[ProxySession, int, int]:
         session, link, proxy = await connected(hub, acking)
@@ -158,7 +163,7 @@ def test_a_refusing_proxy_raises_and_a_silent_one_is_dropped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(proxy_hub, "ACK_TIMEOUT", 0.2)
-    hub = ProxyHub(lambda: Snapshot([], None, [], Directory(())), asyncio.Lock())
+    hub = ProxyHub(lambda: Snapshot([], None, [], EMPTY), asyncio.Lock())
 
     async def refusing_then_silent(channel: AsyncChannel, session: ProxySession) -> None:
         for _ in range(2):  # the snapshot: directory, snapshot_sent
@@ -186,7 +191,7 @@ def test_a_refusing_proxy_raises_and_a_silent_one_is_dropped(
 
 def test_a_proxy_that_goes_away_while_idle_is_noticed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(proxy_hub, "IDLE_POLL", 0.02)
-    hub = ProxyHub(lambda: Snapshot([], None, [], Directory(())), asyncio.Lock())
+    hub = ProxyHub(lambda: Snapshot([], None, [], EMPTY), asyncio.Lock())
 
     async def leaves(channel: AsyncChannel, session: ProxySession) -> None:
         for _ in range(2):
@@ -204,7 +209,7 @@ def test_a_proxy_that_goes_away_while_idle_is_noticed(monkeypatch: pytest.Monkey
 
 
 def test_a_connection_without_hello_is_rejected() -> None:
-    hub = ProxyHub(lambda: Snapshot([], None, [], Directory(())), asyncio.Lock())
+    hub = ProxyHub(lambda: Snapshot([], None, [], EMPTY), asyncio.Lock())
 
     async def scenario() -> None:
         agent_end, proxy_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
