@@ -292,7 +292,7 @@ def _all_netns() -> list[Path]:
     import os
 
     from agent.linux import is_netns_fd
-    from agent.netns import NETNS_RUN_DIR
+    from agent.netns_id import NETNS_RUN_DIR
 
     seen: dict[tuple[int, int], Path] = {}
     candidates = sorted(NETNS_RUN_DIR.glob("*")) if NETNS_RUN_DIR.is_dir() else []
@@ -315,7 +315,8 @@ def _remove_redirection(paths: list[Path], config: Config, strict: bool = False)
     """Remove Ferry's redirection from `paths` (with `config`'s route table and marks); the
     ones that had some.  A namespace that goes away meanwhile (a process's, which exited) is
     skipped, unless `strict`; a failure in a namespace that is still there is raised."""
-    from agent.netns import NetnsExecutor, current_id
+    from agent.netns import NetnsExecutor
+    from agent.netns_id import current_id
     from agent.redirect.iptables import IptablesRedirection
 
     executor = NetnsExecutor()

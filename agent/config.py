@@ -51,7 +51,7 @@ workloads:                       # example; default: [] (declarative standalone 
 from __future__ import annotations
 
 import ipaddress
-import socket
+import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -126,7 +126,7 @@ class WorkloadSpec:
 
 @dataclass(frozen=True)
 class Config:
-    node_name: str = field(default_factory=lambda: socket.gethostname().lower())
+    node_name: str = field(default_factory=lambda: os.uname().nodename.lower())
     redirection: RedirectionConfig = RedirectionConfig()
     proxy: ProxyConfig = ProxyConfig()
     agent: AgentConfig = AgentConfig()

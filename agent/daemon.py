@@ -48,7 +48,8 @@ from agent.config import Config, ConfigError, WorkloadSpec, node_name_of
 from agent.control.channel import CONTROL_SOCKET
 from agent.enrollment import Enrollment
 from agent.identity.spiffe import IdentityError
-from agent.netns import NetnsError, NetnsExecutor, current_id, pod_addresses
+from agent.netns import NetnsError, NetnsExecutor, pod_addresses
+from agent.netns_id import current_id
 from agent.proxy_hub import ProxyHub
 from agent.publishing import Publisher
 from agent.reconcile import (

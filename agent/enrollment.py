@@ -51,7 +51,8 @@ from typing import Protocol
 from agent.certificates import Certificates
 from agent.config import MeshConfig
 from agent.control.protocol import WorkloadCertificate
-from agent.netns import NetnsError, NetnsId, host_namespaces, resolve_netns
+from agent.netns import NetnsError, host_namespaces, resolve_netns
+from agent.netns_id import NetnsId
 from agent.redirect.backend import RedirectionBackend
 from agent.workloads import (
     EnrollmentError,

@@ -6,9 +6,8 @@ elsewhere).  `resolve_netns` turns what the user typed into a path and checks, w
 `NS_GET_NSTYPE` ioctl, that it really is a network namespace, so a typo is an error and not an
 enrollment of nothing.
 
-A namespace's identity is `NetnsId`, the device and inode of its nsfs file: every path to one
-namespace stats to the same pair, and a namespace deleted and created again under the same name
-gets a new one.  Enrollment is keyed by it (`NetnsId.uid`), never by a path.  `host_namespaces`
+A namespace's identity is `agent.netns_id.NetnsId` (device and inode of its nsfs file); enrollment
+is keyed by it, never by a path.  `host_namespaces`
 names the namespaces that must never be enrolled: the one this process runs in (the node's own)
 and PID 1's (the host's), as far as they can be seen.
 
@@ -26,13 +25,12 @@ import ipaddress
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from agent.linux import is_netns_fd, open_thread_netns, setns
+from agent.netns_id import NetnsId, netns_path
 
-NETNS_RUN_DIR = Path("/var/run/netns")
 HOST_NAMESPACES = (
     ("/proc/1/ns/net", "the host's network namespace (PID 1's)"),
     ("/proc/self/ns/net", "the network namespace the agent itself runs in (the node's own)"),
@@ -43,24 +41,6 @@ T = TypeVar("T")
 
 class NetnsError(ValueError):
     """The named network namespace does not exist or is not a network namespace."""
-
-
-@dataclass(frozen=True, order=True)
-class NetnsId:
-    """A network namespace's identity: the device and inode of its nsfs file."""
-
-    dev: int
-    inode: int
-
-    @property
-    def uid(self) -> str:
-        """The enrollment uid of the namespace, e.g. `netns-4-4026532281`."""
-        return f"netns-{self.dev}-{self.inode}"
-
-
-def netns_path(name_or_path: str) -> Path:
-    """`web` means /var/run/netns/web (`ip netns` names); anything with a '/' is a path."""
-    return Path(name_or_path) if "/" in name_or_path else NETNS_RUN_DIR / name_or_path
 
 
 def resolve_netns(name_or_path: str) -> tuple[Path, NetnsId]:
@@ -86,15 +66,6 @@ def resolve_netns(name_or_path: str) -> tuple[Path, NetnsId]:
     return path, NetnsId(st.st_dev, st.st_ino)
 
 
-def current_id(path: Path | str) -> NetnsId | None:
-    """The identity of the namespace at `path` now; None when there is none (gone)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return NetnsId(st.st_dev, st.st_ino)
-
-
 def host_namespaces() -> dict[NetnsId, str]:
     """The namespaces never to enroll, each with what it is: PID 1's and this process's own."""
     found: dict[NetnsId, str] = {}
@@ -103,11 +74,6 @@ def host_namespaces() -> dict[NetnsId, str]:
             st = os.stat(path)
             found.setdefault(NetnsId(st.st_dev, st.st_ino), what)
     return found
-
-
-def nsfs_device() -> int:
-    """The device number every network namespace file has (the kernel's one nsfs)."""
-    return os.stat("/proc/self/ns/net").st_dev
 
 
 def pod_addresses() -> tuple[str, ...]:

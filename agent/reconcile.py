@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agent.config import WorkloadSpec
-from agent.netns import NetnsId
+from agent.netns_id import NetnsId
 from agent.workloads import Workload
 
 

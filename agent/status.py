@@ -62,7 +62,7 @@ def read_back(
     workload: Workload, backend: RedirectionBackend, executor: NetnsExecutor
 ) -> dict[str, Any]:
     """What the kernel holds for one workload: is its netns there, its addresses, its rules."""
-    from agent.netns import current_id
+    from agent.netns_id import current_id
 
     if current_id(workload.netns) != workload.netns_id:
         return {"netns_present": False, "ips": [], "redirection": "gone", "differences": []}

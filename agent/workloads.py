@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent.names import InvalidName, dns_label
-from agent.netns import NetnsId, current_id, netns_path, nsfs_device
+from agent.netns_id import NetnsId, current_id, netns_path, nsfs_device
 
 STORE_NAME = "enrollments.json"
 STORE_VERSION = 2

@@ -24,7 +24,8 @@ from agent.config import Config, IdentityConfig, MeshConfig, WorkloadSpec
 from agent.control.protocol import ProtocolError, WorkloadCertificate
 from agent.enrollment import Enrollment
 from agent.identity.certs import WorkloadCertificate as Minted
-from agent.netns import NetnsError, NetnsId
+from agent.netns import NetnsError
+from agent.netns_id import NetnsId
 from agent.publishing import DirectoryChange
 from agent.redirect.rules import RedirectionReport
 from agent.workloads import EnrollmentStore, Workload

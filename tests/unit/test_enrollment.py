@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import WorkloadSpec
-from agent.netns import NetnsId, nsfs_device
+from agent.netns_id import NetnsId, nsfs_device
 from agent.reconcile import EnrollDeclared, Forget, Observation, Repair, plan_reconcile
 from agent.workloads import (
     EnrollmentError,

@@ -17,7 +17,7 @@ import pytest
 
 from agent.config import Config
 from agent.daemon import Agent
-from agent.netns import NetnsId
+from agent.netns_id import NetnsId
 from agent.workloads import Workload
 from tests.unit.fakes import FakeNode, Journal, Parts, config_with
 

@@ -33,7 +33,7 @@ from agent.control.protocol import (
     WorkloadCertificate,
 )
 from agent.directory import DirectoryEntry, plan_update
-from agent.netns import NetnsId
+from agent.netns_id import NetnsId
 from agent.proxy_hub import ProxyHub
 from agent.workloads import Workload, new_workload
 

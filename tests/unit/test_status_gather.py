@@ -14,7 +14,7 @@ import pytest
 
 from agent.admin import AGENT_SOCKET, serve_thread
 from agent.config import Config, IdentityConfig
-from agent.netns import NetnsId
+from agent.netns_id import NetnsId
 from agent.status import gather
 from agent.workloads import EnrollmentStore, new_workload
 
