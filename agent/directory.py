@@ -32,15 +32,19 @@ update whose base is not its version (the sender then resets), and answers looku
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
+import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from agent.identity.spiffe import parse_spiffe_id, validate_trust_domain
+from agent.identity.spiffe import is_spiffe_id
+from agent.names import node_name
 from agent.workloads import Workload
 
 SUFFIX = ".json"
@@ -53,8 +57,7 @@ class DirectoryError(ValueError):
     """A directory update cannot be applied (out of order, malformed envelope)."""
 
 
-@dataclass(frozen=True, slots=True)
-class DirectoryEntry:
+class DirectoryEntry(NamedTuple):  # a tuple: 100,000 of them are built per update, quickly
     ip: str
     identity: str  # "" : the published identity was invalid; the address is refused
     node: str
@@ -68,27 +71,41 @@ def parse_entry(raw: Any) -> DirectoryEntry:
 
     The address must parse (it is canonicalised); the node must be a DNS name; the identity must
     be a Ferry SPIFFE ID, else the entry is kept with identity "" (refused, see the module doc).
+    A directory of 100,000 entries is validated on every worker, so the common shapes take fast
+    paths: a dotted IPv4 address is already canonical, and names seen before are looked up.
     """
     if not isinstance(raw, dict):
-        raise ValueError(f"entry {raw!r} is not an object")
+        raise ValueError(f"entry {raw!r:.200} is not an object")
     ip, identity, node = raw.get("ip"), raw.get("identity"), raw.get("node")
     if not isinstance(ip, str):
-        raise ValueError(f"entry {raw!r}: ip must be a string")
-    try:
-        canonical = str(ipaddress.ip_address(ip))
-    except ValueError:
-        raise ValueError(f"entry ip {ip!r} is not an IP address") from None
+        raise ValueError(f"entry {raw!r:.200}: ip must be a string")
+    canonical = ip if _IPV4.fullmatch(ip) else _canonical_ip(ip)
     if not isinstance(node, str):
-        raise ValueError(f"entry {canonical}: node {node!r} is not a string")
+        raise ValueError(f"entry {canonical}: node {node!r:.80} is not a string")
+    if not _is_node(node):
+        raise ValueError(f"entry {canonical}: node {node!r:.80} is not a DNS name")
+    checked = identity if isinstance(identity, str) and is_spiffe_id(identity) else ""
+    return DirectoryEntry(canonical, sys.intern(checked), sys.intern(node))
+
+
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"{_OCTET}(\.{_OCTET}){{3}}")
+
+
+def _canonical_ip(ip: str) -> str:
     try:
-        validate_trust_domain(node)  # a DNS name, as Kubernetes node names are
+        return str(ipaddress.ip_address(ip))
     except ValueError:
-        raise ValueError(f"entry {canonical}: node {node!r} is not a DNS name") from None
+        raise ValueError(f"entry ip {ip!r:.80} is not an IP address") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_node(node: str) -> bool:
     try:
-        checked = parse_spiffe_id(identity).uri if isinstance(identity, str) else ""
+        node_name(node)
     except ValueError:
-        checked = ""
-    return DirectoryEntry(canonical, checked, node)
+        return False
+    return True
 
 
 def entries_for(
@@ -122,10 +139,8 @@ def merge(per_node: Mapping[str, Iterable[DirectoryEntry]]) -> tuple[DirectoryEn
 
 
 def publish(folder: Path, node: str, entries: Iterable[DirectoryEntry]) -> None:
-    try:
-        validate_trust_domain(node)  # never a path: `../x` must not leave the folder
-    except ValueError:
-        raise ValueError(f"node name {node!r} is not a DNS name") from None
+    if not _is_node(node):  # never a path: `../x` must not leave the folder
+        raise ValueError(f"node name {node!r} is not a DNS name")
     folder.mkdir(parents=True, exist_ok=True)
     body = json.dumps({"node": node, "entries": [e.to_json() for e in entries]}, indent=1)
     tmp = folder / f".{node}{SUFFIX}.tmp"
@@ -342,8 +357,17 @@ def _sized(
 
 @dataclass
 class DirectoryTable:
-    """The receiving side of updates: the applied directory, O(1) lookups, chunk assembly."""
+    """The receiving side of updates: the applied directory, O(1) lookups, chunk assembly.
 
+    A proxy worker needs only `identities` (ip -> expected identity, "" to refuse) and sets
+    `keep_entries=False`; the supervisor needs only `entries` (to give a new worker the whole
+    table) and sets `lookups=False`: each holds one dict of 100,000 entries, not two.  A change
+    is applied when its last chunk arrives: a reset builds new dicts and swaps them in, a delta
+    updates them in place (O(size of the change)).
+    """
+
+    keep_entries: bool = True
+    lookups: bool = True
     version: int = 0
     egress: str = "passthrough"
     entries: dict[str, DirectoryEntry] = field(default_factory=dict)
@@ -352,20 +376,26 @@ class DirectoryTable:
     problems: list[str] = field(default_factory=list)  # the latest reasons
     _pending: list[DirectoryUpdate] = field(default_factory=list)
 
+    @property
+    def size(self) -> int:
+        return len(self.entries) if self.keep_entries else len(self.identities)
+
     def receive(self, update: DirectoryUpdate) -> bool:
-        """Take one chunk; True when it completed a change (now applied).  DirectoryError if the
-        chunk does not continue what is pending or the change is not based on this version;
-        the pending chunks are dropped then, and the table is unchanged."""
+        """Take one chunk; True when it completed a change (now applied).  DirectoryError if a
+        delta chunk does not continue what is pending or the change is not based on this
+        version; the pending chunks are dropped then, and the table is unchanged.  A reset chunk
+        of another change abandons what is pending and starts over."""
         pending = self._pending
         if pending:
             head = pending[0]
             if (update.version, update.base, update.reset) != (head.version, head.base,
                                                                head.reset):  # fmt: skip
                 pending.clear()
-                raise DirectoryError(
-                    f"directory chunk of version {update.version} interleaved with version "
-                    f"{head.version}"
-                )
+                if not update.reset:  # a reset starts over (a sender that reconnected)
+                    raise DirectoryError(
+                        f"directory chunk of version {update.version} interleaved with "
+                        f"version {head.version}"
+                    )
         if not update.reset and update.base != self.version:
             pending.clear()
             raise DirectoryError(
@@ -381,16 +411,19 @@ class DirectoryTable:
 
     def _apply(self, chunks: list[DirectoryUpdate]) -> None:
         head = chunks[0]
-        entries = {} if head.reset else dict(self.entries)
+        entries = {} if head.reset else self.entries
+        identities = {} if head.reset else self.identities
         rejected: list[str] = []
         for chunk in chunks:
             for ip in chunk.removals:
                 entries.pop(ip, None)
-            for entry in chunk.upserts:
-                entries[entry.ip] = entry
+                identities.pop(ip, None)
+            if self.keep_entries:
+                entries.update((e.ip, e) for e in chunk.upserts)
+            if self.lookups:
+                identities.update((e.ip, e.identity) for e in chunk.upserts)
             rejected.extend(chunk.rejected)
-        self.entries = entries
-        self.identities = {ip: e.identity for ip, e in entries.items()}
+        self.entries, self.identities = entries, identities
         self.version = head.version
         self.egress = chunks[-1].egress
         self.rejected = (0 if head.reset else self.rejected) + len(rejected)
@@ -399,11 +432,7 @@ class DirectoryTable:
 
     def snapshot(self, max_bytes: int = MAX_CHUNK_BYTES) -> list[DirectoryUpdate]:
         """The whole table as reset chunks (for a new worker or a proxy that fell behind)."""
+        if not self.keep_entries:
+            raise DirectoryError("this table keeps lookups only; it cannot be sent on")
         return plan_update(self.version, 0, self.egress, self.entries.values(), (),
                            reset=True, max_bytes=max_bytes)  # fmt: skip
-
-
-def read_folder(folder: Path) -> dict[str, tuple[DirectoryEntry, ...]]:
-    """Every node's valid published entries (files that cannot be read are left out)."""
-    nodes, _problems = FolderReader(folder).read()
-    return {node: parsed.entries for node, parsed in nodes.items()}

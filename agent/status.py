@@ -177,6 +177,10 @@ def assess(document: dict[str, Any]) -> list[str]:
         problems.append("proxy is not connected to the agent")
     elif proxy.get("workers_alive", 0) < proxy.get("workers", 0):
         problems.append(f"only {proxy['workers_alive']} of {proxy['workers']} proxy workers alive")
+    if agent["running"] and proxy["running"] and proxy.get("agent_connected"):
+        problems += out_of_sync(agent, proxy)
+    for problem in (agent.get("directory") or {}).get("problems", []):
+        problems.append(f"mesh directory: {problem}")
     for w in document["workloads"]:
         label = f"{w['namespace']}/{w['name']}"
         if not w["netns_present"]:
@@ -191,6 +195,36 @@ def assess(document: dict[str, Any]) -> list[str]:
             problems.append(f"{label}: the proxy has no listeners for it")
         elif any(not lst.get("listening") for lst in w["listeners"]):
             problems.append(f"{label}: a proxy listener is not listening")
+    return problems
+
+
+def out_of_sync(agent: dict[str, Any], proxy: dict[str, Any]) -> list[str]:
+    """Where a proxy worker has not applied what the agent sent (pure): the directory's version
+    and size, the trust domain, each workload's certificate."""
+    problems = []
+    directory = agent.get("directory") or {}
+    identity = agent.get("identity") or {}
+    sent_certs = {uid: c["not_after"] for uid, c in (identity.get("certificates") or {}).items()}
+    for applied in proxy.get("applied", []):
+        worker = f"proxy worker {applied['worker']}"
+        if "version" in directory and (
+            (applied["directory_version"], applied["directory_entries"])
+            != (directory["version"], directory["entries"])
+        ):
+            problems.append(
+                f"{worker} has directory version {applied['directory_version']} "
+                f"({applied['directory_entries']} entries); the agent sent version "
+                f"{directory['version']} ({directory['entries']} entries)"
+            )
+        if identity.get("enabled") and applied["trust_domain"] != identity.get("trust_domain"):
+            problems.append(
+                f"{worker} trusts {applied['trust_domain'] or 'no trust domain'!r}; the agent "
+                f"sent {identity.get('trust_domain')!r}"
+            )
+        held = applied.get("certificates", {})
+        for uid, not_after in sorted(sent_certs.items()):
+            if held.get(uid) != not_after:
+                problems.append(f"{worker} does not hold the current certificate of {uid}")
     return problems
 
 
@@ -251,13 +285,26 @@ def render(document: dict[str, Any]) -> str:
         )
     else:
         lines.append("Proxy   DOWN      " + proxy.get("error", ""))
+    directory = agent.get("directory") if agent["running"] else None
+    if directory and "version" in directory:
+        applied = proxy.get("applied", []) if proxy["running"] else []
+        current = sum(
+            1 for a in applied
+            if (a["directory_version"], a["directory_entries"])
+            == (directory["version"], directory["entries"])
+        )  # fmt: skip
+        skipped = f", {directory['skipped']} skipped" if directory.get("skipped") else ""
+        lines.append(
+            f"Mesh    directory version {directory['version']}, {directory['entries']} "
+            f"address(es){skipped}   applied by {current}/{len(applied)} proxy worker(s)"
+        )
     identity = agent.get("identity") if agent["running"] else None
     if identity:
         if identity.get("enabled"):
             expires = identity["node_certificate_expires"]
             lines.append(
                 f"Identity  trust domain {identity['trust_domain']}   node certificate expires "
-                f"in {_ago(expires - now)}   directory {agent['directory']['entries']} address(es)"
+                f"in {_ago(expires - now)}"
             )
         else:
             lines.append("Identity  none: no node credentials, traffic between nodes is plaintext")

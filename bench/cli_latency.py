@@ -54,8 +54,12 @@ def _ip(*args: str) -> None:
 class Node:
     """An agent and a proxy in their own netns, with enrolled throwaway pod namespaces."""
 
-    def __init__(self, workdir: Path, pods: int) -> None:
+    def __init__(
+        self, workdir: Path, pods: int, config: dict[str, Any] | None = None, workers: int = 1
+    ) -> None:
         self.tag = secrets.token_hex(3)
+        self.settings = {"node_name": f"bench-{self.tag}", **(config or {})}
+        self.workers = workers
         self.netns = f"ferry-b-{self.tag}"
         self.pods = [f"{self.netns}-p{i}" for i in range(pods)]
         self.spare = f"{self.netns}-x"
@@ -74,10 +78,10 @@ class Node:
             self.created.append(name)
             _ip("-n", name, "link", "set", "lo", "up")
         self.logs.mkdir()
-        self.config.write_text(yaml.safe_dump({"node_name": f"bench-{self.tag}"}))
+        self.config.write_text(yaml.safe_dump(self.settings))
         for command, extra, ready in (
             ("run", (), self._agent_up),
-            ("proxy", ("--workers", "1"), self._connected),
+            ("proxy", ("--workers", str(self.workers)), self._connected),
         ):
             with open(self.logs / f"{command}.log", "wb") as log:
                 self.processes.append(
@@ -145,9 +149,12 @@ class Node:
 
 
 @contextlib.contextmanager
-def throwaway_node(pods: int) -> Iterator[Node]:
-    workdir = Path(tempfile.mkdtemp(prefix="ferry-bench-cli-"))
-    node = Node(workdir, pods)
+def throwaway_node(
+    pods: int, config: dict[str, Any] | None = None, workers: int = 1
+) -> Iterator[Node]:
+    """A started `Node` (`config`: extra settings for its YAML), always stopped and removed."""
+    workdir = Path(tempfile.mkdtemp(prefix="ferry-bench-"))
+    node = Node(workdir, pods, config, workers)
     try:
         node.start()
         yield node

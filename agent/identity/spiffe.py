@@ -12,6 +12,7 @@ half-understood.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,8 +69,26 @@ def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
     ).uri
 
 
+# The whole valid shape in one pattern: the fast path for the common case (a directory of 100,000
+# entries checks as many IDs); anything it does not match goes through the checks below, which
+# say what is wrong.
+_VALID = re.compile(
+    rf"spiffe://(?P<td>{names.DNS_SUBDOMAIN.pattern})/ns/(?P<ns>{names.LABEL})"
+    rf"/sa/(?P<sa>{names.LABEL})"
+)
+
+
+def is_spiffe_id(uri: object) -> bool:
+    """Whether `uri` is a valid Ferry SPIFFE ID (what `parse_spiffe_id` accepts), quickly."""
+    match = _VALID.fullmatch(uri) if isinstance(uri, str) else None
+    return match is not None and len(match["td"]) <= names.MAX_SUBDOMAIN
+
+
 def parse_spiffe_id(uri: str) -> SpiffeId:
     """Parse `spiffe://<td>/ns/<ns>/sa/<sa>`; anything else raises `IdentityError`."""
+    match = _VALID.fullmatch(uri) if isinstance(uri, str) else None
+    if match is not None and len(match["td"]) <= names.MAX_SUBDOMAIN:
+        return SpiffeId(match["td"], match["ns"], match["sa"])
 
     def bad(reason: str) -> IdentityError:
         return IdentityError(f"invalid SPIFFE ID {uri!r}: {reason}")

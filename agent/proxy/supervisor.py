@@ -63,7 +63,7 @@ from agent.control.protocol import (
     TrustBundle,
     WorkloadCertificate,
 )
-from agent.directory import DirectoryTable, DirectoryUpdate
+from agent.directory import DirectoryError, DirectoryTable, DirectoryUpdate
 from agent.proxy.messages import (
     AddWorkload,
     Done,
@@ -146,9 +146,10 @@ class Supervisor:
         self.stopping = threading.Event()
         self.respawn: queue.Queue[int] = queue.Queue()
         self.trust: TrustBundle | None = None
-        self.directory = DirectoryTable()
+        self.directory = DirectoryTable(lookups=False)  # kept to give a new worker
         self.trust_domain = config.identity.trust_domain
         self._seq = itertools.count(1)
+        self._unanswered: list[tuple[WorkerHandle, int]] = []  # sent, outcome not collected
 
     # ---------------------------------------------------------------- workers
     def _spawn(self, index: int) -> WorkerHandle:
@@ -233,34 +234,46 @@ class Supervisor:
         fds: list[int] | None = None,
         workers: list[WorkerHandle] | None = None,
     ) -> list[str]:
-        """Send one message to every live worker and wait until each applied it; returns the
-        failures ("worker N: why").  A worker that dies meanwhile is skipped: it gets the whole
-        state when it is restarted."""
+        """Send one message to every live worker and wait until each applied it (and every
+        message sent before it without waiting); returns the failures ("worker N: why").  A
+        worker that dies meanwhile is skipped: it gets the whole state when it is restarted."""
         with self.lock:
-            waiting: dict[WorkerHandle, int] = {}
-            for worker in self.workers if workers is None else workers:
-                if worker.gone:
-                    continue
-                seq = next(self._seq)
-                try:
-                    worker.send(make(seq), fds)
-                except OSError:
-                    continue  # dead: it gets everything on respawn
-                waiting[worker] = seq
-            deadline = time.monotonic() + WORKER_TIMEOUT
-            errors = []
-            for worker, seq in waiting.items():
-                while seq not in worker.done and not worker.gone:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self.changed.wait(left)
-                done = worker.done.pop(seq, None)
-                if done is None and not worker.gone:
-                    errors.append(f"worker {worker.index} did not answer in {WORKER_TIMEOUT}s")
-                elif done is not None and done.error:
-                    errors.append(f"worker {worker.index}: {done.error}")
-            return errors
+            self._send_to_workers(make, fds, workers)
+            return self._wait_for_workers()
+
+    def _send_to_workers(
+        self,
+        make: Callable[[int], ToWorker],
+        fds: list[int] | None = None,
+        workers: list[WorkerHandle] | None = None,
+    ) -> None:
+        """Send without waiting; `_wait_for_workers` collects the outcome later."""
+        for worker in self.workers if workers is None else workers:
+            if worker.gone:
+                continue
+            seq = next(self._seq)
+            try:
+                worker.send(make(seq), fds)
+            except OSError:
+                continue  # dead: it gets everything on respawn
+            self._unanswered.append((worker, seq))
+
+    def _wait_for_workers(self) -> list[str]:
+        deadline = time.monotonic() + WORKER_TIMEOUT
+        errors = []
+        waiting, self._unanswered = self._unanswered, []
+        for worker, seq in waiting:
+            while seq not in worker.done and not worker.gone:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.changed.wait(left)
+            done = worker.done.pop(seq, None)
+            if done is None and not worker.gone:
+                errors.append(f"worker {worker.index} did not answer in {WORKER_TIMEOUT}s")
+            elif done is not None and done.error:
+                errors.append(f"worker {worker.index}: {done.error}")
+        return list(dict.fromkeys(errors))  # one line per distinct failure
 
     def _add_message(self, served: Served) -> Callable[[int], ToWorker]:
         workload = served.workload
@@ -297,12 +310,22 @@ class Supervisor:
             self.trust = trust
 
     def update_directory(self, update: DirectoryUpdate) -> None:
-        """Apply one directory chunk here and in every worker (raises with the failures)."""
+        """Apply one directory chunk here and in every worker (raises with the failures).
+
+        The workers take the chunks of a change as they come, without the agent waiting for
+        them on each: only the last chunk is acked once every worker applied the whole change,
+        with any worker's failure on any chunk of it."""
         with self.lock:
-            self.directory.receive(update)  # DirectoryError: out of order, nothing forwarded
-            errors = self._to_workers(_directory_message(update))
-            if errors:
-                raise ValueError("; ".join(errors))
+            try:
+                self.directory.receive(update)  # DirectoryError: out of order, nothing forwarded
+            except DirectoryError:
+                self._wait_for_workers()  # what was already forwarded; the agent resends all
+                raise
+            self._send_to_workers(_directory_message(update))
+            if update.last:
+                errors = self._wait_for_workers()
+                if errors:
+                    raise ValueError("; ".join(errors))
 
     # -------------------------------------------------------------- workloads
     def add(self, workload: Workload, mode: str, netns_fd: int) -> None:
@@ -369,6 +392,8 @@ class Supervisor:
 
     def _session(self, sock: socket.socket) -> None:
         with self.lock:
+            for failure in self._wait_for_workers():  # chunks of a change the last agent left
+                log.warning("workers on an unfinished directory change: %s", failure)
             session = ProxySession(held=set(self.served))
         send_message(sock, Hello(proxy_version=__version__, pid=os.getpid()))
         log.info("connected to the agent at %s", sock.getpeername())

@@ -25,6 +25,7 @@ import ssl
 from collections.abc import Iterator
 
 from agent.directory import DirectoryTable
+from agent.linux import release_memory
 from agent.proxy.messages import (
     AddWorkload,
     Applied,
@@ -46,6 +47,7 @@ log = logging.getLogger("ferry.proxy.worker")
 
 CONTROL_MAX = 1 << 16
 MAX_FDS = 64
+TRIM_AFTER = 10_000  # directory entries: from this size on, memory is given back per change
 
 
 class ChannelClosed(Exception):
@@ -128,7 +130,7 @@ class Registry:
         self.local: dict[str, ServedWorkload] = {}  # ip -> workload served here
         self.trust_domain = ""
         self.bundle_pem = b""
-        self.directory = DirectoryTable()
+        self.directory = DirectoryTable(keep_entries=False)  # lookups only
 
     def add(
         self, msg: AddWorkload, netns_fd: int, socks: list[socket.socket]
@@ -194,13 +196,14 @@ class Registry:
         return True
 
     def update_directory(self, msg: UpdateDirectory) -> None:
-        self.directory.receive(msg.update)
+        if self.directory.receive(msg.update) and self.directory.size >= TRIM_AFTER:
+            release_memory()  # decoding a large directory leaves garbage the heap keeps
 
     def applied(self) -> Applied:
         table = self.directory
         return Applied(
             directory_version=table.version,
-            directory_entries=len(table.identities),
+            directory_entries=table.size,
             directory_rejected=table.rejected,
             trust_domain=self.trust_domain,
             certificates={

@@ -112,17 +112,27 @@ def test_table_refuses_a_change_that_does_not_follow_its_version() -> None:
     assert table.version == 1 and list(table.identities) == [entry(1).ip]
 
 
-def test_table_refuses_interleaved_versions_and_keeps_what_it_had() -> None:
+def test_table_refuses_interleaved_deltas_and_keeps_what_it_had() -> None:
     table = DirectoryTable()
-    a = plan_update(1, 0, "passthrough", [entry(i) for i in range(2000)], (), reset=True)
-    b = plan_update(2, 0, "passthrough", [entry(i) for i in range(2000)], (), reset=True)
+    for chunk in plan_update(1, 0, "passthrough", [entry(1)], (), reset=True):
+        table.receive(chunk)
+    a = plan_update(2, 1, "passthrough", [entry(i) for i in range(2000)], (), reset=False)
+    b = plan_update(3, 1, "passthrough", [entry(i) for i in range(2000)], (), reset=False)
     table.receive(a[0])
     with pytest.raises(DirectoryError, match="interleaved"):
         table.receive(b[1])
-    assert table.version == 0 and not table.identities
-    for chunk in b:  # a full resend starts over cleanly
+    assert table.version == 1 and list(table.identities) == [entry(1).ip]
+
+
+def test_a_reset_abandons_a_half_received_change() -> None:
+    """A sender that reconnects mid-change starts over with a reset: no error, nothing mixed."""
+    table = DirectoryTable()
+    a = plan_update(1, 0, "passthrough", [entry(i) for i in range(2000)], (), reset=True)
+    b = plan_update(2, 0, "passthrough", [entry(i) for i in range(5, 1000)], (), reset=True)
+    table.receive(a[0])
+    for chunk in b:
         table.receive(chunk)
-    assert table.version == 2 and len(table.identities) == 2000
+    assert table.version == 2 and len(table.identities) == 995
 
 
 def test_a_bad_entry_is_skipped_and_reported_never_the_whole_update() -> None:

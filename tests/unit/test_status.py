@@ -35,8 +35,15 @@ def document(**changes: Any) -> dict[str, Any]:
                 "enabled": True,
                 "trust_domain": "cluster.local",
                 "node_certificate_expires": NOW + 300 * 86400,
+                "certificates": {"netns-4-7": {"not_after": NOW + 43_200, "serial": "ab"}},
             },
-            "directory": {"folder": "/run/ferry/directory", "entries": 6},
+            "directory": {
+                "folder": "/run/ferry/directory",
+                "version": 7,
+                "entries": 6,
+                "skipped": 0,
+                "problems": [],
+            },
         },
         "proxy": {
             "running": True,
@@ -46,6 +53,17 @@ def document(**changes: Any) -> dict[str, Any]:
             "workers_alive": 2,
             "agent_connected": True,
             "active_connections": 3,
+            "applied": [
+                {
+                    "worker": n,
+                    "directory_version": 7,
+                    "directory_entries": 6,
+                    "directory_rejected": 0,
+                    "trust_domain": "cluster.local",
+                    "certificates": {"netns-4-7": NOW + 43_200},
+                }
+                for n in (0, 1)
+            ],
         },
         "workloads": [
             {
@@ -128,3 +146,41 @@ def test_a_node_without_credentials_says_traffic_is_plaintext() -> None:
     doc = document()
     doc["agent"]["identity"] = {"enabled": False, "trust_domain": "cluster.local"}
     assert "no node credentials, traffic between nodes is plaintext" in render(doc)
+
+
+def _applied(doc: dict[str, Any], worker: int) -> dict[str, Any]:
+    return dict(doc["proxy"]["applied"][worker])
+
+
+@pytest.mark.parametrize(
+    ("worker_change", "needle"),
+    [
+        ({"directory_version": 6},
+         "proxy worker 1 has directory version 6 (6 entries); the agent sent version 7"),
+        ({"directory_entries": 5}, "proxy worker 1 has directory version 7 (5 entries)"),
+        ({"trust_domain": ""}, "proxy worker 1 trusts 'no trust domain'"),
+        ({"trust_domain": "other.local"}, "proxy worker 1 trusts 'other.local'"),
+        ({"certificates": {}}, "proxy worker 1 does not hold the current certificate of netns-4-7"),
+        ({"certificates": {"netns-4-7": NOW}}, "does not hold the current certificate"),
+    ],
+)  # fmt: skip
+def test_what_a_worker_did_not_apply_is_a_problem(
+    worker_change: dict[str, Any], needle: str
+) -> None:
+    doc = document()
+    lagging = {**_applied(doc, 1), **worker_change}
+    doc = document(proxy={**doc["proxy"], "applied": [_applied(doc, 0), lagging]})
+    assert [p for p in doc["problems"] if needle in p], doc["problems"]
+    assert not any("worker 0" in p for p in doc["problems"])
+
+
+def test_skipped_directory_entries_are_problems_and_counted() -> None:
+    doc = document()
+    directory = {
+        **doc["agent"]["directory"],
+        "skipped": 1,
+        "problems": ["node-b.json entry 3: entry ip '10.0.0.300' is not an IP address"],
+    }
+    doc = document(agent={**doc["agent"], "directory": directory})
+    assert "mesh directory: node-b.json entry 3: entry ip '10.0.0.300'" in doc["problems"][0]
+    assert "6 address(es), 1 skipped   applied by 2/2 proxy worker(s)" in render(doc)
