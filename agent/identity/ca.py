@@ -41,7 +41,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.identity.spiffe import DNS_NAME, IdentityError, validate_trust_domain
+from agent import names
+from agent.identity.spiffe import IdentityError, validate_trust_domain
 
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
@@ -49,7 +50,6 @@ BUNDLE = "bundle.pem"
 NODE_KEY = "node.key"
 NODE_CERT = "node.crt"
 CLOCK_SKEW = dt.timedelta(seconds=60)
-NODE_NAME = DNS_NAME
 
 
 def key_usage(
@@ -71,12 +71,10 @@ def key_usage(
 
 def validate_node_name(node_name: str) -> str:
     """Node names are DNS subdomains (like Kubernetes node names); raise `IdentityError` if not."""
-    if not isinstance(node_name, str) or len(node_name) > 253 or not NODE_NAME.fullmatch(node_name):
-        raise IdentityError(
-            f"invalid node name {node_name!r}: must be a lower-case DNS name (letters, digits, "
-            "'-' and '.', at most 253 characters)"
-        )
-    return node_name
+    try:
+        return names.node_name(node_name)
+    except names.InvalidName as exc:
+        raise IdentityError(str(exc)) from None
 
 
 def _days(valid_days: int) -> dt.timedelta:

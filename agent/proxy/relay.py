@@ -32,8 +32,9 @@ import fcntl
 import os
 import select
 import socket
-import struct
 from collections.abc import Callable
+
+from agent.linux import LINGER_RESET
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -42,7 +43,6 @@ EPOLLHUP = select.EPOLLHUP
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 DEFAULT_PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 WatchFn = Callable[[int, int, int], None]
 DoneFn = Callable[["Relay"], None]
@@ -240,7 +240,7 @@ class Relay:
         self.reset = True
         for sock in (self.down, self.up):
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         self.close()
 
     # -- decisions --------------------------------------------------------------------------

@@ -38,10 +38,10 @@ import errno
 import select
 import socket
 import ssl
-import struct
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
+from agent.linux import LINGER_RESET
 from agent.tunnel.events import (
     ConnectionEnded,
     Data,
@@ -70,7 +70,6 @@ EPOLLHUP = select.EPOLLHUP
 READ_CHUNK = 1 << 20
 READ_ROUNDS = 8  # socket reads per readiness event, at most (fairness between connections)
 OUT_HIGH = 4 << 20
-LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() sends a TCP reset
 
 CONNECTING, HANDSHAKE, OPEN, CLOSED = range(4)
 

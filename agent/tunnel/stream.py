@@ -27,12 +27,12 @@ import errno
 import socket
 from typing import Any
 
+from agent.linux import LINGER_RESET
 from agent.tunnel.connection import (
     EPOLLERR,
     EPOLLHUP,
     EPOLLIN,
     EPOLLOUT,
-    LINGER_RESET,
     OUT_HIGH,
     TunnelConn,
 )

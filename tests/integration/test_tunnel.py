@@ -187,8 +187,8 @@ def mesh(env: Env, b_mode: str = "permissive") -> tuple[socket.socket, socket.so
     return ctl_a, ctl_b
 
 
-@pytest.mark.skipif(not shutil.which("tcpdump"), reason="needs tcpdump")
 def test_curl_goes_through_the_tunnel_encrypted(env: Env) -> None:
+    assert shutil.which("tcpdump"), "tcpdump is missing (Debian package tcpdump, `make setup`)"
     ctl_a, ctl_b = mesh(env, b_mode="strict")
     env.http_server()
     pcap = env.tmp / "veth.pcap"
