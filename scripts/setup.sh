@@ -68,7 +68,8 @@ if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[dev]'
+# compat: a plain path in a .pth, not setuptools' import hook (about 20 ms off every `agent` command)
+.venv/bin/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 for mod in bcc nftables; do
   if [ -e "/usr/lib/python3/dist-packages/$mod" ]; then
