@@ -68,8 +68,7 @@ if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-# compat: a plain path in a .pth, not setuptools' import hook (about 20 ms off every `agent` command)
-.venv/bin/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+.venv/bin/python -m pip install -q -e '.[dev]'
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 for mod in bcc nftables; do
   if [ -e "/usr/lib/python3/dist-packages/$mod" ]; then
