@@ -14,6 +14,7 @@ Every message the agent sends is answered by exactly one `ack`, in order.
     agent -> proxy   {"type": "directory", "update": {"version": 7, "base": 6, "reset": false,
                       "egress": "passthrough", "upserts": [{"ip", "identity", "node"}, ...],
                       "removals": ["10.1.2.4"], "last": true}}
+    agent -> proxy   {"type": "policy", "version": 3, "last": true, "text": "<slice of JSON>"}
     agent -> proxy   {"type": "snapshot_sent"}
     proxy -> agent   {"type": "ack", "error": null | "what went wrong"}
 
@@ -92,6 +93,24 @@ class DirectoryChunk:
 
 
 @dataclass(frozen=True)
+class PolicyChunk:
+    """A slice of the policy in force (the JSON of `agent.policy.compile.PolicySet`), in order;
+    the proxy applies version `version` when the `last` slice arrives (`policy_chunks`)."""
+
+    TYPE: ClassVar[str] = "policy"
+    version: int
+    last: bool
+    text: str
+
+
+def policy_chunks(version: int, text: str, max_chars: int = 24 * 1024) -> list[PolicyChunk]:
+    """`text` (ASCII JSON) cut into slices that fit a datagram even when JSON-escaping doubles
+    them (at least one slice, so an empty policy moves the version too)."""
+    slices = [text[i : i + max_chars] for i in range(0, len(text), max_chars)] or [""]
+    return [PolicyChunk(version, i == len(slices) - 1, part) for i, part in enumerate(slices)]
+
+
+@dataclass(frozen=True)
 class DelWorkload:
     TYPE: ClassVar[str] = "del_workload"
     uid: str
@@ -117,6 +136,7 @@ Message = (
     | WorkloadCertificate
     | TrustBundle
     | DirectoryChunk
+    | PolicyChunk
 )
 _BY_TYPE: dict[str, type[Any]] = {
     cls.TYPE: cls
@@ -129,6 +149,7 @@ _BY_TYPE: dict[str, type[Any]] = {
         WorkloadCertificate,
         TrustBundle,
         DirectoryChunk,
+        PolicyChunk,
     )
 }
 
@@ -179,7 +200,7 @@ class Remove:
     uids: tuple[str, ...]
 
 
-Action = Add | Remove | WorkloadCertificate | TrustBundle | DirectoryChunk
+Action = Add | Remove | WorkloadCertificate | TrustBundle | DirectoryChunk | PolicyChunk
 
 
 @dataclass
@@ -206,7 +227,7 @@ class ProxySession:
                 if uid not in self.held:
                     raise ProtocolError(f"certificate for {uid!r}, which is not a workload here")
                 return [message]
-            case TrustBundle() | DirectoryChunk():
+            case TrustBundle() | DirectoryChunk() | PolicyChunk():
                 return [message]
             case DelWorkload(uid=uid):
                 self.held.discard(uid)
