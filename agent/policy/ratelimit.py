@@ -403,11 +403,11 @@ class _Index:
         by_namespace: dict[str, list[Rule]] = {}
         rest: list[Rule] = []
         for rule in rules:
-            if _only_exact(rule.principals):
-                for value in rule.principals.exact:  # type: ignore[union-attr]
+            if principals := _exact_only(rule.principals):
+                for value in principals:
                     by_principal.setdefault(value, []).append(rule)
-            elif _only_exact(rule.namespaces):
-                for value in rule.namespaces.exact:  # type: ignore[union-attr]
+            elif namespaces := _exact_only(rule.namespaces):
+                for value in namespaces:
                     by_namespace.setdefault(value, []).append(rule)
             else:
                 rest.append(rule)
@@ -426,11 +426,12 @@ class _Index:
                         into.append(rule)
 
 
-def _only_exact(strings: Strings | None) -> bool:
-    return (
-        strings is not None and not strings.present and not strings.prefixes
-        and not strings.suffixes
-    )  # fmt: skip
+def _exact_only(strings: Strings | None) -> frozenset[str]:
+    """The values of a list made of exact values only; empty when it has a wildcard (or is
+    absent): such a rule cannot be found by lookup."""
+    if strings is None or strings.present or strings.prefixes or strings.suffixes:
+        return frozenset()
+    return strings.exact
 
 
 class WorkloadRateLimits:
@@ -451,9 +452,12 @@ class WorkloadRateLimits:
     def _indexes(rules: list[Rule]) -> tuple[Mapping[int, _Index], _Index | None]:
         """The rules by port (only ports that have rules) and those for every port (None when
         there are none), so traffic no rule can match costs one dictionary miss."""
-        ports = sorted({p for r in rules for p in r.ports})
-        by_port = {p: _Index.build(r for r in rules if p in r.ports) for p in ports}
+        per_port: dict[int, list[Rule]] = {}
+        for rule in rules:
+            for port in rule.ports:
+                per_port.setdefault(port, []).append(rule)
         every_port = [r for r in rules if not r.ports]
+        by_port = {port: _Index.build(group) for port, group in per_port.items()}
         return by_port, _Index.build(every_port) if every_port else None
 
     @classmethod

@@ -34,10 +34,14 @@ process-shared robust pthread mutex in the region, called through ctypes: uncont
 atomic instruction in userspace (a futex syscall only when contended), and robust means a worker
 killed while holding it does not wedge the others: the next locker gets EOWNERDEAD, marks it
 consistent and goes on (the dead worker's half-written slot, at worst, holds one wrong bucket
-value).  Measured on 2 cores, lock + read-modify-write + unlock of one counter: 0.68 M/s for one
-process, 0.78 M/s for 2 contending (exact), against 0.28 M/s and 0.25 M/s with open-file-
-description byte-range locks (`F_OFD_SETLKW`, two syscalls per take); a whole `take` costs about
-3 us (see bench/ratelimit.py).
+value).  The alternative without ctypes, open-file-description byte-range locks
+(`F_OFD_SETLKW` on a per-worker reopened fd, released by the kernel when a holder dies), costs
+two syscalls per take even uncontended.  Lock + read-modify-write + unlock of one shared counter
+on the 2-core dev machine (shared and noisy: ranges over 4 runs): mutex 0.28-0.69 M/s in one
+process and 0.25-0.78 M/s for 2 contending (exact), OFD lock 0.16-0.28 M/s and 0.12-0.29 M/s;
+uncontended (the usual case with 8,192 set locks) the mutex costs 1.2 us against 2.9 us.  A
+whole `take` (hash, lock, arithmetic, unlock) runs at 0.10-0.16 M/s per process
+(bench/ratelimit.py).
 
 Every process must pass the same clock as `now`: the proxy uses `time.monotonic()`
 (CLOCK_MONOTONIC is system-wide).

@@ -292,6 +292,17 @@ def test_match(match: dict[str, Any], facts: Facts, expected: bool) -> None:
     assert len(store.taken) == int(expected)
 
 
+def test_a_rule_on_several_ports_and_mixed_indexes() -> None:
+    by_principal = rule({"ports": [80, 81], "principals": ["td/ns/shop/sa/alice"]})
+    scanned = rule({"ports": [81], "namespaces": ["sh*"]})
+    rl = limits(by_principal, scanned, rule({"namespaces": ["shop"]}))
+    assert [rl.check(conn(port=p), MemoryBuckets(), 0.0).rule for p in (80, 81, 82)] == [0, 0, 2]
+    store = MemoryBuckets()
+    rl.check(conn(port=81), store, 0.0)
+    assert sorted(k.split(b"\0")[1] for k in store.taken) == [b"0", b"1", b"2"]
+    assert rl.check(conn(CAROL, port=80), store, 0.0) is UNLIMITED
+
+
 def test_cluster_local_alias_without_a_distinct_trust_domain() -> None:
     match = {"principals": ["cluster.local/ns/shop/sa/alice"]}
     rl = limits(rule(match), trust_domain="cluster.local")
