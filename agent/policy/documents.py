@@ -576,6 +576,14 @@ class Loaded:
 LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: faster
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What PyYAML found wrong and where (lines of the file, from 1)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem and exc.problem_mark:
+        mark = exc.problem_mark
+        return f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
+
+
 def parse_text(text: str, file: str) -> list[Parsed]:
     """Every document of one YAML text (empty documents skipped); a YAML syntax error ends the
     file with an error naming the document it broke and the line."""
@@ -588,7 +596,7 @@ def parse_text(text: str, file: str) -> list[Parsed]:
             index += 1
     except yaml.YAMLError as exc:
         label = f"document #{index + 1}"
-        reason = f"not valid YAML: {' '.join(str(exc).split())}"
+        reason = f"not valid YAML: {_yaml_problem(exc)}"
         parsed.append(Parsed(None, label, (PolicyError(file, label, "", reason),)))
     return parsed
 
