@@ -69,6 +69,9 @@ class Reason(enum.StrEnum):
     BAD_AUTHORITY = "bad_authority"
     NOT_MY_ADDRESS = "not_my_address"
     INVALID_DESTINATION = "invalid_destination"
+    POLICY_DENIED = "policy_denied"  # an AuthorizationPolicy
+    RATE_LIMITED = "rate_limited"  # a RateLimitPolicy
+    UNAUTHENTICATED = "unauthenticated"  # an invalid JWT (RequestAuthentication)
 
 
 class WorkloadFacts(Protocol):

@@ -14,6 +14,7 @@ once it has acted on it, so the supervisor can pass a worker's failure back to t
     SetCertificate   the workload's chain and key (never logged: `repr` hides the key)
     SetTrust         the trust domain and the bundle of roots peers must chain to
     UpdateDirectory  one chunk of a versioned directory change (agent.directory)
+    UpdatePolicy     one slice of the policy set in force; the last one applies it
     StatsRequest     answered at once with Stats
 worker -> supervisor:
     Done             the outcome of one message (error None: applied)
@@ -33,6 +34,7 @@ from agent.wire import WireError, from_json, to_json
 
 Direction = Literal["outbound", "inbound", "tunnel"]
 Mode = Literal["permissive", "strict"]
+WORKER_SECTIONS = ("proxy", "redirection", "identity", "policy")  # the config a worker gets
 COUNTERS = (
     "connections_opened",
     "connections_closed",
@@ -61,6 +63,8 @@ class AddWorkload:
     mode: Mode
     ips: tuple[str, ...]
     listeners: tuple[ListenerSpec, ...]
+    namespace: str = ""  # with labels: what policy selectors match
+    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def fds_expected(self) -> int:
@@ -100,6 +104,17 @@ class UpdateDirectory:
 
 
 @dataclass(frozen=True)
+class UpdatePolicy:
+    """One slice of the policy set in force (agent.control.protocol.PolicyChunk, forwarded)."""
+
+    OP: ClassVar[str] = "policy"
+    seq: int
+    version: int
+    last: bool
+    text: str
+
+
+@dataclass(frozen=True)
 class StatsRequest:
     OP: ClassVar[str] = "stats?"
 
@@ -132,6 +147,16 @@ class Flow:
 
 
 @dataclass(frozen=True)
+class Decision:
+    """How often one policy decided one way for one workload (cumulative)."""
+
+    policy: str  # "<namespace>/<name>", "" when no policy decided
+    action: str  # ALLOW | DENY | AUDIT | RATELIMIT | JWT | "" (no policy)
+    decision: str  # allow | deny
+    count: int
+
+
+@dataclass(frozen=True)
 class TunnelCounters:
     handshakes: int = 0  # completed, both roles, cumulative
     pooled_connections: int = 0  # client connections in the pool now
@@ -147,6 +172,7 @@ class Applied:
     directory_rejected: int = 0
     trust_domain: str = ""
     certificates: dict[str, float] = field(default_factory=dict)  # uid -> not_after
+    policy_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -157,6 +183,7 @@ class Stats:
     flows: dict[str, tuple[Flow, ...]]  # uid -> flows
     tunnel: TunnelCounters
     applied: Applied
+    decisions: dict[str, tuple[Decision, ...]] = field(default_factory=dict)  # uid -> counts
 
     def totals(self, uid: str, direction: str) -> dict[str, int]:
         """One workload's counters in one direction, summed over its flows."""
@@ -168,7 +195,15 @@ class Stats:
         return out
 
 
-ToWorker = AddWorkload | RemoveWorkload | SetCertificate | SetTrust | UpdateDirectory | StatsRequest
+ToWorker = (
+    AddWorkload
+    | RemoveWorkload
+    | SetCertificate
+    | SetTrust
+    | UpdateDirectory
+    | UpdatePolicy
+    | StatsRequest
+)
 FromWorker = Done | Stats
 Message = ToWorker | FromWorker
 
@@ -180,6 +215,7 @@ _BY_OP: dict[str, type[Any]] = {
         SetCertificate,
         SetTrust,
         UpdateDirectory,
+        UpdatePolicy,
         StatsRequest,
         Done,
         Stats,

@@ -44,6 +44,17 @@ def _add(entry: dict[str, Any], flow: Flow) -> None:
         entry["denied_by"][reason] = entry["denied_by"].get(reason, 0) + count
 
 
+def sum_decisions(per_worker: Iterable[Stats], uid: str) -> list[dict[str, Any]]:
+    """One workload's policy decisions per (policy, action, decision), summed over workers."""
+    summed: dict[tuple[str, str, str], int] = {}
+    for stats in per_worker:
+        for d in stats.decisions.get(uid, ()):
+            key = (d.policy, d.action, d.decision)
+            summed[key] = summed.get(key, 0) + d.count
+    return [{"policy": p, "action": a, "decision": d, "count": n}
+            for (p, a, d), n in sorted(summed.items())]  # fmt: skip
+
+
 def totals(flows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
     """Counters per direction from `sum_flows` output."""
     out = {d: dict.fromkeys(COUNTERS, 0) for d in DIRECTIONS}
@@ -116,8 +127,18 @@ class MetricsCollector(Collector):
                     family.add_metric(values, flow[key])
                 for reason, count in sorted(flow["denied_by"].items()):
                     denied.add_metric([*values, reason], count)
+        decisions = CounterMetricFamily(
+            "ferry_policy_decisions", "policy decisions, by policy, action and decision",
+            labels=["workload_namespace", "workload", "policy", "action", "decision"],
+        )  # fmt: skip
+        for uid, workload in sorted(workloads.items()):
+            for d in sum_decisions(per_worker, uid):
+                values = [workload.namespace, workload.name, d["policy"] or "none",
+                          d["action"] or "none", d["decision"]]  # fmt: skip
+                decisions.add_metric(values, d["count"])
         yield from families.values()
         yield denied
+        yield decisions
         active = GaugeMetricFamily("ferry_proxy_active_connections", "open relayed connections")
         active.add_metric([], sum(s.active for s in per_worker))
         yield active

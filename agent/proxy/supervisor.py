@@ -56,6 +56,7 @@ from agent.control.protocol import (
     Add,
     DirectoryChunk,
     Hello,
+    PolicyChunk,
     ProtocolError,
     ProxySession,
     Remove,
@@ -65,6 +66,7 @@ from agent.control.protocol import (
 )
 from agent.directory import DirectoryError, DirectoryTable, DirectoryUpdate
 from agent.proxy.messages import (
+    WORKER_SECTIONS,
     AddWorkload,
     Done,
     ListenerSpec,
@@ -77,16 +79,20 @@ from agent.proxy.messages import (
     StatsRequest,
     ToWorker,
     UpdateDirectory,
+    UpdatePolicy,
     decode,
     encode,
 )
 from agent.proxy.metrics import (
     Labelled,
     MetricsCollector,
+    sum_decisions,
     sum_flows,
     totals,
     tunnel_totals,
 )
+from agent.proxy.policy_state import PolicyRejected, PolicyState
+from agent.proxy.ratelimit_store import SharedBuckets
 from agent.proxy.sockets import Listener, open_listeners
 from agent.tunnel.tls import worker_environment
 from agent.workloads import Workload
@@ -148,20 +154,23 @@ class Supervisor:
         self.trust: TrustBundle | None = None
         self.directory = DirectoryTable(lookups=False)  # kept to give a new worker
         self.trust_domain = config.identity.trust_domain
+        self.policy = PolicyState(config.policy.root_namespace, config.identity.trust_domain)
+        self.policy_slices: list[PolicyChunk] = []  # of the version in force, for a new worker
+        self._policy_pending: list[PolicyChunk] = []
+        self.buckets: SharedBuckets | None = None
+        self.buckets_fd = -1
         self._seq = itertools.count(1)
         self._unanswered: list[tuple[WorkerHandle, int]] = []  # sent, outcome not collected
 
     # ---------------------------------------------------------------- workers
     def _spawn(self, index: int) -> WorkerHandle:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        settings = {
-            "proxy": asdict(self.config.proxy),
-            "redirection": asdict(self.config.redirection),
-        }
+        settings = {key: asdict(getattr(self.config, key)) for key in WORKER_SECTIONS}
         process = subprocess.Popen(
             [sys.executable, "-m", "agent.proxy.worker", "--control-fd", str(theirs.fileno()),
-             "--worker-id", str(index), "--config-json", json.dumps(settings)],
-            pass_fds=[theirs.fileno()],
+             "--worker-id", str(index), "--config-json", json.dumps(settings),
+             "--buckets-fd", str(self.buckets_fd)],
+            pass_fds=[theirs.fileno(), self.buckets_fd],
             env=worker_environment(),  # TLS 1.3 suite preference (agent/tunnel/openssl.cnf)
         )  # fmt: skip
         theirs.close()
@@ -219,6 +228,8 @@ class Supervisor:
             messages.append((self._trust_message(self.trust), []))
         for chunk in self.directory.snapshot():
             messages.append((_directory_message(chunk), []))
+        for part in self.policy_slices:
+            messages.append((_policy_message(part), []))
         for served in self.served.values():
             messages.append((self._add_message(served), _fds(served)))
             if served.certificate is not None:
@@ -280,7 +291,9 @@ class Supervisor:
         identity = workload.identity(self.trust_domain)
         specs = tuple(ListenerSpec(lst.direction, lst.family) for lst in served.listeners)
         mode: Mode = "strict" if served.mode == "strict" else "permissive"
-        return lambda seq: AddWorkload(seq, workload.uid, identity, mode, workload.ips, specs)
+        labels = dict(workload.labels)
+        return lambda seq: AddWorkload(seq, workload.uid, identity, mode, workload.ips, specs,
+                                       workload.namespace, labels)  # fmt: skip
 
     @staticmethod
     def _trust_message(trust: TrustBundle) -> Callable[[int], ToWorker]:
@@ -308,6 +321,7 @@ class Supervisor:
             if errors:
                 raise ValueError("; ".join(errors))
             self.trust = trust
+            self.policy.set_trust_domain(trust.trust_domain)
 
     def update_directory(self, update: DirectoryUpdate) -> None:
         """Apply one directory chunk here and in every worker (raises with the failures).
@@ -326,6 +340,30 @@ class Supervisor:
                 errors = self._wait_for_workers()
                 if errors:
                     raise ValueError("; ".join(errors))
+
+    def update_policy(self, part: PolicyChunk) -> None:
+        """Forward one policy slice to every worker; on the last one, validate the version here
+        too and ack once every worker has it in force (raises with every failure)."""
+        with self.lock:
+            self._send_to_workers(_policy_message(part))
+            if part.version != (self._policy_pending[0].version if self._policy_pending else -1):
+                self._policy_pending = []
+            self._policy_pending.append(part)
+            if not part.last:
+                return
+            pending, self._policy_pending = self._policy_pending, []
+            errors = self._wait_for_workers()
+            try:
+                for piece in pending:
+                    self.policy.receive(piece.version, piece.last, piece.text)
+            except PolicyRejected as exc:
+                errors.insert(0, str(exc))
+            else:
+                self.policy_slices = pending
+                log.info("policy version %d in force: %d document(s)", part.version,
+                         len(self.policy.policy.documents))  # fmt: skip
+            if errors:
+                raise ValueError("; ".join(dict.fromkeys(errors)))
 
     # -------------------------------------------------------------- workloads
     def add(self, workload: Workload, mode: str, netns_fd: int) -> None:
@@ -411,6 +449,8 @@ class Supervisor:
                             self.set_trust(trust)
                         case DirectoryChunk(update=update):
                             self.update_directory(update)
+                        case PolicyChunk() as part:
+                            self.update_policy(part)
                         case Remove(uids=uids):
                             for uid in uids:
                                 self.remove(uid)
@@ -453,7 +493,10 @@ class Supervisor:
             workloads = {}
             for uid, s in self.served.items():
                 flows = sum_flows(per_worker, uid)
+                compiled = self.policy.for_workload(s.workload.namespace, dict(s.workload.labels))
                 workloads[uid] = {
+                    "policies": list(compiled.policies) if compiled is not None else [],
+                    "decisions": sum_decisions(per_worker, uid),
                     "name": s.workload.name,
                     "namespace": s.workload.namespace,
                     "service_account": s.workload.service_account,
@@ -480,6 +523,10 @@ class Supervisor:
                     "rejected": table.rejected,
                     "problems": list(table.problems),
                 },
+                "policy": {
+                    "version": self.policy.version,
+                    "documents": len(self.policy.policy.documents),
+                },
                 "applied": [{"worker": s.worker, **asdict(s.applied)} for s in per_worker],
                 "tunnel": tunnel_totals(per_worker),
                 "workloads": workloads,
@@ -488,6 +535,7 @@ class Supervisor:
     # -------------------------------------------------------------------- run
     def run(self) -> None:
         prepare_state_dir(self.state_dir)
+        self.buckets, self.buckets_fd = SharedBuckets.create()  # rate limits across workers
         self.workers = [self._spawn(i) for i in range(self.worker_count)]
         host, port = parse_address("proxy.metrics_address", self.config.proxy.metrics_address)
         registry = CollectorRegistry(auto_describe=True)
@@ -531,6 +579,10 @@ def _cert_message(cert: WorkloadCertificate) -> Callable[[int], ToWorker]:
 
 def _directory_message(update: DirectoryUpdate) -> Callable[[int], ToWorker]:
     return lambda seq: UpdateDirectory(seq, update)
+
+
+def _policy_message(part: PolicyChunk) -> Callable[[int], ToWorker]:
+    return lambda seq: UpdatePolicy(seq, part.version, part.last, part.text)
 
 
 def describe_listener(listener: Listener) -> dict[str, Any]:

@@ -9,8 +9,9 @@ worker that opens and accepts them:
   identity the directory names for that IP;
 - server: `accept` terminates TLS with the workload's certificate and requires a client
   certificate from the trust bundle and domain; each CONNECT is judged by the decision core
-  (`decide.admit_stream`) and, admitted, connected inside the workload's netns from the tunnel
-  peer's IP (a transparent socket), 200 once connected, 503 when that connect fails;
+  (`decide.admit_stream`) and the workload's policy (`enforce.Enforcer`, 403 when denied) and,
+  admitted, connected inside the workload's netns from the tunnel peer's IP (a transparent
+  socket), 200 once connected, 503 when that connect fails;
 - `sweep` ends connections still connecting or handshaking after the connect timeout and closes
   idle pooled ones; `flush` writes each connection that queued frames once per batch of events.
 
@@ -31,7 +32,9 @@ from typing import Any, Protocol
 
 from agent.config import RedirectionConfig
 from agent.linux import reset
+from agent.policy.facts import Facts
 from agent.proxy import decide
+from agent.proxy.enforce import Enforcer, Guarded
 from agent.proxy.messages import TunnelCounters
 from agent.proxy.sockets import upstream_socket
 from agent.proxy.tunnel_pool import TunnelPool
@@ -57,9 +60,17 @@ class Loop(Protocol):
 
 class Tunnels:
     def __init__(
-        self, loop: Loop, cfg: RedirectionConfig, own_ports: frozenset[int], home_fd: int
+        self,
+        loop: Loop,
+        cfg: RedirectionConfig,
+        own_ports: frozenset[int],
+        home_fd: int,
+        enforcer: Enforcer,
+        guarded: Guarded,
     ) -> None:
         self.loop = loop
+        self.enforcer = enforcer
+        self.guarded = guarded
         self.cfg = cfg
         self.own_ports = own_ports
         self.home_fd = home_fd
@@ -146,6 +157,10 @@ class Tunnels:
             core.refuse(stream_id, verdict.status)
             return
         ip, port = verdict.ip, verdict.port
+        facts = Facts(conn.peer_identity, conn.peer_ip, ip, port)
+        if not self.enforcer.admit_connection(wl, facts, stats):
+            core.refuse(stream_id, 403)
+            return
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         bind_to = (conn.peer_ip, 0) if (":" in conn.peer_ip) == (":" in ip) else None
         try:
@@ -166,6 +181,7 @@ class Tunnels:
         )
         self.loop.handlers[stream.fd] = stream.on_event
         stats.relays.add(stream)
+        self.guarded.add(stream, wl, facts)
         stream.update()
 
     # -- host callbacks ---------------------------------------------------------------------
@@ -196,6 +212,7 @@ class Tunnels:
         stats: FlowStats = stream.owner
         self.loop.handlers.pop(stream.fd, None)
         self.loop.stale.add(stream.fd)
+        self.guarded.discard(stream)
         stats.relays.discard(stream)
         if stream.connect_failed:
             stats.failures += 1

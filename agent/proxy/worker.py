@@ -48,11 +48,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.config import ProxyConfig, RedirectionConfig, parse_config
+from agent.config import Config, parse_config
 from agent.directory import DirectoryError
 from agent.linux import open_thread_netns, reset, set_pdeathsig
+from agent.policy.facts import Facts
+from agent.policy.ratelimit import BucketStore
 from agent.proxy import decide
+from agent.proxy.enforce import DenialLog, Enforcer, Guarded
 from agent.proxy.messages import (
+    WORKER_SECTIONS,
     AddWorkload,
     Done,
     MessageError,
@@ -63,7 +67,9 @@ from agent.proxy.messages import (
     StatsRequest,
     ToWorker,
     UpdateDirectory,
+    UpdatePolicy,
 )
+from agent.proxy.ratelimit_store import SharedBuckets
 from agent.proxy.relay import PipePool, Relay
 from agent.proxy.sockets import original_dst, upstream_socket
 from agent.proxy.tunnels import Tunnels
@@ -87,18 +93,21 @@ class Worker:
     def __init__(
         self,
         control: socket.socket,
-        proxy_cfg: ProxyConfig,
-        redirection_cfg: RedirectionConfig,
+        config: Config,
         worker_id: int,
+        buckets: BucketStore | None = None,
     ) -> None:
         self.channel = ControlChannel(control)
-        self.proxy_cfg = proxy_cfg
-        self.cfg = redirection_cfg
+        self.proxy_cfg = config.proxy
+        self.cfg = redirection_cfg = config.redirection
         self.worker_id = worker_id
         self.ep = select.epoll()
         self.handlers: dict[int, Handler] = {}
         self.stale: set[int] = set()
-        self.registry = Registry()
+        self.registry = Registry(config.policy.root_namespace, config.identity.trust_domain)
+        self.enforcer = Enforcer(buckets, DenialLog())
+        self.guarded = Guarded()
+        self.revoked = 0  # connections closed because a new policy no longer allowed them
         self.pipes = PipePool()
         self.home_fd = open_thread_netns()
         self.running = True
@@ -107,7 +116,8 @@ class Worker:
             (redirection_cfg.outbound_port, redirection_cfg.inbound_port,
              redirection_cfg.tunnel_port)
         )  # fmt: skip
-        self.tunnels = Tunnels(self, redirection_cfg, self.own_ports, self.home_fd)
+        self.tunnels = Tunnels(self, redirection_cfg, self.own_ports, self.home_fd,
+                               self.enforcer, self.guarded)  # fmt: skip
         self.ep.register(self.channel.fd, EPOLLIN)
         self.handlers[self.channel.fd] = self._on_control
 
@@ -220,7 +230,11 @@ class Worker:
                     wl.flow("outbound", security, dst_wl.identity if secure else ""),
                     dst_wl.flow("inbound", security, wl.identity if secure else ""),
                 )
-                self._relay(dst_wl, owners, client, peer[0], dst)
+                facts = Facts(wl.identity if secure else "", peer[0], dst[0], dst[1])
+                if not self.enforcer.admit_connection(dst_wl, facts, owners[1]):
+                    reset(client)
+                    return
+                self._relay(dst_wl, owners, client, peer[0], dst, facts)
             case decide.Refuse(reason=reason, at_destination=at_destination):
                 owner = reg.local[dst[0]] if at_destination else wl
                 owner.flow("inbound" if at_destination else "outbound", "plaintext").deny(reason)
@@ -241,7 +255,11 @@ class Worker:
             stats.deny(verdict.reason)
             reset(client)
             return
-        self._relay(wl, (stats,), client, peer[0], dst)
+        facts = Facts("", peer[0], dst[0], dst[1])
+        if not self.enforcer.admit_connection(wl, facts, stats):
+            reset(client)
+            return
+        self._relay(wl, (stats,), client, peer[0], dst, facts)
 
     def _relay(
         self,
@@ -250,9 +268,11 @@ class Worker:
         client: socket.socket,
         source_ip: str | None,
         dst: tuple[str, int],
+        facts: Facts | None = None,
     ) -> None:
         """Relay `client` to `dst` from inside `wl`'s netns (bound to `source_ip` when given, so
-        the app sees its real peer); `counted` count it."""
+        the app sees its real peer); `counted` count it; `facts`: what an inbound connection was
+        admitted with (re-checked when the policy changes)."""
         try:
             up = upstream_socket(
                 wl.netns_fd,
@@ -284,6 +304,8 @@ class Worker:
         self.handlers[relay.fd_up] = on_event
         for stats in counted:
             stats.relays.add(relay)
+        if facts is not None:
+            self.guarded.add(relay, wl, facts)
         relay.start()
 
     def _relay_done(self, relay: Relay) -> None:
@@ -293,6 +315,7 @@ class Worker:
         handlers.pop(relay.fd_up, None)
         self.stale.add(relay.fd_down)
         self.stale.add(relay.fd_up)
+        self.guarded.discard(relay)
         for stats in counted:
             stats.relays.discard(relay)
             if relay.connect_failed:
@@ -366,6 +389,9 @@ class Worker:
                         self.tunnels.pool.retire()
                 case UpdateDirectory():
                     self.registry.update_directory(message)
+                case UpdatePolicy():
+                    if self.registry.update_policy(message):
+                        self._revoke()
         except (ValueError, OSError, TunnelTLSError, DirectoryError) as exc:
             error = str(exc)
             shown = "certificate" if isinstance(message, SetCertificate) else repr(message)[:200]
@@ -400,6 +426,18 @@ class Worker:
                 self.ep.unregister(lst.fd)
             lst.sock.close()
 
+    def _revoke(self, workloads: list[ServedWorkload] | None = None) -> None:
+        """Close the connections the policy in force no longer allows (right after a new
+        policy version, or a workload's new labels): revocation takes effect at once."""
+        for connection in list(self.guarded.revoked(workloads)):
+            self.guarded.discard(connection)
+            if isinstance(connection, Relay):
+                connection.abort()
+            else:
+                connection.abort(reset_peer=True)
+                connection.conn.flush_soon()
+            self.revoked += 1
+
     def _remove(self, uid: str) -> None:
         wl = self.registry.workloads.get(uid)
         if wl is None:
@@ -426,6 +464,7 @@ class Worker:
             flows={uid: wl.records() for uid, wl in workloads.items()},
             tunnel=self.tunnels.counters(),
             applied=self.registry.applied(),
+            decisions={uid: wl.decision_records() for uid, wl in workloads.items()},
         )
 
     def _send_stats(self, only_if_changed: bool) -> None:
@@ -451,17 +490,16 @@ def _failed(counted: tuple[FlowStats, ...], client: socket.socket) -> None:
 
 def run_worker(
     control: socket.socket,
-    proxy_cfg: ProxyConfig,
-    redirection_cfg: RedirectionConfig,
+    config: Config,
     worker_id: int | None = None,
+    buckets: BucketStore | None = None,
 ) -> None:
     """Serve until the control socket reaches EOF (or the supervisor asks us to stop by dying).
 
-    `worker_id` (default: our pid) is echoed in every reply.
+    `worker_id` (default: our pid) is echoed in every reply; `buckets`: the node's shared rate
+    limit buckets (None: connection and request rate limits are not enforced).
     """
-    Worker(
-        control, proxy_cfg, redirection_cfg, os.getpid() if worker_id is None else worker_id
-    ).run()
+    Worker(control, config, os.getpid() if worker_id is None else worker_id, buckets).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-json", required=True)
     parser.add_argument("--worker-id", type=int, default=None)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--buckets-fd", type=int, default=None, help="shared rate-limit buckets")
     args = parser.parse_args(argv)
     set_pdeathsig()
     logging.basicConfig(
@@ -478,9 +517,10 @@ def main(argv: list[str] | None = None) -> int:
         "%(levelname)s %(message)s",
     )
     raw = json.loads(args.config_json)
-    cfg = parse_config({"proxy": raw.get("proxy"), "redirection": raw.get("redirection")})
+    cfg = parse_config({key: raw.get(key) for key in WORKER_SECTIONS})
     control = socket.socket(fileno=args.control_fd)
-    run_worker(control, cfg.proxy, cfg.redirection, args.worker_id)
+    buckets = None if args.buckets_fd is None else SharedBuckets.attach(args.buckets_fd)
+    run_worker(control, cfg, args.worker_id, buckets)
     return 0
 
 

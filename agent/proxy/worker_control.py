@@ -7,10 +7,11 @@ dropped: the next one is cumulative anyway; a `Done` is queued and retried, beca
 waits for it).
 
 `Registry` is what the messages configure: the served workloads (by uid, and by address for the
-same-node path), the trust domain and bundle, the TLS contexts built from them, and the mesh
-directory (`agent.directory.DirectoryTable`, O(1) lookups).  It only changes state and builds TLS
-contexts; the worker registers and drops listeners and ends connections around it.  A message
-that cannot be applied raises with the reason and leaves the registry as it was.
+same-node path), the trust domain and bundle, the TLS contexts built from them, the mesh directory
+(`agent.directory.DirectoryTable`, O(1) lookups) and the policy in force
+(`agent.proxy.policy_state.PolicyState`), compiled into each workload's `policy`. It only changes
+state and builds TLS contexts; the worker registers and drops listeners and ends connections around
+it. A message that cannot be applied raises with the reason and leaves the registry as it was.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ from agent.proxy.messages import (
     Stats,
     ToWorker,
     UpdateDirectory,
+    UpdatePolicy,
     decode,
     encode,
 )
+from agent.proxy.policy_state import PolicyState
 from agent.proxy.workload import Listening, ServedWorkload
 from agent.tunnel.tls import TunnelTLSError, check_bundle, client_context, server_context
 
@@ -123,14 +126,15 @@ def normal_ip(ip: str) -> str:
 
 
 class Registry:
-    """The workloads, trust and directory one worker serves (see the module doc)."""
+    """The workloads, trust, directory and policy one worker serves (see the module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, root_namespace: str, trust_domain: str) -> None:
         self.workloads: dict[str, ServedWorkload] = {}
         self.local: dict[str, ServedWorkload] = {}  # ip -> workload served here
         self.trust_domain = ""
         self.bundle_pem = b""
         self.directory = DirectoryTable(keep_entries=False)  # lookups only
+        self.policy = PolicyState(root_namespace, trust_domain)
 
     def add(
         self, msg: AddWorkload, netns_fd: int, socks: list[socket.socket]
@@ -152,6 +156,8 @@ class Registry:
             sock.setblocking(False)
             wl.listeners.append(Listening(sock, spec.direction))
         wl.identity, wl.mode, wl.ips = msg.identity, msg.mode, ips
+        wl.namespace, wl.labels = msg.namespace, dict(msg.labels)
+        wl.policy = self.policy.for_workload(wl.namespace, wl.labels)
         self._index()
         return wl, old
 
@@ -193,7 +199,21 @@ class Registry:
             wl = self.workloads[uid]
             wl.client_ctx, wl.server_ctx = client, server
         self.trust_domain, self.bundle_pem = msg.trust_domain, bundle
+        self.policy.set_trust_domain(msg.trust_domain)
+        self._recompile()
         return True
+
+    def update_policy(self, msg: UpdatePolicy) -> bool:
+        """Take one policy slice; True when a new version is in force (every workload's policy
+        recompiled: the caller then revokes what it no longer allows)."""
+        if not self.policy.receive(msg.version, msg.last, msg.text):
+            return False
+        self._recompile()
+        return True
+
+    def _recompile(self) -> None:
+        for wl in self.workloads.values():
+            wl.policy = self.policy.for_workload(wl.namespace, wl.labels)
 
     def update_directory(self, msg: UpdateDirectory) -> None:
         if self.directory.receive(msg.update) and self.directory.size >= TRIM_AFTER:
@@ -209,6 +229,7 @@ class Registry:
             certificates={
                 uid: wl.not_after for uid, wl in sorted(self.workloads.items()) if wl.chain_pem
             },
+            policy_version=self.policy.version,
         )
 
     def _index(self) -> None:

@@ -19,7 +19,8 @@ import socket
 import ssl
 from typing import Any, Literal
 
-from agent.proxy.messages import Direction, Flow
+from agent.policy.compile import WorkloadPolicy
+from agent.proxy.messages import Decision, Direction, Flow
 
 Security = Literal["mtls", "plaintext"]
 FlowKey = tuple[Literal["outbound", "inbound"], Security, str]
@@ -76,14 +77,18 @@ class ServedWorkload:
     __slots__ = (
         "chain_pem",
         "client_ctx",
+        "decisions",
         "flows",
         "identity",
         "ips",
         "key_pem",
+        "labels",
         "listeners",
         "mode",
+        "namespace",
         "netns_fd",
         "not_after",
+        "policy",
         "server_ctx",
         "uid",
     )
@@ -101,6 +106,10 @@ class ServedWorkload:
         self.not_after = 0.0
         self.client_ctx: ssl.SSLContext | None = None
         self.server_ctx: ssl.SSLContext | None = None
+        self.namespace = ""
+        self.labels: dict[str, str] = {}
+        self.policy: WorkloadPolicy | None = None  # None: no document selects it
+        self.decisions: dict[tuple[str, str, str], int] = {}  # (policy, action, decision) -> n
 
     @property
     def certified(self) -> bool:
@@ -118,6 +127,13 @@ class ServedWorkload:
         if st is None:
             st = self.flows[key] = FlowStats()
         return st
+
+    def count(self, policy: str, action: str, allowed: bool) -> None:
+        key = (policy, action, "allow" if allowed else "deny")
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+
+    def decision_records(self) -> tuple[Decision, ...]:
+        return tuple(Decision(p, a, d, n) for (p, a, d), n in sorted(self.decisions.items()))
 
     def records(self) -> tuple[Flow, ...]:
         return tuple(st.record(key) for key, st in sorted(self.flows.items()))
