@@ -44,10 +44,12 @@ HTTP (and must not be used as an early check before the requests are seen).
 
 Cost.  Rules are indexed, per action and for L4 and HTTP separately, by destination port (rules
 without a port restriction in their own list), then by the first selective source field: exact
-principals and namespaces in dicts, IP blocks in per-prefix-length tables; rules with none of
-these are scanned.  A decision looks at the candidates of its port and peer only, so 1,000 rules
-each naming their own peer or port cost about what one rule costs.  Verdicts of rules are built
-once; a decision allocates only when AUDIT policies match.
+principals in a dict, namespaces (exact, or pinned by principal prefixes such as
+`td/ns/foo/*`) in a dict, IP blocks in per-prefix-length tables; rules with none of these
+(suffix or `*` principals, negative fields only, no `from`) are scanned.  A rule found through
+its port and key does not test them again.  A decision looks at the candidates of its port and
+peer only, so 1,000 rules each naming their own peer or port cost about what one rule costs.
+Verdicts of rules are built once; a decision allocates only when AUDIT policies match.
 """
 
 from __future__ import annotations
@@ -385,9 +387,6 @@ class CidrTable(Generic[T]):
     def __contains__(self, address: Address) -> bool:
         return any(True for _ in self.find(address))
 
-    def __bool__(self) -> bool:
-        return any(self._tables.values())
-
 
 def _blocks(values: Iterable[str]) -> Match[Address]:
     table: CidrTable[None] = CidrTable((value, None) for value in values)
@@ -517,6 +516,18 @@ def _field(
 # --- rules -------------------------------------------------------------------------------------
 
 
+Clause = tuple[tuple[Predicate, ...], ...]  # OR of alternatives, each an AND of predicates
+
+
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """A rule's clauses by origin; None: the part is absent (or always holds in this mode)."""
+
+    sources: Clause | None
+    operations: Clause | None
+    conditions: tuple[Clause, ...]
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class _Compiled:
     """One rule of one policy as predicates: an AND of clauses, each an OR of alternatives, each
@@ -524,7 +535,7 @@ class _Compiled:
 
     order: int  # position among all rules of the workload: the first match is reported
     policy: str
-    clauses: tuple[tuple[tuple[Predicate, ...], ...], ...]
+    clauses: tuple[Clause, ...]
     verdict: Verdict
 
     def matches(self, facts: Facts) -> bool:
@@ -610,19 +621,18 @@ class _Compiler:
             raise ValueError(f"unknown attribute {key!r}")
         return _field(_claim(path), _list_matcher, values, not_values)
 
-    def rule(self, rule: Rule) -> tuple[tuple[tuple[Predicate, ...], ...], ...]:
+    def rule(self, rule: Rule) -> _Parts:
         """The clauses of a rule.  An alternative left without predicates matches everything, so
         its clause is dropped (that is how HTTP-only fields vanish from L4 DENY rules)."""
-        clauses: list[tuple[tuple[Predicate, ...], ...]] = []
-        for alternatives in (
-            tuple(self.source(s) for s in rule.sources),
-            tuple(self.operation(o) for o in rule.operations),
-        ):
-            if alternatives and all(alternatives):
-                clauses.append(alternatives)
-        for condition in rule.conditions:
-            clauses.extend(((p,),) for p in self.condition(condition))
-        return tuple(clauses)
+
+        def clause(alternatives: Clause) -> Clause | None:
+            return alternatives if alternatives and all(alternatives) else None
+
+        return _Parts(
+            clause(tuple(self.source(s) for s in rule.sources)),
+            clause(tuple(self.operation(o) for o in rule.operations)),
+            tuple(((p,),) for c in rule.conditions for p in self.condition(c)),
+        )
 
 
 def _port_set(values: tuple[str, ...]) -> Match[int]:
@@ -689,31 +699,102 @@ def http_ports(rule: Rule) -> Ports:
     return frozenset(ports)
 
 
-PeerKeys = list[tuple[str, tuple[str, ...]]] | None
+PeerKey = tuple[str, tuple[str, ...]]  # ("principal" | "namespace" | "ip", values)
+KEY_FIELDS = {"principal": "principals", "namespace": "namespaces", "ip": "ip_blocks"}
 
 
-def _peer_keys(rule: Rule, trust_domain: str) -> PeerKeys:
-    """How to find a rule from the peer: per source, its exact principals ("principal"), else
-    exact namespaces ("namespace"), else IP blocks ("ip"); None if some source has none of
-    these (or the rule has no `from`), so the rule is scanned for every peer."""
-    if not rule.sources:
+def _prefix_namespace(principal: str) -> str | None:
+    """The namespace a principal prefix pins: "td/ns/foo/*" and "td/ns/foo/sa/web-*" -> "foo"."""
+    parts = principal.split("/")
+    pinned = len(parts) >= 4 and parts[1] == "ns" and "*" not in parts[2]
+    if pinned and principal.endswith("*") and not principal.startswith("*"):
+        return parts[2]
+    return None
+
+
+def _peer_key(source: Source, trust_domain: str) -> PeerKey | None:
+    """How to find a source from the peer: its exact principals, else the namespaces its
+    principal prefixes pin, else its exact namespaces, else its IP blocks; None when it has
+    none of these (it is scanned)."""
+    principals = [with_trust_domain(p, trust_domain) for p in source.principals]
+    if principals and not any(p.startswith("*") or p.endswith("*") for p in principals):
+        return "principal", tuple(SPIFFE + p for p in principals)
+    pinned = [_prefix_namespace(p) for p in principals]
+    if pinned and None not in pinned:
+        return "namespace", tuple(dict.fromkeys(n for n in pinned if n is not None))
+    if source.namespaces and not any("*" in n for n in source.namespaces):
+        return "namespace", source.namespaces
+    if source.ip_blocks:
+        return "ip", source.ip_blocks
+    return None
+
+
+def _peer_keys(rule: Rule, trust_domain: str) -> list[PeerKey] | None:
+    """One key per source; None if the rule has no `from` or a source without a key."""
+    keys = [_peer_key(source, trust_domain) for source in rule.sources]
+    if not keys or None in keys:
         return None
-    keys: list[tuple[str, tuple[str, ...]]] = []
-    for source in rule.sources:
-        principals = [with_trust_domain(p, trust_domain) for p in source.principals]
-        if principals and not any(p.startswith("*") or p.endswith("*") for p in principals):
-            keys.append(("principal", tuple(SPIFFE + p for p in principals)))
-        elif source.namespaces and not any("*" in n for n in source.namespaces):
-            keys.append(("namespace", source.namespaces))
-        elif source.ip_blocks:
-            keys.append(("ip", source.ip_blocks))
-        else:
-            return None
-    return keys
+    return [key for key in keys if key is not None]
+
+
+def _key_proves_from(rule: Rule, keys: list[PeerKey] | None, http: bool) -> bool:
+    """True if finding the rule under its key proves its `from`: one source, made only of the
+    keyed field (request principals do not count at L4, where they are dropped)."""
+    if keys is None or len(rule.sources) != 1:
+        return False
+    source = rule.sources[0]
+    if not http:
+        source = replace(source, request_principals=(), not_request_principals=())
+    name = KEY_FIELDS[keys[0][0]]
+    return bool(getattr(source, name)) and source == Source(**{name: getattr(source, name)})
+
+
+def _port_proves_to(rule: Rule, http: bool) -> bool:
+    """True if finding the rule under a port proves its `to`: every operation is only `ports`
+    (HTTP fields do not count at L4, where they are dropped)."""
+    return bool(rule.operations) and all(
+        o.ports
+        and not o.not_ports
+        and not (http and any(getattr(o, name) for name in HTTP_OPERATION_FIELDS))
+        for o in rule.operations
+    )
+
+
+@dataclass(eq=False)
+class _Entry:
+    """One rule compiled for one mode (L4 or HTTP), and how the index may find it."""
+
+    order: int  # position among all rules of the workload: the first match is reported
+    policy: str
+    verdict: Verdict
+    parts: _Parts
+    ports: Ports
+    keys: list[PeerKey] | None
+    key_proves_from: bool
+    port_proves_to: bool
+    variants: dict[tuple[bool, bool], _Compiled] = field(default_factory=dict)
+
+    def compiled(self, from_known: bool, to_known: bool) -> _Compiled:
+        """The rule without the clauses its bucket already proves (one object per variant)."""
+        variant = self.variants.get((from_known, to_known))
+        if variant is None:
+            parts = self.parts
+            clauses = [
+                clause
+                for clause in (
+                    None if from_known else parts.sources,
+                    None if to_known else parts.operations,
+                    *parts.conditions,
+                )
+                if clause is not None
+            ]
+            variant = _Compiled(self.order, self.policy, tuple(clauses), self.verdict)
+            self.variants[from_known, to_known] = variant
+        return variant
 
 
 def _append(rules: list[_Compiled], rule: _Compiled) -> None:
-    if not rules or rules[-1] is not rule:  # two sources with the same key: listed once
+    if not rules or rules[-1] is not rule:  # two keys of one rule in one list: listed once
         rules.append(rule)
 
 
@@ -727,72 +808,73 @@ def _scan(rules: Sequence[_Compiled], facts: Facts, best: _Compiled | None) -> _
     return best
 
 
-@dataclass
 class _Peers:
-    """The rules of one port bucket, by how they can be found from the peer."""
+    """The rules of one port bucket (or of the rules for every port), by how the peer finds
+    them; every list is sorted by order.  An attribute is None when it holds nothing."""
 
-    principals: dict[str, list[_Compiled]] = field(default_factory=dict)
-    namespaces: dict[str, list[_Compiled]] = field(default_factory=dict)
-    ip_entries: list[tuple[str, _Compiled]] = field(default_factory=list)
-    ips: CidrTable[_Compiled] = field(default_factory=CidrTable)
-    general: list[_Compiled] = field(default_factory=list)
+    __slots__ = ("general", "ips", "namespaces", "principals")
 
-    def add(self, rule: _Compiled, keys: PeerKeys) -> None:
-        if keys is None:
-            self.general.append(rule)
-            return
-        for kind, values in keys:
-            for value in values:
-                if kind == "principal":
-                    _append(self.principals.setdefault(value, []), rule)
-                elif kind == "namespace":
-                    _append(self.namespaces.setdefault(value, []), rule)
-                else:
-                    self.ip_entries.append((value, rule))
-
-    def seal(self) -> None:
-        self.ips = CidrTable(self.ip_entries)
+    def __init__(self, entries: Iterable[_Entry], port_bucket: bool) -> None:
+        principals: dict[str, list[_Compiled]] = {}
+        namespaces: dict[str, list[_Compiled]] = {}
+        ips: list[tuple[str, _Compiled]] = []
+        general: list[_Compiled] = []
+        for entry in entries:
+            to_known = port_bucket and entry.port_proves_to
+            if entry.keys is None:
+                general.append(entry.compiled(False, to_known))
+                continue
+            rule = entry.compiled(entry.key_proves_from, to_known)
+            for kind, values in entry.keys:
+                for value in values:
+                    if kind == "principal":
+                        _append(principals.setdefault(value, []), rule)
+                    elif kind == "namespace":
+                        _append(namespaces.setdefault(value, []), rule)
+                    else:
+                        ips.append((value, rule))
+        self.principals = principals or None
+        self.namespaces = namespaces or None
+        self.ips = CidrTable(ips) if ips else None
+        self.general = general or None
 
     def candidates(self, facts: Facts) -> Iterator[list[_Compiled]]:
         """Lists (each sorted by order) holding every rule that can match this peer."""
-        if self.principals:
+        if self.principals is not None:
             rules = self.principals.get(facts.source_principal)
-            if rules:
+            if rules is not None:
                 yield rules
-        if self.namespaces:
+        if self.namespaces is not None:
             identity = identity_of(facts.source_principal)
             rules = self.namespaces.get(identity[1]) if identity else None
-            if rules:
+            if rules is not None:
                 yield rules
-        if self.ips:
+        if self.ips is not None:
             address = parse_ip(facts.source_ip)
             if address is not None:
                 yield from self.ips.find(address)
-        if self.general:
+        if self.general is not None:
             yield self.general
 
     def first(self, facts: Facts, best: _Compiled | None) -> _Compiled | None:
         """`candidates`, scanned for the first match (written out: this is the hot path)."""
-        if self.principals:
+        if self.principals is not None:
             rules = self.principals.get(facts.source_principal)
-            if rules:
+            if rules is not None:
                 best = _scan(rules, facts, best)
-        if self.namespaces:
+        if self.namespaces is not None:
             identity = identity_of(facts.source_principal)
             rules = self.namespaces.get(identity[1]) if identity else None
-            if rules:
+            if rules is not None:
                 best = _scan(rules, facts, best)
-        if self.ips:
+        if self.ips is not None:
             address = parse_ip(facts.source_ip)
             if address is not None:
                 for rules in self.ips.find(address):
                     best = _scan(rules, facts, best)
-        if self.general:
+        if self.general is not None:
             best = _scan(self.general, facts, best)
         return best
-
-    def __bool__(self) -> bool:
-        return bool(self.principals or self.namespaces or self.ip_entries or self.general)
 
 
 class _Index:
@@ -800,18 +882,14 @@ class _Index:
 
     __slots__ = ("_any_port", "_by_port")
 
-    def __init__(self, entries: Sequence[tuple[_Compiled, Ports, PeerKeys]]) -> None:
-        by_port: dict[int, _Peers] = {}
-        any_port = _Peers()
-        for rule, ports, keys in entries:
-            if ports is None:
-                any_port.add(rule, keys)
-            for port in ports or ():
-                by_port.setdefault(port, _Peers()).add(rule, keys)
-        for peers in (any_port, *by_port.values()):
-            peers.seal()
-        self._by_port = by_port
-        self._any_port = any_port if any_port else None
+    def __init__(self, entries: Sequence[_Entry]) -> None:
+        by_port: dict[int, list[_Entry]] = {}
+        for entry in entries:
+            for port in entry.ports or ():
+                by_port.setdefault(port, []).append(entry)
+        self._by_port = {port: _Peers(group, True) for port, group in by_port.items()}
+        any_port = [entry for entry in entries if entry.ports is None]
+        self._any_port = _Peers(any_port, False) if any_port else None
 
     def first(self, facts: Facts) -> _Compiled | None:
         """The first rule (in policy order) that matches."""
@@ -831,10 +909,14 @@ class _Index:
         return tuple(sorted(found, key=found.__getitem__))
 
 
+def _index(entries: Sequence[_Entry]) -> _Index | None:
+    return _Index(entries) if entries else None
+
+
 @dataclass(frozen=True, slots=True)
 class _Tables:
-    deny: _Index
-    allow: _Index
+    deny: _Index | None
+    allow: _Index | None
     audit: _Index | None
 
 
@@ -850,7 +932,7 @@ class WorkloadAuthz:
         """`policies` in the order their matches are reported (root namespace first)."""
         self.policies = tuple(p.ref for p in policies)
         self._has_allow = any(p.action == "ALLOW" for p in policies)
-        entries: dict[tuple[bool, str], list[tuple[_Compiled, Ports, PeerKeys]]] = {
+        entries: dict[tuple[bool, str], list[_Entry]] = {
             (http, action): [] for http in (False, True) for action in ("ALLOW", "DENY", "AUDIT")
         }
         needs: set[int] = set()
@@ -866,8 +948,18 @@ class WorkloadAuthz:
                     if not http and uses_http and policy.action == "ALLOW":
                         continue  # Envoy drops the whole rule on a TCP chain
                     compiler = _Compiler(policy.namespace, trust_domain, http)
-                    compiled = _Compiled(order, policy.ref, compiler.rule(rule), verdict)
-                    entries[http, policy.action].append((compiled, ports, keys))
+                    entries[http, policy.action].append(
+                        _Entry(
+                            order,
+                            policy.ref,
+                            verdict,
+                            compiler.rule(rule),
+                            ports,
+                            keys,
+                            _key_proves_from(rule, keys, http),
+                            _port_proves_to(rule, http),
+                        )
+                    )
                 if uses_http:
                     ports_needing = http_ports(rule)
                     needs_all = needs_all or ports_needing is None
@@ -875,9 +967,9 @@ class WorkloadAuthz:
                 order += 1
         self._l4, self._http = (
             _Tables(
-                _Index(entries[http, "DENY"]),
-                _Index(entries[http, "ALLOW"]),
-                _Index(entries[http, "AUDIT"]) if entries[http, "AUDIT"] else None,
+                _index(entries[http, "DENY"]),
+                _index(entries[http, "ALLOW"]),
+                _index(entries[http, "AUDIT"]),
             )
             for http in (False, True)
         )
@@ -894,9 +986,9 @@ class WorkloadAuthz:
         if not self.policies:
             return NO_POLICY
         tables = self._l4 if facts.http is None else self._http
-        rule = tables.deny.first(facts)
+        rule = None if tables.deny is None else tables.deny.first(facts)
         if rule is None and self._has_allow:
-            rule = tables.allow.first(facts)
+            rule = None if tables.allow is None else tables.allow.first(facts)
             verdict = NO_ALLOW_MATCH if rule is None else rule.verdict
         else:
             verdict = NO_POLICY if rule is None else rule.verdict

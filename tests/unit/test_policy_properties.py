@@ -279,6 +279,11 @@ keyed_sources = st.one_of(
     st.builds(Source, namespaces=values(["a", "b"], 1)),
     st.builds(Source, ip_blocks=values(BLOCKS, 1)),
     st.builds(Source, namespaces=st.just(("a*",))),  # not indexable: scanned
+    st.builds(  # principal prefixes, found by the namespace they pin
+        Source,
+        principals=values(["cluster.local/ns/a/*", "cluster.local/ns/a/sa/z*", "other/ns/b/*"], 1),
+    ),
+    st.builds(Source, principals=values(PEERS, 1), ip_blocks=values(BLOCKS, 1)),
 )
 keyed_rules = st.builds(
     Rule,
