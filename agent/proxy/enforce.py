@@ -70,16 +70,15 @@ class Enforcer:
     denials: DenialLog
     clock: Callable[[], float] = time.monotonic
 
-    def admit_connection(self, workload: ServedWorkload, facts: Facts, stats: FlowStats) -> bool:
-        """Authorization at L4, then a connection rate limit; counts and logs a denial."""
+    def admit_connection(
+        self, workload: ServedWorkload, facts: Facts, stats: FlowStats, *, http: bool = False
+    ) -> bool:
+        """Authorization at L4 (not for a connection whose requests are decided one by one,
+        `http`), then a connection rate limit; counts and logs a denial."""
         policy = workload.policy
         if policy is None:
             return True
-        verdict = policy.authz.decide(facts)
-        workload.count(verdict.policy, verdict.action, verdict.allowed)
-        if not verdict.allowed:
-            stats.deny(Reason.POLICY_DENIED)
-            self.denials.denied(workload, facts, verdict.policy, verdict.rule, verdict.reason)
+        if not http and not self.authorized(workload, facts, stats):
             return False
         limits = policy.rate_limits
         if limits is not None and self.buckets is not None:
@@ -92,6 +91,18 @@ class Enforcer:
                                     "connection rate limit")  # fmt: skip
                 return False
         return True
+
+    def authorized(self, workload: ServedWorkload, facts: Facts, stats: FlowStats) -> bool:
+        """Authorization alone, counted and logged."""
+        policy = workload.policy
+        if policy is None:
+            return True
+        verdict = policy.authz.decide(facts)
+        workload.count(verdict.policy, verdict.action, verdict.allowed)
+        if not verdict.allowed:
+            stats.deny(Reason.POLICY_DENIED)
+            self.denials.denied(workload, facts, verdict.policy, verdict.rule, verdict.reason)
+        return verdict.allowed
 
     @staticmethod
     def still_allowed(workload: ServedWorkload, facts: Facts) -> bool:

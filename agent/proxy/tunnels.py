@@ -11,7 +11,10 @@ worker that opens and accepts them:
   certificate from the trust bundle and domain; each CONNECT is judged by the decision core
   (`decide.admit_stream`) and the workload's policy (`enforce.Enforcer`, 403 when denied) and,
   admitted, connected inside the workload's netns from the tunnel peer's IP (a transparent
-  socket), 200 once connected, 503 when that connect fails;
+  socket), 200 once connected, 503 when that connect fails; a stream to a port whose policy
+  decides per request goes through the worker's HTTP inspection (`Loop.inspect`: the stream
+  writes into one end of a socketpair, an `InspectedRelay` reads the other), and is accepted at
+  once;
 - `sweep` ends connections still connecting or handshaking after the connect timeout and closes
   idle pooled ones; `flush` writes each connection that queued frames once per batch of events.
 
@@ -56,6 +59,10 @@ class Loop(Protocol):
     stale: set[int]
 
     def watch(self, fd: int, old: int, new: int) -> None: ...
+
+    def inspect(
+        self, wl: ServedWorkload, stats: FlowStats, facts: Facts, up: socket.socket
+    ) -> socket.socket: ...
 
 
 class Tunnels:
@@ -158,7 +165,8 @@ class Tunnels:
             return
         ip, port = verdict.ip, verdict.port
         facts = Facts(conn.peer_identity, conn.peer_ip, ip, port)
-        if not self.enforcer.admit_connection(wl, facts, stats):
+        http = wl.policy is not None and wl.policy.needs_http(port)
+        if not self.enforcer.admit_connection(wl, facts, stats, http=http):
             core.refuse(stream_id, 403)
             return
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
@@ -176,12 +184,23 @@ class Tunnels:
             stats.failures += 1
             core.refuse(stream_id, 503)
             return
+        app = up
+        if http:  # requests are decided one by one between the stream and the app
+            try:
+                app = self.loop.inspect(wl, stats, facts, up)  # "connects" at once
+            except OSError as exc:
+                log.debug("%s: cannot inspect %s: %s", wl.uid, authority, exc)
+                up.close()
+                stats.failures += 1
+                core.refuse(stream_id, 503)
+                return
         stream = TunnelStream(
-            conn, up, sid=stream_id, app_connecting=True, owner=stats, now=time.monotonic()
+            conn, app, sid=stream_id, app_connecting=True, owner=stats, now=time.monotonic()
         )
         self.loop.handlers[stream.fd] = stream.on_event
         stats.relays.add(stream)
-        self.guarded.add(stream, wl, facts)
+        if not http:
+            self.guarded.add(stream, wl, facts)
         stream.update()
 
     # -- host callbacks ---------------------------------------------------------------------

@@ -55,6 +55,8 @@ from agent.policy.facts import Facts
 from agent.policy.ratelimit import BucketStore
 from agent.proxy import decide
 from agent.proxy.enforce import DenialLog, Enforcer, Guarded
+from agent.proxy.http1 import RequestHead
+from agent.proxy.inspected import InspectedRelay
 from agent.proxy.messages import (
     WORKER_SECTIONS,
     AddWorkload,
@@ -71,6 +73,7 @@ from agent.proxy.messages import (
 )
 from agent.proxy.ratelimit_store import SharedBuckets
 from agent.proxy.relay import PipePool, Relay
+from agent.proxy.request_policy import Allowed, Denied, RequestChecker
 from agent.proxy.sockets import original_dst, upstream_socket
 from agent.proxy.tunnels import Tunnels
 from agent.proxy.worker_control import ChannelClosed, ControlChannel, Registry
@@ -107,6 +110,7 @@ class Worker:
         self.registry = Registry(config.policy.root_namespace, config.identity.trust_domain)
         self.enforcer = Enforcer(buckets, DenialLog())
         self.guarded = Guarded()
+        self.requests = RequestChecker(self.enforcer)
         self.revoked = 0  # connections closed because a new policy no longer allowed them
         self.pipes = PipePool()
         self.home_fd = open_thread_netns()
@@ -163,7 +167,7 @@ class Worker:
                 lst.sock.close()
             for st in wl.flows.values():
                 for r in st.relays:
-                    if isinstance(r, Relay):
+                    if not isinstance(r, TunnelStream):
                         r.done = _ignore_done
                         r.close()
             os.close(wl.netns_fd)
@@ -231,10 +235,11 @@ class Worker:
                     dst_wl.flow("inbound", security, wl.identity if secure else ""),
                 )
                 facts = Facts(wl.identity if secure else "", peer[0], dst[0], dst[1])
-                if not self.enforcer.admit_connection(dst_wl, facts, owners[1]):
+                http = dst_wl.policy is not None and dst_wl.policy.needs_http(dst[1])
+                if not self.enforcer.admit_connection(dst_wl, facts, owners[1], http=http):
                     reset(client)
                     return
-                self._relay(dst_wl, owners, client, peer[0], dst, facts)
+                self._relay(dst_wl, owners, client, peer[0], dst, facts, http)
             case decide.Refuse(reason=reason, at_destination=at_destination):
                 owner = reg.local[dst[0]] if at_destination else wl
                 owner.flow("inbound" if at_destination else "outbound", "plaintext").deny(reason)
@@ -256,10 +261,11 @@ class Worker:
             reset(client)
             return
         facts = Facts("", peer[0], dst[0], dst[1])
-        if not self.enforcer.admit_connection(wl, facts, stats):
+        http = wl.policy is not None and wl.policy.needs_http(dst[1])
+        if not self.enforcer.admit_connection(wl, facts, stats, http=http):
             reset(client)
             return
-        self._relay(wl, (stats,), client, peer[0], dst, facts)
+        self._relay(wl, (stats,), client, peer[0], dst, facts, http)
 
     def _relay(
         self,
@@ -269,10 +275,12 @@ class Worker:
         source_ip: str | None,
         dst: tuple[str, int],
         facts: Facts | None = None,
+        http: bool = False,
     ) -> None:
         """Relay `client` to `dst` from inside `wl`'s netns (bound to `source_ip` when given, so
         the app sees its real peer); `counted` count it; `facts`: what an inbound connection was
-        admitted with (re-checked when the policy changes)."""
+        admitted with (re-checked when the policy changes); `http`: its requests are decided
+        one by one (`InspectedRelay`) instead of spliced."""
         try:
             up = upstream_socket(
                 wl.netns_fd,
@@ -291,8 +299,12 @@ class Worker:
             _failed(counted, client)
             return
         try:
-            relay = Relay(client, up, connecting=True, watch=self.watch,
-                          done=self._relay_done, pool=self.pipes, owner=counted)  # fmt: skip
+            relay: Relay | InspectedRelay
+            if http and facts is not None:
+                relay = self._inspected(wl, counted, client, up, facts)
+            else:
+                relay = Relay(client, up, connecting=True, watch=self.watch,
+                              done=self._relay_done, pool=self.pipes, owner=counted)  # fmt: skip
         except OSError as exc:  # out of pipes / fds
             log.warning("%s: cannot relay: %s", wl.uid, exc)
             up.close()
@@ -304,11 +316,62 @@ class Worker:
         self.handlers[relay.fd_up] = on_event
         for stats in counted:
             stats.relays.add(relay)
-        if facts is not None:
+        if facts is not None and not http:
             self.guarded.add(relay, wl, facts)
         relay.start()
 
-    def _relay_done(self, relay: Relay) -> None:
+    def _inspected(
+        self,
+        wl: ServedWorkload,
+        counted: tuple[FlowStats, ...],
+        client: socket.socket,
+        up: socket.socket,
+        facts: Facts,
+        done: Callable[[InspectedRelay], None] | None = None,
+    ) -> InspectedRelay:
+        """A relay deciding each request of `client` against `wl`'s policy (the last counter
+        of `counted` is the inbound one, where denials count)."""
+        stats = counted[-1]
+
+        def decide(head: RequestHead) -> Allowed | Denied:
+            verdict = self.requests.check(wl, stats, facts, head.method, head.path or head.target,
+                                          head.query, head.host, head.headers)  # fmt: skip
+            if isinstance(verdict, Allowed) and verdict.facts is not None:
+                self.guarded.add(relay, wl, verdict.facts)  # re-checked on a new policy
+            return verdict
+
+        def l4_allowed() -> bool:
+            return self.enforcer.authorized(wl, facts, stats)
+
+        relay = InspectedRelay(client, up, decide=decide, l4_allowed=l4_allowed,
+                               connecting=True, watch=self.watch,
+                               done=self._relay_done if done is None else done,
+                               owner=counted)  # fmt: skip
+        return relay
+
+    def inspect(
+        self, wl: ServedWorkload, stats: FlowStats, facts: Facts, up: socket.socket
+    ) -> socket.socket:
+        """HTTP inspection for a tunnel stream: returns the socket the stream writes to; an
+        `InspectedRelay` carries what comes out of it to `up` (the app, connecting), deciding
+        each request.  The stream counts the bytes; the relay only decides."""
+        near, far = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        near.setblocking(False)
+        far.setblocking(False)
+        relay = self._inspected(wl, (stats,), far, up, facts, done=self._inner_done)
+        self.handlers[relay.fd_down] = relay.on_event
+        self.handlers[relay.fd_up] = relay.on_event
+        relay.started_at = time.monotonic()
+        relay.start()
+        return near
+
+    def _inner_done(self, relay: InspectedRelay) -> None:
+        for fd in (relay.fd_down, relay.fd_up):
+            self.handlers.pop(fd, None)
+            self.stale.add(fd)
+        self.guarded.discard(relay)
+
+    def _relay_done(self, relay: Relay | InspectedRelay) -> None:
         counted: tuple[FlowStats, ...] = relay.owner  # type: ignore[assignment]
         handlers = self.handlers
         handlers.pop(relay.fd_down, None)
@@ -322,8 +385,8 @@ class Worker:
                 stats.failures += 1
             else:
                 stats.closed += 1
-                stats.bytes_received += relay.up_half.nbytes
-                stats.bytes_sent += relay.down_half.nbytes
+                stats.bytes_received += relay.bytes_up
+                stats.bytes_sent += relay.bytes_down
 
     # -- timers -----------------------------------------------------------------------------
 
@@ -336,7 +399,7 @@ class Worker:
                     if r.connecting:
                         if now - r.started_at >= connect_timeout:
                             r.connect_failed = True
-                            if isinstance(r, Relay):
+                            if not isinstance(r, TunnelStream):
                                 r.abort()
                             else:
                                 r.abort(reset_peer=True)
@@ -431,7 +494,7 @@ class Worker:
         policy version, or a workload's new labels): revocation takes effect at once."""
         for connection in list(self.guarded.revoked(workloads)):
             self.guarded.discard(connection)
-            if isinstance(connection, Relay):
+            if not isinstance(connection, TunnelStream):
                 connection.abort()
             else:
                 connection.abort(reset_peer=True)
@@ -447,7 +510,7 @@ class Worker:
         self.tunnels.drop(wl)
         for st in wl.flows.values():
             for r in list(st.relays):
-                if isinstance(r, Relay):
+                if not isinstance(r, TunnelStream):
                     r.abort()
                 else:
                     r.abort(reset_peer=False)

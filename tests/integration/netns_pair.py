@@ -28,7 +28,10 @@ from typing import Any, Self
 import pytest
 
 from agent.config import ProxyConfig, RedirectionConfig
+from agent.control.protocol import policy_chunks
 from agent.netns import NetnsExecutor, entered, open_netns
+from agent.policy.compile import PolicySet
+from agent.policy.documents import combine, parse_text
 from agent.proxy.messages import (
     AddWorkload,
     Done,
@@ -37,9 +40,11 @@ from agent.proxy.messages import (
     Stats,
     StatsRequest,
     ToWorker,
+    UpdatePolicy,
     decode,
     encode,
 )
+from agent.proxy.ratelimit_store import SharedBuckets
 from agent.proxy.sockets import open_listeners
 from agent.redirect.iptables import IptablesRedirection
 from tests.run_id import netns_name
@@ -152,16 +157,20 @@ class NetnsPair:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.controls.append(ours)
         settings = {"proxy": asdict(self.proxy), "redirection": asdict(self.redirection)}
+        buckets, buckets_fd = SharedBuckets.create(1024)  # as the supervisor shares them
+        buckets.close()
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "agent.proxy.worker", "--control-fd",
-                 str(theirs.fileno()), *args, "--config-json", json.dumps(settings)],
-                pass_fds=[theirs.fileno()],
+                 str(theirs.fileno()), *args, "--config-json", json.dumps(settings),
+                 "--buckets-fd", str(buckets_fd)],
+                pass_fds=[theirs.fileno(), buckets_fd],
                 cwd=REPO,
                 env=env,
             )  # fmt: skip
         finally:
             theirs.close()
+            os.close(buckets_fd)
         self.procs.append(proc)
         return ours
 
@@ -178,13 +187,16 @@ class NetnsPair:
         identity: str = "",
         mode: Mode = "permissive",
         ips: tuple[str, ...] = (),
+        namespace: str = "",
+        labels: dict[str, str] | None = None,
     ) -> None:
         """Give the worker behind `ctl` the listeners of the workload in `netns_fd`."""
         listeners = open_listeners(netns_fd, self.redirection)
         specs = tuple(ListenerSpec(x.direction, x.family) for x in listeners)
         try:
             fds = [netns_fd, *(x.sock.fileno() for x in listeners)]
-            request(ctl, lambda seq: AddWorkload(seq, uid, identity, mode, ips, specs), fds)
+            request(ctl, lambda seq: AddWorkload(seq, uid, identity, mode, ips, specs, namespace,
+                                                 dict(labels or {})), fds)  # fmt: skip
         finally:
             for x in listeners:  # the worker holds its own copies now
                 x.sock.close()
@@ -311,3 +323,13 @@ def curl(ns: str, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=30,
     )
+
+
+def send_policy(ctl: socket.socket, version: int, documents: str) -> None:
+    """Put the policy of these YAML documents in force in the worker behind `ctl`, as the
+    supervisor forwards it: the PolicySet JSON in slices."""
+    loaded = combine([(parsed, "test.yaml") for parsed in parse_text(documents, "test.yaml")])
+    assert loaded.ok, loaded.errors
+    text = json.dumps(PolicySet.of(loaded.documents).to_json())
+    for part in policy_chunks(version, text):
+        request(ctl, lambda seq, p=part: UpdatePolicy(seq, p.version, p.last, p.text))  # type: ignore[misc]

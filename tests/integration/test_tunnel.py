@@ -63,6 +63,7 @@ from .netns_pair import (
     curl,
     needs_netns,
     request,
+    send_policy,
     serve_digest,
     stats,
     wait_stats,
@@ -178,8 +179,9 @@ def mesh(env: Env, b_mode: str = "permissive") -> tuple[socket.socket, socket.so
     """Both pods enrolled, with certificates: worker for A, worker for B."""
     env.enroll(env.a)
     env.enroll(env.b)
-    ctl_a = env.worker("a", env.a_fd, identity=ID_A, mode="permissive", ips=[A_IP])
-    ctl_b = env.worker("b", env.b_fd, identity=ID_B, mode=b_mode, ips=[B_IP])
+    ctl_a = env.worker("a", env.a_fd, identity=ID_A, mode="permissive", ips=(A_IP,),
+                       namespace="front")  # fmt: skip
+    ctl_b = env.worker("b", env.b_fd, identity=ID_B, mode=b_mode, ips=(B_IP,), namespace="back")
     send_cert(ctl_a, "a", env.creds.mint("a", "front", "web"))
     send_cert(ctl_b, "b", env.creds.mint("b", "back", "api"))
     stats(ctl_a)
@@ -676,3 +678,46 @@ def test_a_header_block_left_open_ends_the_connection(tmp_path: Path) -> None:
     conn.sweep(since + HEADER_BLOCK_TIMEOUT)
     assert host.closed and "header block" in host.closed[0]
     assert _goaway_code(tls) == ENHANCE_YOUR_CALM
+
+
+PRINCIPAL_HTTP_POLICY = f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: web-reads, namespace: back}}
+spec:
+  action: ALLOW
+  rules:
+  - from: [{{source: {{principals: ["{TD}/ns/front/sa/web"]}}}}]
+    to: [{{operation: {{methods: ["GET"], paths: ["/public*"]}}}}]
+"""
+
+PRINCIPAL_DENY = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-front, namespace: back}
+spec:
+  action: DENY
+  rules: [{from: [{source: {namespaces: ["front"]}}]}]
+"""
+
+
+def test_the_destination_decides_each_tunnelled_request_by_the_source_principal(env: Env) -> None:
+    ctl_a, ctl_b = mesh(env)
+    env.http_server()
+    send_policy(ctl_b, 1, PRINCIPAL_HTTP_POLICY)
+    ok = curl(env.a, f"http://{B_IP}:{HTTP_PORT}/public/x")
+    assert ok.returncode == 0 and ok.stdout == A_IP, ok.stderr  # tunnelled, the app sees A
+    no = curl(env.a, f"http://{B_IP}:{HTTP_PORT}/private", "-i")
+    assert no.stdout.startswith("HTTP/1.1 403"), no.stdout
+    s = wait_stats(ctl_b, lambda s: flow(s, "b", "inbound", "mtls", ID_A).get("denied") == 1)
+    assert any(d.policy == "back/web-reads" and d.decision == "allow" for d in s.decisions["b"])
+    assert flow(stats(ctl_a), "a", "outbound", "mtls", ID_B)["connections_opened"] >= 2
+
+
+def test_an_l4_deny_by_namespace_refuses_the_stream(env: Env) -> None:
+    _ctl_a, ctl_b = mesh(env)
+    env.http_server()
+    send_policy(ctl_b, 1, PRINCIPAL_DENY)
+    out = curl(env.a, f"http://{B_IP}:{HTTP_PORT}/")
+    assert out.returncode != 0
+    wait_stats(ctl_b, lambda s: flow(s, "b", "inbound", "mtls", ID_A).get("denied") == 1)
