@@ -13,8 +13,9 @@ message before it goes out (never before the hello, never while another awaits i
 `snapshot_messages(snapshot)` is the ordered snapshot for a (re)connecting proxy, from plain data:
 every reachable workload (`add_workload`, with its netns fd attached by the adapter), the trust
 bundle, the certificates of those workloads (a certificate may only follow its workload's add),
-the mesh directory (as reset chunks), and `snapshot_sent`, after which the proxy drops whatever
-it held that the snapshot did not name.
+the mesh directory (as reset chunks), the policy in force (its `policy` slices, always, also
+when it is empty: the proxy must drop a policy an earlier agent sent), and `snapshot_sent`, after
+which the proxy drops whatever it held that the snapshot did not name.
 
 This core could live next to `ProxySession` in `agent.control.protocol`; it sits here, with the
 proxy hub that drives it, until that module's owner moves it.
@@ -31,6 +32,7 @@ from agent.control.protocol import (
     DirectoryChunk,
     Hello,
     Message,
+    PolicyChunk,
     ProtocolError,
     SnapshotSent,
     TrustBundle,
@@ -52,6 +54,7 @@ class Snapshot:
     trust: TrustBundle | None
     certificates: Sequence[WorkloadCertificate]
     directory: Sequence[DirectoryUpdate]  # the whole directory, as reset chunks
+    policy: Sequence[PolicyChunk]  # the policy in force (`policy_chunks`)
 
 
 def snapshot_messages(snapshot: Snapshot) -> list[Message]:
@@ -62,6 +65,7 @@ def snapshot_messages(snapshot: Snapshot) -> list[Message]:
     sent = {w.uid for w, _mode in snapshot.workloads}
     messages += [cert for cert in snapshot.certificates if cert.uid in sent]
     messages += [DirectoryChunk(chunk) for chunk in snapshot.directory]
+    messages += snapshot.policy
     messages.append(SnapshotSent())
     return messages
 

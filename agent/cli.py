@@ -1,4 +1,4 @@
-"""The `agent` command line: run, proxy, enroll, unenroll, status, cleanup (and `ca`).
+"""The `agent` command line: run, proxy, enroll, unenroll, status, cleanup (and `ca`, `policy`).
 
 Every command takes `--state-dir` (default /run/ferry) so several simulated nodes can share one
 machine, and the commands that need settings take `--config` (YAML; the embedded default needs no
@@ -13,6 +13,12 @@ to write behind its back.  These everyday commands import only what they need (c
 admin client; the config, the enrollment checks and the kernel libraries only on the paths that
 use them; `cryptography` never), so they answer quickly: a CNI plugin runs the same paths on
 every pod start.
+
+`agent policy` (`agent.policy.cli`, with `validate`, which needs no agent) loads only when it is
+used, like `ca`; `agent policy check` is added to it here: it asks the running agent (admin op
+`policy_check`) to decide one connection or request for an enrolled workload with the policy in
+force, prints the decision and the policy and rule that made it, and exits 0 (allow), 1 (deny)
+or 2 (a usage error, or no agent to ask).
 """
 
 from __future__ import annotations
@@ -92,13 +98,18 @@ class Commands(click.Group):
     daemons and the everyday commands stay small."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), "ca"])
+        return sorted([*super().list_commands(ctx), "ca", "policy"])
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name == "ca":
             from agent.identity.cli import ca
 
             return ca
+        if cmd_name == "policy":
+            from agent.policy.cli import policy
+
+            policy.add_command(check)
+            return policy
         return super().get_command(ctx, cmd_name)
 
 
@@ -173,22 +184,36 @@ def proxy(
     help="permissive: plaintext inbound from non-mesh clients still accepted; strict: only "
     "tunnelled, authenticated inbound (default: mesh.namespace_modes, then mesh.default_mode).",
 )
+@click.option(
+    "--label",
+    "labels",
+    metavar="KEY=VALUE",
+    multiple=True,
+    help="A label for policy selectors (repeatable), e.g. --label app=web --label version=v1.",
+)
 @state_dir_option
 def enroll(
-    netns: str, namespace: str, service_account: str, mode: str | None, state_dir: Path
+    netns: str,
+    namespace: str,
+    service_account: str,
+    mode: str | None,
+    labels: tuple[str, ...],
+    state_dir: Path,
 ) -> None:
     """Enroll network namespace NETNS (a name under /var/run/netns, or a path)."""
-    body = {
-        "op": "enroll",
-        "netns": netns,
-        "namespace": namespace,
-        "service_account": service_account,
-        "mode": mode,
-    }
     with _one_line():
+        pairs = dict(_label(text) for text in labels)
+        body = {
+            "op": "enroll",
+            "netns": netns,
+            "namespace": namespace,
+            "service_account": service_account,
+            "mode": mode,
+            "labels": pairs,
+        }
         reply, why = _ask_agent(state_dir, body)
         if reply is None:
-            name = _enroll_offline(state_dir, why, netns, namespace, service_account, mode)
+            name = _enroll_offline(state_dir, why, netns, namespace, service_account, mode, pairs)
             click.echo(
                 f"enrolled {name} as {namespace}/{service_account} (recorded; the agent is not "
                 "running, redirection starts when `agent run` starts)"
@@ -202,6 +227,13 @@ def enroll(
     )
 
 
+def _label(text: str) -> tuple[str, str]:
+    """`--label KEY=VALUE`, checked by the agent's own rule (`agent.names`)."""
+    from agent.names import label_assignment
+
+    return label_assignment(text)
+
+
 def _enroll_offline(
     state_dir: Path,
     why: str,
@@ -209,14 +241,15 @@ def _enroll_offline(
     namespace: str,
     service_account: str,
     mode: str | None,
+    labels: dict[str, str],
 ) -> str:
     """Record an enrollment while no agent runs: the agent's own checks, then the store."""
     from agent.netns import host_namespaces, resolve_netns
     from agent.workloads import EnrollmentStore, check_request, new_workload, plan_enroll
 
-    check_request(namespace, service_account, mode)
+    check_request(namespace, service_account, mode, labels)
     path, netns_id = resolve_netns(netns)
-    workload = new_workload(path, netns_id, namespace, service_account, mode)
+    workload = new_workload(path, netns_id, namespace, service_account, mode, labels)
     store = EnrollmentStore(state_dir)
     refusal = f"the agent is running but did not answer: {why}"
     with agent_stopped(state_dir, refusal), store.locked():
@@ -354,8 +387,93 @@ def cleanup(state_dir: Path, config_path: Path | None) -> None:
             click.echo(f"removed redirection from {path}")
         store = EnrollmentStore(state_dir)
         directory = Path(config.mesh.directory or state_dir / "directory")
-        for leftover in (store.path, store.tmp_path, directory / f"{node}.json"):
+        from agent.policy_store import POLICY_STATE
+
+        policy = state_dir / POLICY_STATE
+        for leftover in (store.path, store.tmp_path, policy, directory / f"{node}.json"):
             if leftover.exists():
                 leftover.unlink()
                 click.echo(f"removed {leftover}")
     click.echo(f"cleanup done: {len(cleaned)} network namespace(s) had Ferry redirection")
+
+
+@click.command()
+@click.argument("netns")
+@click.option(
+    "--from-principal",
+    "principal",
+    metavar="P",
+    help="Source identity: spiffe://td/ns/NS/sa/SA or td/ns/NS/sa/SA (none: plaintext).",
+)
+@click.option("--from-ip", "source_ip", metavar="IP", help="Source address.")
+@click.option("--port", type=click.IntRange(1, 65535), required=True, help="Destination port.")
+@click.option("--method", metavar="M", help="HTTP method (any HTTP option makes it a request).")
+@click.option("--path", metavar="P", help="HTTP request target (default /).")
+@click.option("--host", metavar="H", help="HTTP Host / :authority.")
+@click.option("--header", "headers", metavar="K=V", multiple=True, help="HTTP header (repeatable).")
+@click.option("--jwt", "token", metavar="TOKEN", help="Sent as Authorization: Bearer TOKEN.")
+@click.option("--json", "as_json", is_flag=True, help="Print the agent's answer as JSON.")
+@state_dir_option
+def check(
+    netns: str,
+    principal: str | None,
+    source_ip: str | None,
+    port: int,
+    method: str | None,
+    path: str | None,
+    host: str | None,
+    headers: tuple[str, ...],
+    token: str | None,
+    as_json: bool,
+    state_dir: Path,
+) -> None:
+    """Decide a connection or request to enrolled workload NETNS with the policy in force.
+
+    Exit 0 when allowed, 1 when denied, 2 on a usage error or when no agent answers."""
+    if not principal and not source_ip:
+        raise click.UsageError("give the source: --from-principal, --from-ip or both")
+    pairs = {}
+    for header in headers:
+        name, equals, value = header.partition("=")
+        if not equals or not name:
+            raise click.BadParameter(f"{header!r} is not NAME=VALUE", param_hint="--header")
+        pairs[name] = value
+    body = {"op": "policy_check", "netns": netns, "from_principal": principal,
+            "from_ip": source_ip, "port": port, "method": method, "path": path, "host": host,
+            "headers": pairs, "jwt": token}  # fmt: skip
+    reply, why = _ask_agent(state_dir, body)
+    if reply is None or not reply.get("ok"):
+        error = f"no agent answers ({why})" if reply is None else reply.get("error")
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(reply, indent=2) if as_json else render_check(reply))
+    sys.exit(0 if reply["allowed"] else 1)
+
+
+def render_check(reply: Reply) -> str:
+    """The decision as an operator reads it (pure)."""
+    verdict = "ALLOW" if reply["allowed"] else "DENY"
+    lines = [f"{verdict}  {reply['workload']}   policy version {reply['version']}"]
+    if reply["decided_by"] == "authentication":
+        lines.append(f"  rejected by JWT authentication ({reply['status']}): {reply['reason']}")
+    elif reply["policy"]:
+        lines.append(
+            f"  decided by AuthorizationPolicy {reply['policy']} rule {reply['rule']} "
+            f"({reply['action']}: {reply['reason']})"
+        )
+    else:
+        lines.append(f"  no policy decided ({reply['reason']})")
+    jwt = reply.get("jwt")
+    if jwt and reply["decided_by"] != "authentication":
+        seen = f"token of {jwt['principal']}" if jwt["principal"] else jwt["reason"]
+        lines.append(f"  JWT: {seen}")
+    if reply["http_inspected_port"] and not reply["http"]:
+        lines.append(
+            "  this port is inspected as HTTP: the answer above is for traffic that is not HTTP "
+            "(give --method or --path to check a request)"
+        )
+    if reply.get("audit"):
+        lines.append(f"  audited by {', '.join(reply['audit'])}")
+    documents = ", ".join(reply["policies"]) or "none"
+    lines.append(f"  documents selecting the workload: {documents}")
+    return "\n".join(lines)

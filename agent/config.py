@@ -41,10 +41,18 @@ mesh:
   default_mode: permissive       # default: permissive | strict (only tunnelled, authenticated)
   namespace_modes: {prod: strict}  # example; default: {} (namespace -> mode)
   egress: passthrough            # default: passthrough | refuse: destinations outside the mesh
+policy:
+  directory: /etc/ferry/policies # default: policy documents (YAML); missing means no policy
+                                 # (watched for appearing); a mounted ConfigMap works
+  root_namespace: ferry-system   # default: policies in this namespace apply to every workload
+  jwks_refresh: 1200.0           # default, seconds between fetches of a RequestAuthentication's
+                                 # jwksUri (as istiod)
+  jwks_timeout: 5.0              # default, seconds one jwksUri fetch may take
 workloads:                       # example; default: [] (declarative standalone enrollments)
   - netns: web                   # example: a name under /var/run/netns, or a path
     namespace: shop              # example
     service_account: web         # example
+    labels: {app: web}           # example; default: {} (Kubernetes-style, for policy selectors)
 ```
 """
 
@@ -116,12 +124,21 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    directory: str = "/etc/ferry/policies"
+    root_namespace: str = "ferry-system"
+    jwks_refresh: float = 1200.0
+    jwks_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class WorkloadSpec:
     """One declarative enrollment from the config's `workloads` list."""
 
     netns: str
     namespace: str
     service_account: str
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,6 +149,7 @@ class Config:
     agent: AgentConfig = AgentConfig()
     identity: IdentityConfig = IdentityConfig()
     mesh: MeshConfig = MeshConfig()
+    policy: PolicyConfig = PolicyConfig()
     workloads: tuple[WorkloadSpec, ...] = ()
 
 
@@ -294,6 +312,25 @@ def _mesh(raw: Any) -> MeshConfig:
     return cfg
 
 
+def _policy(raw: Any) -> PolicyConfig:
+    cfg = replace(PolicyConfig(), **_section("policy", raw, PolicyConfig))
+    if not isinstance(cfg.directory, str) or not cfg.directory:
+        raise ConfigError(f"policy.directory: {cfg.directory!r} is not a path")
+    _label("policy.root_namespace", cfg.root_namespace)
+    return replace(
+        cfg,
+        jwks_refresh=_positive("policy.jwks_refresh", cfg.jwks_refresh),
+        jwks_timeout=_positive("policy.jwks_timeout", cfg.jwks_timeout),
+    )
+
+
+def _labels(key: str, value: Any) -> tuple[tuple[str, str], ...]:
+    try:
+        return names.labels(_mapping(key, value))
+    except names.InvalidName as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
 def _workloads(raw: Any) -> tuple[WorkloadSpec, ...]:
     specs = []
     for index, item in enumerate(_list("workloads", raw)):
@@ -302,7 +339,8 @@ def _workloads(raw: Any) -> tuple[WorkloadSpec, ...]:
         missing = sorted({"netns", "namespace", "service_account"} - set(values))
         if missing:
             raise ConfigError(f"{key}: missing {', '.join(missing)}")
-        spec = WorkloadSpec(**{k: _text(f"{key}.{k}", v) for k, v in values.items()})
+        labels = _labels(f"{key}.labels", values.pop("labels", None))
+        spec = WorkloadSpec(**{k: _text(f"{key}.{k}", v) for k, v in values.items()}, labels=labels)
         _label(f"{key}.namespace", spec.namespace)
         _label(f"{key}.service_account", spec.service_account)
         specs.append(spec)
@@ -344,6 +382,7 @@ def parse_config(raw: Any) -> Config:
         agent=_agent(values.get("agent")),
         identity=_identity(values.get("identity")),
         mesh=_mesh(values.get("mesh")),
+        policy=_policy(values.get("policy")),
         workloads=_workloads(values.get("workloads")),
     )
 

@@ -7,16 +7,22 @@ The parts, one concern each:
 - `proxy_hub.ProxyHub`: the connected proxies (snapshot on connect, acked broadcasts);
 - `certificates.Certificates`: workload certificates, minted, renewed at half-life, forgotten;
 - `publishing.Publisher`: this node's entries in the shared mesh directory, and the merged view;
+- `policy_store.PolicyStore`: the policy in force, followed from its source
+  (`policy_source.DirectorySource`: `policy.directory`, watched with inotify), JWKS inlined,
+  versioned and pushed to every proxy (and into every snapshot);
 - the redirection backend (`redirect.iptables.IptablesRedirection`, behind
   `redirect.backend.RedirectionBackend`), whose kernel work runs on a dedicated netns thread.
 
 This module wires them, serves the admin socket (`agent.sock`: enroll, unenroll, status,
-reconcile; every request gets an answer, also when it fails unexpectedly) and runs three loops:
-accepting proxies, reconciling (observe every workload without the lock, decide purely with
-`reconcile.plan_reconcile`, act under the lock: forget namespaces that disappeared, repair drifted
-rules, enroll declared workloads whose namespace appeared) and identity (renew certificates, follow
-the shared directory).  Every change of state happens under one lock (`state_lock`), so requests,
-reconcile actions and proxy snapshots never interleave.  The agent holds `<state-dir>/agent.lock`
+reconcile, policy_check; every request gets an answer, also when it fails unexpectedly) and runs
+five loops: accepting proxies, reconciling (observe every workload without the lock, decide purely
+with `reconcile.plan_reconcile`, act under the lock: forget namespaces that disappeared, repair
+drifted rules, enroll declared workloads whose namespace appeared), identity (renew certificates,
+follow the shared directory), policy (reload on every change of the source) and JWKS (refetch
+the keys of `jwksUri` rules when due).  The policy in force is restored and loaded before the
+first proxy is accepted, so no snapshot carries less than the last good policy.  Every change of
+state happens under one lock (`state_lock`), so requests, reconcile actions, policy versions and
+proxy snapshots never interleave.  The agent holds `<state-dir>/agent.lock`
 for its whole life, which is how the CLI knows that it runs.
 """
 
@@ -48,8 +54,12 @@ from agent.config import Config, ConfigError, WorkloadSpec, node_name_of
 from agent.control.channel import CONTROL_SOCKET
 from agent.enrollment import Enrollment
 from agent.identity.spiffe import IdentityError
+from agent.jwks_fetch import JwksKeys
 from agent.netns import NetnsError, NetnsExecutor, pod_addresses
 from agent.netns_id import current_id
+from agent.policy_check import CheckRequest
+from agent.policy_source import DirectorySource
+from agent.policy_store import PolicyStore
 from agent.proxy_hub import ProxyHub
 from agent.publishing import Publisher
 from agent.reconcile import (
@@ -87,6 +97,15 @@ class Agent:
         self.hub = ProxyHub(self._snapshot, self.state_lock)
         self.publisher = Publisher(config, state_dir, self.hub)
         self.store = EnrollmentStore(state_dir)
+        self.policy = PolicyStore(
+            DirectorySource(Path(config.policy.directory)),
+            self.hub,
+            self.state_lock,
+            config.policy,
+            config.identity.trust_domain,
+            state_dir,
+            JwksKeys(config.policy.jwks_refresh),
+        )
         self.enrollment = Enrollment(
             self.store,
             self.hub,
@@ -114,6 +133,7 @@ class Agent:
             self.certificates.trust(),
             [c for c in certificates if c is not None],
             self.publisher.current.full(),
+            self.policy.chunks(),
         )
 
     # ------------------------------------------------------------------ admin
@@ -122,12 +142,16 @@ class Agent:
         try:
             if op == "enroll":
                 mode = body.get("mode")
+                labels = body.get("labels") or {}
+                if not isinstance(labels, dict):
+                    raise ValueError(f"labels must be an object of key: value, got {labels!r:.80}")
                 async with self.state_lock:
                     done = await self.enrollment.enroll(
                         str(body.get("netns", "")),
                         str(body.get("namespace", "")),
                         str(body.get("service_account", "")),
                         None if mode is None else str(mode),
+                        labels,
                     )
                 return {
                     "ok": True,
@@ -143,6 +167,10 @@ class Agent:
                 return {"ok": True, "actions": await self.reconcile()}
             if op == "status":
                 return await self.status(readback=bool(body.get("readback")))
+            if op == "policy_check":
+                request = CheckRequest.from_json(body)
+                workload = await asyncio.to_thread(self.enrollment.find, str(body.get("netns", "")))
+                return {"ok": True, **self.policy.check(workload, request)}
         except ValueError as exc:  # a refusal (EnrollmentError, NetnsError): its message says why
             return {"ok": False, "error": str(exc)}
         except Exception as exc:
@@ -164,6 +192,7 @@ class Agent:
             "identity": self.certificates.status(),
             "modes": {uid: self.enrollment.mode(w) for uid, w in self.enrollments.items()},
             "directory": self.publisher.status(),
+            "policy": self.policy.status(self.enrollments),
         }
         if readback:  # the kernel's view, read now, for `agent status`
             workloads = dict(self.enrollments)
@@ -221,7 +250,12 @@ class Agent:
                 case Repair(workload=w):
                     await asyncio.to_thread(self.backend.apply, Path(w.netns))
                 case EnrollDeclared(spec=spec):
-                    await self.enrollment.enroll(spec.netns, spec.namespace, spec.service_account)
+                    await self.enrollment.enroll(
+                        spec.netns,
+                        spec.namespace,
+                        spec.service_account,
+                        labels=dict(spec.labels),
+                    )
         except Exception as exc:  # retried on the next tick
             log.error("reconcile: %s failed: %s", describe(action), exc)
             return f"FAILED: {describe(action)}: {exc}"
@@ -281,6 +315,13 @@ class Agent:
         self.certificates.load()
         await self._load()
         await self.publisher.publish(self.enrollments)
+        self.policy.restore()
+        self.policy.source.start()
+        try:
+            await self.policy.load()
+        except Exception:  # the policy task retries on the next change or rescan
+            log.exception("policy: the first load failed; version %d stays in force",
+                          self.policy.current.version)  # fmt: skip
         admin = await serve_async(self.state_dir / AGENT_SOCKET, self.handle)
         control = self.hub.listen(self.state_dir)
         loop = asyncio.get_running_loop()
@@ -290,6 +331,8 @@ class Agent:
             asyncio.create_task(self.hub.accept_forever(control), name="accept-proxies"),
             asyncio.create_task(self._reconcile_forever(), name="reconcile"),
             asyncio.create_task(self._identity_forever(), name="identity"),
+            asyncio.create_task(self.policy.follow(), name="policy"),
+            asyncio.create_task(self.policy.jwks_forever(), name="jwks"),
         ]
         log.info(
             "agent %s on node %s: state dir %s, %d enrolled workload(s)",
@@ -308,6 +351,7 @@ class Agent:
         admin.close()
         control.close()
         self.hub.close()
+        self.policy.source.close()
         for name in (AGENT_SOCKET, CONTROL_SOCKET):
             with contextlib.suppress(FileNotFoundError):
                 (self.state_dir / name).unlink()

@@ -146,13 +146,19 @@ class Enrollment:
         return self.mesh.mode_for(workload.namespace, workload.mode)
 
     async def enroll(
-        self, netns: str, namespace: str, service_account: str, mode: str | None = None
+        self,
+        netns: str,
+        namespace: str,
+        service_account: str,
+        mode: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> Enrolled:
-        """Enroll the namespace `netns` (a name or a path) as namespace/service_account."""
+        """Enroll the namespace `netns` (a name or a path) as namespace/service_account, with
+        `labels` for policy selectors."""
         started = time.monotonic()
-        check_request(namespace, service_account, mode)
+        check_request(namespace, service_account, mode, labels)
         path, netns_id = self.resolve(netns)
-        workload = new_workload(path, netns_id, namespace, service_account, mode)
+        workload = new_workload(path, netns_id, namespace, service_account, mode, labels)
         plan = plan_enroll(self.enrollments, workload, self.forbidden())
         for stale in plan.stale:
             await self.forget(stale, f"a new network namespace is enrolled at {stale.netns}")
@@ -190,13 +196,22 @@ class Enrollment:
         )
         return Enrolled(workload, acked, elapsed)
 
-    async def unenroll(self, name_or_path: str) -> Workload:
-        """Unenroll what `name_or_path` reaches now, or the record of that name (gone netns)."""
+    def _lookup(self, name_or_path: str) -> tuple[Workload, Path | None, NetnsId | None]:
+        """The enrollment `name_or_path` means (`find_enrollment`), with the namespace it
+        reaches now (path and identity; None when it reaches none)."""
         try:
             path, live = self.resolve(name_or_path)
         except NetnsError:
             path, live = None, None
-        workload = find_enrollment(self.enrollments, name_or_path, live)
+        return find_enrollment(self.enrollments, name_or_path, live), path, live
+
+    def find(self, name_or_path: str) -> Workload:
+        """The enrolled workload `name_or_path` names, or `EnrollmentError`."""
+        return self._lookup(name_or_path)[0]
+
+    async def unenroll(self, name_or_path: str) -> Workload:
+        """Unenroll what `name_or_path` reaches now, or the record of that name (gone netns)."""
+        workload, path, live = self._lookup(name_or_path)
         await self._leave(workload, reach(workload, path, live), "unenrolling")
         log.info("unenrolled %s (uid %s)", workload.name, workload.uid)
         return workload

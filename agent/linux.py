@@ -10,6 +10,9 @@
 - `release_memory()`: glibc's malloc_trim, to give freed heap back after a large update.
 - `reset(sock)`: close a TCP socket with an RST instead of a FIN (SO_LINGER on, timeout 0), so
   the peer sees "connection refused/reset" at once; `LINGER_RESET` is that option's value.
+- `Inotify`: an inotify(7) instance (non-blocking, close-on-exec): `add_watch(path, mask)`,
+  `rm_watch(wd)`, and `read()`, which returns every queued `InotifyEvent` (wd, mask, cookie,
+  name) without blocking; its `fileno()` goes to a selector or an event loop's `add_reader`.
 
 libc is reached through `ctypes.CDLL(None)` (the symbols already mapped into the process), once,
 on first use (ctypes too is imported then): finding libc by name (`ctypes.util.find_library`)
@@ -24,6 +27,7 @@ import os
 import signal
 import socket
 import struct
+from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -36,6 +40,23 @@ PR_SET_PDEATHSIG = 1
 LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger = 0}
 THREAD_NETNS = "/proc/thread-self/ns/net"
 
+# inotify(7) event bits and flags (linux/inotify.h)
+IN_MODIFY = 0x00000002
+IN_ATTRIB = 0x00000004
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_FROM = 0x00000040
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+IN_DELETE_SELF = 0x00000400
+IN_MOVE_SELF = 0x00000800
+IN_Q_OVERFLOW = 0x00004000  # the kernel's queue overflowed: events were lost (wd -1)
+IN_IGNORED = 0x00008000  # the watch is gone (rm_watch, or its file was deleted / unmounted)
+IN_ONLYDIR = 0x01000000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+_EVENT = struct.Struct("iIII")  # struct inotify_event {wd, mask, cookie, len}, then len bytes
+
 
 @cache
 def _libc() -> ctypes.CDLL:
@@ -44,15 +65,20 @@ def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
     libc.prctl.argtypes = (ctypes.c_int, *[ctypes.c_ulong] * 4)
+    libc.inotify_init1.argtypes = (ctypes.c_int,)
+    libc.inotify_add_watch.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
+    libc.inotify_rm_watch.argtypes = (ctypes.c_int, ctypes.c_int)
     return libc
 
 
-def _check(result: int, what: str) -> None:
-    if result != 0:
+def _check(result: int, what: str) -> int:
+    """`result` of a libc call, or `OSError` (with errno) when it is negative."""
+    if result < 0:
         import ctypes
 
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
 
 
 def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
@@ -92,3 +118,61 @@ def reset(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     sock.close()
+
+
+@dataclass(frozen=True, slots=True)
+class InotifyEvent:
+    wd: int  # the watch it belongs to (-1 for IN_Q_OVERFLOW)
+    mask: int
+    cookie: int  # pairs IN_MOVED_FROM with IN_MOVED_TO of one rename
+    name: str  # the entry in a watched directory ("" for the directory itself)
+
+
+class Inotify:
+    """One inotify instance; close it when done (`close`, or use it as a context manager)."""
+
+    def __init__(self) -> None:
+        self.fd = _check(_libc().inotify_init1(IN_NONBLOCK | IN_CLOEXEC), "inotify_init1")
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def add_watch(self, path: str | os.PathLike[str], mask: int) -> int:
+        """Watch `path` for the events in `mask`; the watch descriptor (`OSError` if it cannot
+        be watched, e.g. ENOENT, ENOTDIR with IN_ONLYDIR)."""
+        encoded = os.fsencode(path)
+        return _check(
+            _libc().inotify_add_watch(self.fd, encoded, mask), f"inotify_add_watch {path}"
+        )
+
+    def rm_watch(self, wd: int) -> None:
+        """Stop a watch; one the kernel already dropped (IN_IGNORED) is no error."""
+        with contextlib.suppress(OSError):
+            _check(_libc().inotify_rm_watch(self.fd, wd), "inotify_rm_watch")
+
+    def read(self) -> list[InotifyEvent]:
+        """Every event queued now ([] when there is none; never blocks)."""
+        events: list[InotifyEvent] = []
+        while True:
+            try:
+                data = os.read(self.fd, 64 * 1024)
+            except BlockingIOError:
+                return events
+            offset = 0
+            while offset < len(data):
+                wd, mask, cookie, length = _EVENT.unpack_from(data, offset)
+                offset += _EVENT.size
+                name = data[offset : offset + length].split(b"\0", 1)[0]
+                offset += length
+                events.append(InotifyEvent(wd, mask, cookie, os.fsdecode(name)))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Inotify:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

@@ -19,7 +19,15 @@ Between requests each link is polled for EOF, so a proxy that goes away while id
 The directory travels as versioned chunks (`publishing.DirectoryChange`).  Each link remembers
 the directory version its proxy acked; `send_directory` gives a proxy at the change's base only
 the delta, any other proxy the whole directory as a reset, and answers a proxy that refuses a
-delta (it missed a version) with the reset.  The snapshot ends with the whole directory.
+delta (it missed a version) with the reset.  The snapshot ends with the whole directory and the
+policy.
+
+The policy travels whole, as versioned slices (`control.protocol.policy_chunks`): `send_policy`
+(called under the state lock, like every broadcast that a snapshot must not miss) gives every
+proxy every slice of the new version.  A proxy that refuses a policy (it could not validate it:
+a version skew, say) keeps its link, since dropping it would only bring the same refusal in the
+next snapshot and cut the proxy off from workload updates; the refusal is logged and kept on the
+link for `agent status`, and the proxy's own status shows the version it enforces.
 """
 
 from __future__ import annotations
@@ -42,8 +50,10 @@ from agent.control.protocol import (
     DelWorkload,
     DirectoryChunk,
     Message,
+    PolicyChunk,
     ProtocolError,
     WorkloadCertificate,
+    policy_chunks,
 )
 from agent.directory import DirectoryUpdate
 from agent.netns import NetnsError, open_netns
@@ -66,6 +76,8 @@ class ProxyLink:
     connected_at: float = field(default_factory=time.time)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     directory_version: int = -1  # what the proxy acked; -1: nothing yet
+    policy_version: int = -1  # the last policy version the proxy acked; -1: none yet
+    policy_error: str = ""  # why the proxy refused the last policy sent ("" : it did not)
 
     @property
     def pid(self) -> int | None:
@@ -139,6 +151,33 @@ class ProxyHub:
         for chunk in chunks:
             await link.request(DirectoryChunk(chunk))
         link.directory_version = chunks[-1].version
+
+    async def send_policy(self, version: int, text: str) -> int:
+        """Give every proxy policy `version` (the PolicySet JSON `text`); how many acked it."""
+        chunks = policy_chunks(version, text)
+        acked = 0
+        for link in list(self.links):
+            try:
+                async with link.lock:
+                    if await self._send_policy_chunks(link, chunks):
+                        acked += 1
+            except BROKEN as exc:
+                log.warning("dropping proxy pid %s: %s", link.pid, exc)
+                self.drop(link)
+        return acked
+
+    @staticmethod
+    async def _send_policy_chunks(link: ProxyLink, chunks: list[PolicyChunk]) -> bool:
+        """Send one version's slices (hold `link.lock`); False when the proxy refused them."""
+        try:
+            for chunk in chunks:
+                await link.request(chunk)
+        except ProxyRefused as exc:
+            link.policy_error = str(exc)
+            log.error("%s; it keeps enforcing policy version %d", exc, link.policy_version)
+            return False
+        link.policy_version, link.policy_error = chunks[-1].version, ""
+        return True
 
     async def _broadcast(self, message: Message, netns: str | None = None) -> int:
         acked = 0
@@ -214,9 +253,20 @@ class ProxyHub:
                     continue  # gone: the next reconcile forgets it
                 reachable.append((workload, mode))
             messages = snapshot_messages(
-                Snapshot(reachable, snapshot.trust, snapshot.certificates, snapshot.directory)
+                Snapshot(
+                    reachable,
+                    snapshot.trust,
+                    snapshot.certificates,
+                    snapshot.directory,
+                    snapshot.policy,
+                )
             )
+            policy = [m for m in messages if isinstance(m, PolicyChunk)]
             for message in messages:
+                if isinstance(message, PolicyChunk):
+                    if message is policy[0]:
+                        await self._send_policy_chunks(link, policy)
+                    continue
                 fd = fds.get(message.workload.uid) if isinstance(message, AddWorkload) else None
                 await link.request(message, (fd,) if fd is not None else ())
                 if isinstance(message, DirectoryChunk):
@@ -256,6 +306,8 @@ class ProxyHub:
                 "pid": link.pid,
                 "version": link.session.hello.proxy_version if link.session.hello else None,
                 "since": link.connected_at,
+                "policy_version": link.policy_version,
+                "policy_error": link.policy_error,
             }
             for link in self.links
         ]

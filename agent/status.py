@@ -11,6 +11,13 @@ from a thread, so its read-back overlaps with loading the store and asking the p
 enrollment modules are imported in that time too.  `assess` (pure) lists the
 problems an operator must act on; `render` (pure) draws the table.  The JSON form (`--json`) is
 the gathered document itself; its schema is `ferry.status/v1`, see docs/status.md.
+
+Policy: the agent reports the version in force, where it came from, when it was loaded, the
+errors of a rejected change, every `jwksUri` (last fetch, outcome, keys) and, per workload, the
+documents that select it; the proxy reports, per worker, the version it enforces
+(`policy_version`) and per flow the connections denied by reason (`denied_by`).  Each workload
+row shows its labels, its documents and its denials by reason; a rejected change, a JWKS that
+failed, a proxy that refused a policy and a worker behind the agent's version are problems.
 """
 
 from __future__ import annotations
@@ -115,11 +122,13 @@ def gather(state_dir: Path, load_config: Callable[[], Config]) -> dict[str, Any]
     identity = agent.get("identity") or {"trust_domain": config().identity.trust_domain}
     workloads = []
     for uid, w in sorted(enrollments.items(), key=lambda kv: kv[1].name):
+        flows = served.get(uid, {}).get("flows", [])
         entry: dict[str, Any] = {
             "name": w.name,
             "netns": w.netns,
             "namespace": w.namespace,
             "service_account": w.service_account,
+            "labels": dict(w.labels),
             "identity": w.identity(identity["trust_domain"]),
             "ips": [],
             "netns_present": False,
@@ -127,7 +136,9 @@ def gather(state_dir: Path, load_config: Callable[[], Config]) -> dict[str, Any]
             "differences": [],
             "mode": agent.get("modes", {}).get(uid, served.get(uid, {}).get("mode")),
             "certificate": agent.get("identity", {}).get("certificates", {}).get(uid),
-            "security": security_counts(served.get(uid, {}).get("flows", [])),
+            "security": security_counts(flows),
+            "denied_by": denials(flows),
+            "policies": (agent.get("policy") or {}).get("workloads", {}).get(uid),
             "served_by_proxy": uid in served,
             "listeners": served.get(uid, {}).get("listeners", []),
             "traffic": served.get(uid, {}).get("traffic", {}),
@@ -159,6 +170,42 @@ def security_counts(flows: list[dict[str, Any]]) -> dict[str, int]:
     return counts
 
 
+def denials(flows: list[dict[str, Any]]) -> dict[str, int]:
+    """Connections and requests denied for a workload, by reason (summed over its flows)."""
+    counts: dict[str, int] = {}
+    for flow in flows:
+        for reason, count in (flow.get("denied_by") or {}).items():
+            counts[reason] = counts.get(reason, 0) + int(count)
+    return dict(sorted(counts.items()))
+
+
+def policy_problems(agent: dict[str, Any]) -> list[str]:
+    """What is wrong with the policy in force (pure): a rejected change, a JWKS without fresh
+    keys, a proxy that refused the agent's policy."""
+    policy = agent.get("policy")
+    if not policy:
+        return []
+    problems = []
+    rejected = policy.get("rejected")
+    if rejected:
+        problems += [
+            f"policy change rejected, version {policy['version']} stays in force: {error}"
+            for error in rejected["errors"]
+        ]
+    for uri, jwks in sorted((policy.get("jwks") or {}).items()):
+        if jwks["outcome"] not in ("ok", "not fetched yet"):
+            kept = (
+                f"keeping {jwks['keys']} key(s) of the last good fetch"
+                if jwks["keys"]
+                else "no keys: every token of its issuer is rejected"
+            )
+            problems.append(f"jwks {uri}: {jwks['outcome']} ({kept})")
+    for proxy in agent.get("proxies", []):
+        if proxy.get("policy_error"):
+            problems.append(f"proxy pid {proxy['pid']}: {proxy['policy_error']}")
+    return problems
+
+
 def assess(document: dict[str, Any]) -> list[str]:
     """Everything an operator must act on; empty when all is well."""
     problems = []
@@ -181,6 +228,8 @@ def assess(document: dict[str, Any]) -> list[str]:
         problems += out_of_sync(agent, proxy)
     for problem in (agent.get("directory") or {}).get("problems", []):
         problems.append(f"mesh directory: {problem}")
+    if agent["running"]:
+        problems += policy_problems(agent)
     for w in document["workloads"]:
         label = f"{w['namespace']}/{w['name']}"
         if not w["netns_present"]:
@@ -200,9 +249,10 @@ def assess(document: dict[str, Any]) -> list[str]:
 
 def out_of_sync(agent: dict[str, Any], proxy: dict[str, Any]) -> list[str]:
     """Where a proxy worker has not applied what the agent sent (pure): the directory's version
-    and size, the trust domain, each workload's certificate."""
+    and size, the trust domain, each workload's certificate, the policy version."""
     problems = []
     directory = agent.get("directory") or {}
+    policy = agent.get("policy") or {}
     identity = agent.get("identity") or {}
     sent_certs = {uid: c["not_after"] for uid, c in (identity.get("certificates") or {}).items()}
     for applied in proxy.get("applied", []):
@@ -220,6 +270,12 @@ def out_of_sync(agent: dict[str, Any], proxy: dict[str, Any]) -> list[str]:
             problems.append(
                 f"{worker} trusts {applied['trust_domain'] or 'no trust domain'!r}; the agent "
                 f"sent {identity.get('trust_domain')!r}"
+            )
+        enforced = applied.get("policy_version")
+        if "version" in policy and enforced is not None and enforced != policy["version"]:
+            problems.append(
+                f"{worker} enforces policy version {enforced}; the agent sent version "
+                f"{policy['version']}"
             )
         held = applied.get("certificates", {})
         for uid, not_after in sorted(sent_certs.items()):
@@ -298,6 +354,9 @@ def render(document: dict[str, Any]) -> str:
             f"Mesh    directory version {directory['version']}, {directory['entries']} "
             f"address(es){skipped}   applied by {current}/{len(applied)} proxy worker(s)"
         )
+    policy = agent.get("policy") if agent["running"] else None
+    if policy:
+        lines += _policy_lines(policy, proxy, now)
     identity = agent.get("identity") if agent["running"] else None
     if identity:
         if identity.get("enabled"):
@@ -318,6 +377,7 @@ def render(document: dict[str, Any]) -> str:
         "LISTENERS",
         "CERT EXPIRES",
         "MTLS/PLAIN",
+        "DENIED",
         "CONNS OUT/IN",
         "BYTES OUT/IN",
     )
@@ -340,6 +400,7 @@ def render(document: dict[str, Any]) -> str:
                 f"{listening}/{len(w['listeners'])}" if w["served_by_proxy"] else "none",
                 _expiry(w.get("certificate"), now),
                 f"{w['security']['mtls']}/{w['security']['plaintext']}",
+                str(w["security"]["denied"]),
                 f"{out.get('connections_opened', 0)}/{inb.get('connections_opened', 0)}",
                 f"{_bytes(moved(out))}/{_bytes(moved(inb))}",
             )
@@ -353,8 +414,7 @@ def render(document: dict[str, Any]) -> str:
         for r in rows:
             lines.append("  ".join(str(c).ljust(widths[i]) for i, c in enumerate(r)).rstrip())
     for w in document["workloads"]:
-        for diff in w["differences"]:
-            lines.append(f"  {w['name']}: {diff}")
+        lines += _workload_lines(w)
     lines.append("")
     if document["problems"]:
         lines.append("Problems:")
@@ -362,3 +422,46 @@ def render(document: dict[str, Any]) -> str:
     else:
         lines.append("All good.")
     return "\n".join(lines)
+
+
+def _policy_lines(policy: dict[str, Any], proxy: dict[str, Any], now: float) -> list[str]:
+    """The policy in force: version, source, documents, what the proxy workers enforce, JWKS."""
+    loaded = f", loaded {_ago(now - policy['loaded_at'])} ago" if policy.get("loaded_at") else ""
+    line = (
+        f"Policy  version {policy['version']}, {policy['documents']} document(s) from "
+        f"{policy['source']}{loaded}"
+    )
+    applied = proxy.get("applied", []) if proxy["running"] else []
+    if any("policy_version" in a for a in applied):
+        current = sum(1 for a in applied if a.get("policy_version") == policy["version"])
+        line += f"   enforced by {current}/{len(applied)} proxy worker(s)"
+    lines = [line]
+    if policy.get("rejected"):
+        errors = len(policy["rejected"]["errors"])
+        lines.append(
+            f"        a change was REJECTED {_ago(now - policy['rejected']['at'])} ago "
+            f"({errors} error(s), see problems); version {policy['version']} stays in force"
+        )
+    for uri, jwks in sorted((policy.get("jwks") or {}).items()):
+        fetched = (
+            f"last good fetch {_ago(now - jwks['fetched_at'])} ago"
+            if jwks.get("fetched_at")
+            else "never fetched"
+        )
+        outcome = jwks["outcome"] if jwks["outcome"] == "ok" else f"FAILING: {jwks['outcome']}"
+        lines.append(f"        jwks {uri}: {jwks['keys']} key(s), {fetched}, {outcome}")
+    return lines
+
+
+def _workload_lines(w: dict[str, Any]) -> list[str]:
+    """A workload's details under the table: rule differences, labels, policies, denials."""
+    lines = [f"  {w['name']}: {diff}" for diff in w["differences"]]
+    labels = w.get("labels") or {}
+    if labels:
+        lines.append(f"  {w['name']}: labels " + ",".join(f"{k}={v}" for k, v in labels.items()))
+    if w.get("policies"):
+        lines.append(f"  {w['name']}: policies " + ", ".join(w["policies"]))
+    denied = w.get("denied_by") or {}
+    if denied:
+        lines.append(f"  {w['name']}: denied " + ", ".join(f"{r}={n}" for r, n in denied.items()))
+    return lines

@@ -8,10 +8,13 @@ A workload is keyed by its namespace's identity, not by a path: its uid is `Netn
 (`netns-<nsfs device>-<inode>`, e.g. `netns-4-4026532281`), the same for every path that reaches
 the namespace (`web`, `/proc/<pid>/ns/net`, a bind mount elsewhere).  The path it was enrolled by
 is kept too (`netns`), to reach the namespace later, and so is the name the operator gave (`name`).
+Its labels (Kubernetes-style, `agent.names.labels`) are what policy selectors match; they are a
+sorted tuple of (key, value) pairs, immutable like the rest of the record, and a JSON object in
+every encoding (`to_json`).
 
 The decisions are pure functions over a mapping `uid -> Workload`:
 
-- `check_request` refuses a bad namespace, service account or mode;
+- `check_request` refuses a bad namespace, service account, mode or label;
 - `plan_enroll` refuses the host's own namespaces (given as data by the caller, see
   `agent.netns.host_namespaces`) and a namespace already enrolled under any path, naming the
   existing enrollment; it also lists stale records (another namespace was enrolled at the same
@@ -29,7 +32,8 @@ and renamed, so a crash never leaves half a file), which is what makes enrollmen
 restarts.  Writers hold an exclusive `flock` on a sibling lock file.  The file is version 2.
 Version 1 keyed workloads by their netns path and had no device number; `migrate_v1` rekeys such
 records by (nsfs device, recorded inode) on load (the next save writes version 2).  Two v1
-records of one namespace (the bug version 2 fixes) keep only the first by path.
+records of one namespace (the bug version 2 fixes) keep only the first by path.  Records written
+before workloads had labels load with none.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent.names import InvalidName, dns_label
+from agent.names import labels as checked_labels
 from agent.netns_id import NetnsId, current_id, netns_path, nsfs_device
 
 STORE_NAME = "enrollments.json"
@@ -71,6 +76,7 @@ class Workload:
     mode: Mode | None = None  # None: the namespace's or the default
     ips: tuple[str, ...] = ()  # the pod's addresses, read in its netns at enrollment
     netns_dev: int = 0
+    labels: tuple[tuple[str, str], ...] = ()  # sorted by key (`agent.names.labels`)
 
     @property
     def netns_id(self) -> NetnsId:
@@ -86,6 +92,7 @@ class Workload:
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
         body["ips"] = list(self.ips)
+        body["labels"] = dict(self.labels)
         return body
 
     @classmethod
@@ -101,6 +108,7 @@ class Workload:
                 mode=parse_mode(raw.get("mode")),
                 ips=tuple(str(ip) for ip in raw.get("ips", ())),
                 netns_dev=int(raw.get("netns_dev", 0)),
+                labels=checked_labels(raw.get("labels", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EnrollmentError(f"malformed workload record {raw!r:.200}: {exc}") from exc
@@ -132,14 +140,18 @@ def parse_mode(value: object) -> Mode | None:
     raise EnrollmentError(f"invalid mode {value!r}: must be one of {', '.join(MODES)}")
 
 
-def check_request(namespace: str, service_account: str, mode: str | None) -> None:
-    """Refuse a bad identity or mode, naming the value (pure)."""
+def check_request(
+    namespace: str, service_account: str, mode: str | None, labels: Mapping[str, str] | None = None
+) -> tuple[tuple[str, str], ...]:
+    """Refuse a bad identity, mode or label, naming the value (pure); the labels, sorted."""
     try:
         dns_label("namespace", namespace)
         dns_label("service account", service_account)
+        checked = checked_labels(dict(labels or {}))
     except InvalidName as exc:
         raise EnrollmentError(str(exc)) from None
     parse_mode(mode)
+    return checked
 
 
 def new_workload(
@@ -148,9 +160,10 @@ def new_workload(
     namespace: str,
     service_account: str,
     mode: str | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Workload:
     """The workload a checked request describes, keyed by its namespace's identity."""
-    check_request(namespace, service_account, mode)
+    checked = check_request(namespace, service_account, mode, labels)
     return Workload(
         uid=netns.uid,
         name=path.name,
@@ -160,6 +173,7 @@ def new_workload(
         service_account=service_account,
         mode=parse_mode(mode),
         netns_dev=netns.dev,
+        labels=checked,
     )
 
 

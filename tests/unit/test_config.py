@@ -148,6 +148,42 @@ def test_the_default_node_name_is_checked_where_it_names_a_file() -> None:
         node_name_of(config)
 
 
+def test_the_policy_section_defaults_and_overrides(tmp_path: Path) -> None:
+    policy = load_config(None).policy
+    assert (policy.directory, policy.root_namespace) == ("/etc/ferry/policies", "ferry-system")
+    assert (policy.jwks_refresh, policy.jwks_timeout) == (1200.0, 5.0)
+    path = tmp_path / "ferry.yaml"
+    path.write_text(
+        "policy:\n  directory: /srv/policies\n  root_namespace: istio-system\n"
+        "  jwks_refresh: 60\n  jwks_timeout: 0.5\n"
+    )
+    policy = load_config(path).policy
+    assert (policy.directory, policy.root_namespace) == ("/srv/policies", "istio-system")
+    assert (policy.jwks_refresh, policy.jwks_timeout) == (60.0, 0.5)
+    assert isinstance(policy.jwks_refresh, float)
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ("strict", "policy: expected a mapping, got 'strict'"),
+        ({"dir": "/x"}, "policy: unknown key(s) dir"),
+        ({"directory": ""}, "policy.directory: '' is not a path"),
+        ({"directory": ["/x"]}, "policy.directory: ['/x'] is not a path"),
+        ({"root_namespace": "Ferry_System"}, "invalid policy.root_namespace 'Ferry_System'"),
+        ({"root_namespace": ""}, "invalid policy.root_namespace ''"),
+        ({"jwks_refresh": 0}, "policy.jwks_refresh: 0 must be a positive number of seconds"),
+        ({"jwks_refresh": "20m"}, "policy.jwks_refresh: '20m' must be a positive number"),
+        ({"jwks_timeout": -1}, "policy.jwks_timeout: -1 must be a positive number"),
+        ({"jwks_timeout": True}, "policy.jwks_timeout: True must be a positive number"),
+    ],
+)
+def test_bad_policy_settings_name_the_key(raw: object, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"policy": raw})
+    assert needle in str(info.value)
+
+
 def test_the_docstring_marks_every_value_as_default_or_example() -> None:
     import agent.config
 

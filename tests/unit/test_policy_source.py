@@ -58,7 +58,7 @@ def names(source: DirectorySource) -> list[tuple[str, tuple[str, ...]]]:
     return out
 
 
-Step = Callable[[], None]
+Step = Callable[[], object]
 
 
 async def changes_after(source: DirectorySource, step: Step) -> float:

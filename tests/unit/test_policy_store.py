@@ -28,7 +28,8 @@ from agent.directory import plan_update
 from agent.jwks_fetch import JwksKeys
 from agent.netns_id import NetnsId
 from agent.policy.compile import PolicySet
-from agent.policy.documents import JwtRule, RequestAuthentication
+from agent.policy.documents import RequestAuthentication
+from agent.policy.jwt import JwtRule
 from agent.policy_source import DirectorySource
 from agent.policy_store import POLICY_STATE, PolicyStore, encode, inline_jwks, jwks_uris
 from agent.proxy_hub import ProxyHub
@@ -315,7 +316,10 @@ def test_a_restarted_agent_keeps_the_last_good_policy(tmp_path: Path) -> None:
             assert n.store.current.version == 2 and n.proxy.version == 2
             assert methods(n.proxy.versions[2]) == {"a": ("PUT",)}
             assert n.store.status({})["rejected"] is not None
-            (directory / "bad.yaml").unlink()
+            (directory / "bad.yaml").unlink()  # fixed: the same documents, no new version
+            await asyncio.sleep(0.4)
+            assert n.proxy.version == 2 and n.store.status({})["rejected"] is None
+            write(directory / "a.yaml", allow("a", "POST"))
             await n.proxy.wait_for(3)  # versions keep growing across restarts
 
     run(first_life)
@@ -332,7 +336,7 @@ def test_jwks_uris_and_inlining_are_pure() -> None:
             JwtRule(issuer="a", jwks_uri="https://a/jwks"),
             JwtRule(issuer="b", jwks_uri="https://b/jwks", timeout=1.5),
             JwtRule(issuer="c", jwks_uri="https://c/jwks", jwks='{"keys": []}'),  # inline wins
-            JwtRule(issuer="d", jwks='{"keys": []}'),
+            JwtRule(issuer="d", jwks='{"keys": []}'),  # inline only
         ),
     )
     policy = PolicySet(authentication=(ra,))

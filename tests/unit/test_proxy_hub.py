@@ -26,11 +26,13 @@ from agent.control.protocol import (
     DelWorkload,
     DirectoryChunk,
     Hello,
+    PolicyChunk,
     ProtocolError,
     ProxySession,
     SnapshotSent,
     TrustBundle,
     WorkloadCertificate,
+    policy_chunks,
 )
 from agent.directory import DirectoryEntry, plan_update
 from agent.netns_id import NetnsId
@@ -40,6 +42,7 @@ from agent.workloads import Workload, new_workload
 OWN_NETNS = "/proc/self/ns/net"  # only an fd is opened on it: nothing is enrolled or changed
 
 EMPTY = plan_update(0, 0, "passthrough", (), (), reset=True)  # a directory of no entries
+NO_POLICY = policy_chunks(0, '{"documents":[]}')  # the policy an agent starts with
 
 
 def workload(name: str, inode: int, netns: str = OWN_NETNS) -> Workload:
@@ -56,8 +59,15 @@ def test_the_snapshot_is_in_protocol_order_and_the_proxy_core_accepts_it() -> No
     directory = plan_update(
         4, 0, "passthrough", [DirectoryEntry("10.0.0.1", web.identity("td"), "n")], (), reset=True
     )
+    policy = policy_chunks(3, '{"documents":[]}', max_chars=8)
     messages = snapshot_messages(
-        Snapshot([(web, "strict"), (db, "permissive")], trust, [cert(web), cert(gone)], directory)
+        Snapshot(
+            [(web, "strict"), (db, "permissive")],
+            trust,
+            [cert(web), cert(gone)],
+            directory,
+            policy,
+        )
     )
     assert messages == [
         AddWorkload(web, "strict"),
@@ -65,8 +75,10 @@ def test_the_snapshot_is_in_protocol_order_and_the_proxy_core_accepts_it() -> No
         trust,
         cert(web),  # the certificate of a workload left out of the snapshot is left out too
         DirectoryChunk(directory[0]),
+        *policy,  # the policy in force, after the directory, before snapshot_sent
         SnapshotSent(),
     ]
+    assert [c.last for c in policy] == [False, True]
     proxy = ProxySession(held={"netns-4-9"})
     actions = [action for message in messages for action in proxy.receive(message)]
     assert Add(web, "strict") in actions and proxy.held == {web.uid, db.uid}
@@ -140,7 +152,9 @@ async def connected(
 def test_a_proxy_gets_the_snapshot_then_broadcasts() -> None:
     web = workload("web", 1)
     lock = asyncio.Lock()
-    hub = ProxyHub(lambda: Snapshot([(web, "permissive")], None, [cert(web)], EMPTY), lock)
+    hub = ProxyHub(
+        lambda: Snapshot([(web, "permissive")], None, [cert(web)], EMPTY, NO_POLICY), lock
+    )
 
     async def scenario() -> tuple[ProxySession, int, int]:
         session, link, proxy = await connected(hub, acking)
@@ -163,10 +177,10 @@ def test_a_refusing_proxy_raises_and_a_silent_one_is_dropped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(proxy_hub, "ACK_TIMEOUT", 0.2)
-    hub = ProxyHub(lambda: Snapshot([], None, [], EMPTY), asyncio.Lock())
+    hub = ProxyHub(lambda: Snapshot([], None, [], EMPTY, NO_POLICY), asyncio.Lock())
 
     async def refusing_then_silent(channel: AsyncChannel, session: ProxySession) -> None:
-        for _ in range(2):  # the snapshot: directory, snapshot_sent
+        for _ in range(3):  # the snapshot: directory, policy, snapshot_sent
             await channel.recv()
             await channel.send(Ack())
         _add, fds = await channel.recv()
@@ -191,10 +205,10 @@ def test_a_refusing_proxy_raises_and_a_silent_one_is_dropped(
 
 def test_a_proxy_that_goes_away_while_idle_is_noticed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(proxy_hub, "IDLE_POLL", 0.02)
-    hub = ProxyHub(lambda: Snapshot([], None, [], EMPTY), asyncio.Lock())
+    hub = ProxyHub(lambda: Snapshot([], None, [], EMPTY, NO_POLICY), asyncio.Lock())
 
     async def leaves(channel: AsyncChannel, session: ProxySession) -> None:
-        for _ in range(2):
+        for _ in range(3):
             await channel.recv()
             await channel.send(Ack())
         channel.close()
@@ -209,7 +223,7 @@ def test_a_proxy_that_goes_away_while_idle_is_noticed(monkeypatch: pytest.Monkey
 
 
 def test_a_connection_without_hello_is_rejected() -> None:
-    hub = ProxyHub(lambda: Snapshot([], None, [], EMPTY), asyncio.Lock())
+    hub = ProxyHub(lambda: Snapshot([], None, [], EMPTY, NO_POLICY), asyncio.Lock())
 
     async def scenario() -> None:
         agent_end, proxy_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -222,3 +236,42 @@ def test_a_connection_without_hello_is_rejected() -> None:
         channel.close()
 
     asyncio.run(scenario())
+
+
+def test_policy_versions_reach_every_proxy_and_a_refusal_keeps_the_link() -> None:
+    hub = ProxyHub(lambda: Snapshot([], None, [], EMPTY, NO_POLICY), asyncio.Lock())
+    received: list[PolicyChunk] = []
+
+    async def refuses_version_2(channel: AsyncChannel, session: ProxySession) -> None:
+        while True:
+            message, _fds = await channel.recv()
+            session.receive(message)
+            if isinstance(message, PolicyChunk):
+                received.append(message)
+                if message.version == 2 and message.last:
+                    await channel.send(Ack("policy: unknown field 'spec.newThing'"))
+                    continue
+            await channel.send(Ack())
+
+    async def scenario() -> list[dict[str, Any]]:
+        _session, link, proxy = await connected(hub, refuses_version_2)
+        assert hub.status()[0]["policy_version"] == 0  # the snapshot's
+        assert await hub.send_policy(1, "x" * 30_000) == 1  # two slices
+        first = hub.status()
+        assert await hub.send_policy(2, "{}") == 0
+        refused = hub.status()
+        assert await hub.send_policy(3, "{}") == 1
+        after = hub.status()
+        link.cancel()
+        proxy.cancel()
+        hub.close()
+        return [first[0], refused[0], after[0]]
+
+    first, refused, after = asyncio.run(scenario())
+    assert [(c.version, c.last) for c in received] == [(0, True), (1, False), (1, True),
+                                                       (2, True), (3, True)]  # fmt: skip
+    assert "".join(c.text for c in received if c.version == 1) == "x" * 30_000
+    assert (first["policy_version"], first["policy_error"]) == (1, "")
+    assert refused["policy_version"] == 1  # still connected, still enforcing version 1
+    assert "refused PolicyChunk: policy: unknown field 'spec.newThing'" in refused["policy_error"]
+    assert (after["policy_version"], after["policy_error"]) == (3, "")

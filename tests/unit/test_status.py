@@ -44,6 +44,39 @@ def document(**changes: Any) -> dict[str, Any]:
                 "skipped": 0,
                 "problems": [],
             },
+            "proxies": [
+                {
+                    "pid": 11,
+                    "version": "0.1.0",
+                    "since": NOW - 300,
+                    "policy_version": 3,
+                    "policy_error": "",
+                }
+            ],
+            "policy": {
+                "source": "directory /etc/ferry/policies",
+                "version": 3,
+                "loaded_at": NOW - 90,
+                "documents": 2,
+                "rejected": None,
+                "warnings": [],
+                "jwks": {
+                    "https://idp.example/jwks": {
+                        "fetched_at": NOW - 600,
+                        "attempted_at": NOW - 600,
+                        "outcome": "ok",
+                        "failures": 0,
+                        "keys": 2,
+                        "next_fetch_at": NOW + 600,
+                    }
+                },
+                "workloads": {
+                    "netns-4-7": [
+                        "AuthorizationPolicy shop/allow-get",
+                        "RequestAuthentication shop/jwt",
+                    ]
+                },
+            },
         },
         "proxy": {
             "running": True,
@@ -61,6 +94,7 @@ def document(**changes: Any) -> dict[str, Any]:
                     "directory_rejected": 0,
                     "trust_domain": "cluster.local",
                     "certificates": {"netns-4-7": NOW + 43_200},
+                    "policy_version": 3,
                 }
                 for n in (0, 1)
             ],
@@ -71,6 +105,7 @@ def document(**changes: Any) -> dict[str, Any]:
                 "netns": "/var/run/netns/web",
                 "namespace": "shop",
                 "service_account": "web",
+                "labels": {"app": "web", "version": "v1"},
                 "identity": "spiffe://cluster.local/ns/shop/sa/web",
                 "mode": "strict",
                 "ips": ["10.1.0.2/24", "fd00::2/64"],
@@ -78,7 +113,12 @@ def document(**changes: Any) -> dict[str, Any]:
                 "redirection": "ok",
                 "differences": [],
                 "certificate": {"not_after": NOW + 43_200, "serial": "ab"},
-                "security": {"mtls": 40, "plaintext": 2, "denied": 1},
+                "security": {"mtls": 40, "plaintext": 2, "denied": 3},
+                "denied_by": {"denied_by_policy": 1, "no_allow_match": 2},
+                "policies": [
+                    "AuthorizationPolicy shop/allow-get",
+                    "RequestAuthentication shop/jwt",
+                ],
                 "served_by_proxy": True,
                 "listeners": [{"direction": "outbound", "family": 4, "listening": True}] * 6,
                 "traffic": {
@@ -184,3 +224,38 @@ def test_skipped_directory_entries_are_problems_and_counted() -> None:
     doc = document(agent={**doc["agent"], "directory": directory})
     assert "mesh directory: node-b.json entry 3: entry ip '10.0.0.300'" in doc["problems"][0]
     assert "6 address(es), 1 skipped   applied by 2/2 proxy worker(s)" in render(doc)
+
+
+def test_policy_trouble_is_named() -> None:
+    doc = document()
+    policy = doc["agent"]["policy"]
+    policy["rejected"] = {
+        "at": NOW - 5,
+        "errors": ["/etc/ferry/policies/a.yaml: AuthorizationPolicy shop/x: spec.action: "
+                   "'CUSTOM' is not supported"],
+    }  # fmt: skip
+    policy["jwks"]["https://idp.example/jwks"].update(
+        outcome="GET https://idp.example/jwks: HTTP 503 Service Unavailable", failures=1
+    )
+    policy["jwks"]["https://other.example/jwks"] = {
+        "fetched_at": None,
+        "attempted_at": NOW - 1,
+        "outcome": "GET https://other.example/jwks: timed out",
+        "failures": 1,
+        "keys": 0,
+        "next_fetch_at": NOW + 59,
+    }
+    doc["agent"]["proxies"][0]["policy_error"] = "proxy (pid 11) refused PolicyChunk: bad"
+    doc["proxy"]["applied"][1]["policy_version"] = 2
+    doc = document(agent=doc["agent"], proxy=doc["proxy"])
+    assert doc["problems"] == [
+        "proxy worker 1 enforces policy version 2; the agent sent version 3",
+        "policy change rejected, version 3 stays in force: /etc/ferry/policies/a.yaml: "
+        "AuthorizationPolicy shop/x: spec.action: 'CUSTOM' is not supported",
+        "jwks https://idp.example/jwks: GET https://idp.example/jwks: HTTP 503 Service "
+        "Unavailable (keeping 2 key(s) of the last good fetch)",
+        "jwks https://other.example/jwks: GET https://other.example/jwks: timed out (no keys: "
+        "every token of its issuer is rejected)",
+        "proxy pid 11: proxy (pid 11) refused PolicyChunk: bad",
+    ]
+    check_golden("status_policy_trouble.golden", render(doc))
