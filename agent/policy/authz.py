@@ -241,10 +241,6 @@ def identity_of(principal: str) -> tuple[str, str, str] | None:
 # --- matchers: one compiled function per value list --------------------------------------------
 
 
-def _never(_: str) -> bool:
-    return False
-
-
 def _always(_: str) -> bool:
     return True
 
