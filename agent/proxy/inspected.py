@@ -8,14 +8,18 @@ workload's netns, with the same surface for the worker (`on_event`, `start`, `ab
 
 What it does with the bytes, by state:
 
-    SNIFF   the first client bytes say what the traffic is (`http1.looks_like_http1`); HTTP/1.x
-            goes to HTTP1; anything else, or a server that speaks first (a database greeting),
-            is decided once at L4 (`l4_allowed()`, the policy's TCP semantics) and relayed raw
+    SNIFF   the first client bytes say what the traffic is: HTTP/1.x (`looks_like_http1`) goes
+            to HTTP1, the HTTP/2 preface (h2c with prior knowledge, gRPC) to H2; anything else,
+            or a server that speaks first (a database greeting), is decided once at L4
+            (`l4_allowed()`, the policy's TCP semantics) and relayed raw
     HTTP1   an `Http1Inspector` frames requests and responses; each request head is decided
             (`decide(head) -> Allowed | Denied`): allowed heads go upstream (rewritten when the
             JWT rule changes headers), a denial is answered locally (403/401/429, connection
             closed after it); bodies stream through in both directions, never buffered beyond a
             read; an accepted Upgrade or CONNECT turns the connection OPAQUE
+    H2      an `Http2Inspector` terminates the client's HTTP/2 and originates its own to the
+            server; each stream is decided from its headers, a denied gRPC call answered with
+            grpc-status 7 / 16 / 8, other requests with 403 / 401 / 429
     OPAQUE  bytes both ways, untouched
 
 Backpressure: a direction whose queue holds more than HIGH bytes stops reading its source until
@@ -40,8 +44,10 @@ from agent.proxy.http1 import (
     Opaque,
     ProtocolError,
     RequestHead,
+    looks_like_h2_preface,
     looks_like_http1,
 )
+from agent.proxy.http2 import ConnectionEnded, Http2Inspector, StreamHead
 from agent.proxy.request_policy import Allowed, Denied
 from agent.proxy.responses import http1_reply
 
@@ -51,10 +57,14 @@ EPOLLERR = select.EPOLLERR
 EPOLLHUP = select.EPOLLHUP
 READ = 65536
 HIGH = 1 << 20
-SNIFF, HTTP1, OPAQUE = range(3)
-SNIFF_MAX = 24  # bytes after which a still-undecided sniff is not HTTP/1
+SNIFF, HTTP1, H2, OPAQUE = range(4)
 
 WatchFn = Callable[[int, int, int], None]
+
+
+def _is_h2_settings(data: bytes) -> bool:
+    """Whether `data` starts like an HTTP/2 server's first frame (SETTINGS on stream 0)."""
+    return len(data) >= 9 and data[3] == 4 and data[5:9] == b"\x00\x00\x00\x00"
 
 
 class _Queue:
@@ -98,7 +108,7 @@ class InspectedRelay:
         down: socket.socket,
         up: socket.socket,
         *,
-        decide: Callable[[RequestHead], Allowed | Denied],
+        decide: Callable[[str, str, str, str, tuple[tuple[str, str], ...]], Allowed | Denied],
         l4_allowed: Callable[[], bool],
         connecting: bool,
         watch: WatchFn,
@@ -112,7 +122,9 @@ class InspectedRelay:
         self.watch, self.done, self.owner = watch, done, owner
         self.state = SNIFF
         self.sniffed = b""
+        self.early = b""  # server bytes that came before the client's first ones
         self.inspector: Http1Inspector | None = None
+        self.h2: Http2Inspector | None = None
         self.to_up, self.to_down = _Queue(), _Queue()
         self.closing = False  # a local reply is the last thing the client gets
         self.closed = self.reset = self.connect_failed = False
@@ -186,21 +198,30 @@ class InspectedRelay:
             return  # after a local reply, nothing more is read into the server
         if self.state == SNIFF:
             self.sniffed += data
-            http = looks_like_http1(self.sniffed)
-            if http is None and len(self.sniffed) < SNIFF_MAX:
-                return
-            if http:
-                self.state = HTTP1
-                self.inspector = Http1Inspector()
-                data, self.sniffed = self.sniffed, b""
+            h2, http = looks_like_h2_preface(self.sniffed), looks_like_http1(self.sniffed)
+            if h2:
+                self.state, self.h2 = H2, Http2Inspector()
+            elif http:
+                self.state, self.inspector = HTTP1, Http1Inspector()
+            elif h2 is None or http is None:
+                return  # more bytes needed to tell
             else:
                 self._opaque_if_allowed()
                 return
+            data, self.sniffed = self.sniffed, b""
+            if self.early:  # what the server sent before: now it can be read
+                early, self.early = self.early, b""
+                if self.h2 is not None:
+                    self._h2_events(self.h2.server_data(early))
+                else:
+                    self.to_down.put(early)
         if self.state == OPAQUE:
             self.to_up.put(data)
-            return
-        assert self.inspector is not None
-        self._handle(self.inspector.client_data(data))
+        elif self.h2 is not None:
+            self._h2_events(self.h2.client_data(data))
+        else:
+            assert self.inspector is not None
+            self._handle(self.inspector.client_data(data))
 
     def _opaque_if_allowed(self) -> None:
         """Not HTTP/1 (or the server spoke first): the L4 decision, then raw bytes."""
@@ -208,7 +229,8 @@ class InspectedRelay:
             raise ConnectionRefusedError("denied at L4")
         self.state = OPAQUE
         self.to_up.put(self.sniffed)
-        self.sniffed = b""
+        self.to_down.put(self.early)
+        self.sniffed = self.early = b""
 
     def _handle(self, events: list[Any]) -> None:
         inspector = self.inspector
@@ -216,7 +238,8 @@ class InspectedRelay:
         for event in events:
             match event:
                 case RequestHead():
-                    verdict = self.decide(event)
+                    verdict = self.decide(event.method, event.path or event.target, event.query,
+                                          event.host, event.headers)  # fmt: skip
                     if isinstance(verdict, Denied):
                         reply = http1_reply(verdict.denial, head=event.method == "HEAD")
                         self._reply(inspector.deny(event.request_id, reply))
@@ -235,6 +258,24 @@ class InspectedRelay:
                     self._reply(reply)
                     return
 
+    def _h2_events(self, events: list[StreamHead | ConnectionEnded]) -> None:
+        h2 = self.h2
+        assert h2 is not None
+        for event in events:
+            if isinstance(event, StreamHead):
+                verdict = self.decide(event.method, event.path or event.target, event.query,
+                                      event.authority, event.headers)  # fmt: skip
+                if isinstance(verdict, Denied):
+                    h2.deny(event.stream_id, verdict.denial)
+                else:
+                    h2.allow(event.stream_id, verdict.remove_headers, verdict.set_headers)
+            else:
+                self.closing = True  # write out the GOAWAYs, then close
+        self.to_up.put(h2.data_for_server())
+        self.to_down.put(h2.data_for_client())
+        if self.closing and not self.to_down.bytes:
+            self.to_down.put(b"")
+
     def _reply(self, data: bytes) -> None:
         """A local answer: the last bytes the client gets; close once it is out."""
         if data:
@@ -249,12 +290,17 @@ class InspectedRelay:
             self.to_down.eof = True
             return
         if self.state == SNIFF:
-            self._opaque_if_allowed()  # a server that speaks first: not HTTP
+            if _is_h2_settings(self.early + data):
+                self.early += data  # an HTTP/2 server greets first: wait for the client
+                return
+            self._opaque_if_allowed()  # a server that speaks first (a database): not HTTP
         if self.state == OPAQUE:
             self.to_down.put(data)
-            return
-        assert self.inspector is not None
-        self._handle(self.inspector.server_data(data))
+        elif self.h2 is not None:
+            self._h2_events(self.h2.server_data(data))
+        else:
+            assert self.inspector is not None
+            self._handle(self.inspector.server_data(data))
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -268,6 +314,8 @@ class InspectedRelay:
 
     def _flush_down(self) -> None:
         self.bytes_down += self.to_down.send(self.down)
+        if self.h2 is not None and not self.to_down.bytes:
+            self.h2.client_drained()
         if self.to_down.eof and not self.to_down.bytes and not self.to_down.shut:
             self.down.shutdown(socket.SHUT_WR)
             self.to_down.shut = True

@@ -55,7 +55,6 @@ from agent.policy.facts import Facts
 from agent.policy.ratelimit import BucketStore
 from agent.proxy import decide
 from agent.proxy.enforce import DenialLog, Enforcer, Guarded
-from agent.proxy.http1 import RequestHead
 from agent.proxy.inspected import InspectedRelay
 from agent.proxy.messages import (
     WORKER_SECTIONS,
@@ -333,9 +332,9 @@ class Worker:
         of `counted` is the inbound one, where denials count)."""
         stats = counted[-1]
 
-        def decide(head: RequestHead) -> Allowed | Denied:
-            verdict = self.requests.check(wl, stats, facts, head.method, head.path or head.target,
-                                          head.query, head.host, head.headers)  # fmt: skip
+        def decide(method: str, path: str, query: str, host: str,
+                   headers: tuple[tuple[str, str], ...]) -> Allowed | Denied:  # fmt: skip
+            verdict = self.requests.check(wl, stats, facts, method, path, query, host, headers)
             if isinstance(verdict, Allowed) and verdict.facts is not None:
                 self.guarded.add(relay, wl, verdict.facts)  # re-checked on a new policy
             return verdict

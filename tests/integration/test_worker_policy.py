@@ -14,6 +14,8 @@ its headers; a new policy closes a connection it no longer allows; the counters 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,7 @@ from .netns_pair import (
     needs_netns,
     send_policy,
     stats,
+    wait_port,
     wait_stats,
 )
 
@@ -215,3 +218,71 @@ def test_a_new_policy_closes_connections_it_no_longer_allows(env: Env) -> None:
                     cli.recv(100)
                 assert time.monotonic() - started < 1.0
     stats(ctl)
+
+
+GRPC_PORT = 7443
+GRPC_SERVER = """
+import sys
+from concurrent import futures
+import grpc
+
+def answer(request, context):
+    return b"ok:" + request
+
+handler = grpc.method_handlers_generic_handler("shop.Api", {
+    name: grpc.unary_unary_rpc_method_handler(answer)  # bytes in, bytes out: no protobuf
+    for name in ("Get", "Delete")
+})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+server.add_generic_rpc_handlers((handler,))
+server.add_insecure_port(sys.argv[1])
+server.start()
+server.wait_for_termination()
+"""
+
+GRPC_CLIENT = """
+import sys
+import grpc
+
+channel = grpc.insecure_channel(sys.argv[1])
+for method in sys.argv[2:]:
+    call = channel.unary_unary(f"/shop.Api/{method}")
+    try:
+        print(method, call(b"x", timeout=5).decode())
+    except grpc.RpcError as exc:
+        print(method, exc.code().name, exc.details())
+"""
+
+GRPC_POLICY = f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: reads, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: api}}}}
+  action: ALLOW
+  rules: [{{to: [{{operation: {{ports: ["{GRPC_PORT}"], paths: ["/shop.Api/Get"]}}}}]}}]
+"""
+
+
+def test_grpc_calls_are_decided_one_by_one(env: Env) -> None:
+    """A real gRPC client and server (grpcio, HTTP/2 with prior knowledge) through the proxy:
+    the allowed method reaches the app, the denied one is answered PERMISSION_DENIED (7)."""
+    ctl = env.policed()
+    send_policy(ctl, 1, GRPC_POLICY)
+    server, client = env.tmp / "grpc_server.py", env.tmp / "grpc_client.py"
+    server.write_text(GRPC_SERVER)
+    client.write_text(GRPC_CLIENT)
+    env.spawn(env.server, sys.executable, str(server), f"{SERVER_IP}:{GRPC_PORT}")
+    wait_port(env.server_fd, (SERVER_IP, GRPC_PORT), env.redirection.mark)
+    out = subprocess.run(
+        ["ip", "netns", "exec", env.client, sys.executable, str(client),
+         f"{SERVER_IP}:{GRPC_PORT}", "Get", "Delete", "Get"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.stdout.splitlines() == [
+        "Get ok:x",
+        "Delete PERMISSION_DENIED RBAC: access denied",
+        "Get ok:x",
+    ], out.stderr
+    s = wait_stats(ctl, lambda s: denied(s, "server", "policy_denied") == 1)
+    assert sum(d.count for d in s.decisions["server"] if d.decision == "allow") == 2
