@@ -229,6 +229,14 @@ def parse_ip(text: str) -> Address | None:
     return address.version, int(address)
 
 
+@lru_cache(maxsize=16384)
+def parse_block(block: str) -> tuple[int, int, int]:
+    """ "10.1.0.0/16" -> (4, 16, 0x0A01): version, host bits, network address >> host bits."""
+    network = ipaddress.ip_network(block, strict=False)
+    shift = network.max_prefixlen - network.prefixlen
+    return network.version, shift, int(network.network_address) >> shift
+
+
 @lru_cache(maxsize=4096)
 def identity_of(principal: str) -> tuple[str, str, str] | None:
     """ "spiffe://td/ns/n/sa/s" -> ("td", "n", "s"); None for "" or anything else."""
@@ -363,10 +371,8 @@ class CidrTable(Generic[T]):
     def __init__(self, entries: Iterable[tuple[str, T]] = ()) -> None:
         tables: dict[tuple[int, int], dict[int, list[T]]] = {}
         for block, item in entries:
-            network = ipaddress.ip_network(block, strict=False)
-            shift = network.max_prefixlen - network.prefixlen
-            key = int(network.network_address) >> shift
-            tables.setdefault((network.version, shift), {}).setdefault(key, []).append(item)
+            version, shift, key = parse_block(block)
+            tables.setdefault((version, shift), {}).setdefault(key, []).append(item)
         self._tables = {
             version: tuple((shift, t) for (v, shift), t in sorted(tables.items()) if v == version)
             for version in (4, 6)
@@ -756,25 +762,47 @@ def _port_proves_to(rule: Rule, http: bool) -> bool:
     )
 
 
-@dataclass(eq=False)
-class _Entry:
-    """One rule compiled for one mode (L4 or HTTP), and how the index may find it."""
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """A rule compiled for one mode (L4 or HTTP), and how the index may find it."""
 
-    order: int  # position among all rules of the workload: the first match is reported
-    policy: str
-    verdict: Verdict
     parts: _Parts
     ports: Ports
     keys: list[PeerKey] | None
     key_proves_from: bool
     port_proves_to: bool
+
+
+@lru_cache(maxsize=16384)
+def _shape(rule: Rule, namespace: str, trust_domain: str, http: bool) -> _Shape:
+    """Compile one rule (of a policy in `namespace`) for one mode.  Cached: rules are frozen
+    data, so every workload a policy selects, and every new version of a policy set that keeps
+    the rule, reuses the compiled predicates."""
+    keys = _peer_keys(rule, trust_domain)
+    return _Shape(
+        _Compiler(namespace, trust_domain, http).rule(rule),
+        rule_ports(rule),
+        keys,
+        _key_proves_from(rule, keys, http),
+        _port_proves_to(rule, http),
+    )
+
+
+@dataclass(eq=False)
+class _Entry:
+    """One rule of one workload's policies in one mode: where it stands and what it says."""
+
+    order: int  # position among all rules of the workload: the first match is reported
+    policy: str
+    verdict: Verdict
+    shape: _Shape
     variants: dict[tuple[bool, bool], _Compiled] = field(default_factory=dict)
 
     def compiled(self, from_known: bool, to_known: bool) -> _Compiled:
         """The rule without the clauses its bucket already proves (one object per variant)."""
         variant = self.variants.get((from_known, to_known))
         if variant is None:
-            parts = self.parts
+            parts = self.shape.parts
             clauses = [
                 clause
                 for clause in (
@@ -816,12 +844,13 @@ class _Peers:
         ips: list[tuple[str, _Compiled]] = []
         general: list[_Compiled] = []
         for entry in entries:
-            to_known = port_bucket and entry.port_proves_to
-            if entry.keys is None:
+            shape = entry.shape
+            to_known = port_bucket and shape.port_proves_to
+            if shape.keys is None:
                 general.append(entry.compiled(False, to_known))
                 continue
-            rule = entry.compiled(entry.key_proves_from, to_known)
-            for kind, values in entry.keys:
+            rule = entry.compiled(shape.key_proves_from, to_known)
+            for kind, values in shape.keys:
                 for value in values:
                     if kind == "principal":
                         _append(principals.setdefault(value, []), rule)
@@ -881,10 +910,10 @@ class _Index:
     def __init__(self, entries: Sequence[_Entry]) -> None:
         by_port: dict[int, list[_Entry]] = {}
         for entry in entries:
-            for port in entry.ports or ():
+            for port in entry.shape.ports or ():
                 by_port.setdefault(port, []).append(entry)
         self._by_port = {port: _Peers(group, True) for port, group in by_port.items()}
-        any_port = [entry for entry in entries if entry.ports is None]
+        any_port = [entry for entry in entries if entry.shape.ports is None]
         self._any_port = _Peers(any_port, False) if any_port else None
 
     def first(self, facts: Facts) -> _Compiled | None:
@@ -938,24 +967,14 @@ class WorkloadAuthz:
             allowed, reason = ACTION_VERDICT.get(policy.action, (True, ""))
             for index, rule in enumerate(policy.rules):
                 verdict = Verdict(allowed, policy.ref, index, policy.action, reason)
-                ports, keys = rule_ports(rule), _peer_keys(rule, trust_domain)
                 uses_http = rule_uses_http(rule)
                 for http in (False, True):
                     if not http and uses_http and policy.action == "ALLOW":
                         continue  # Envoy drops the whole rule on a TCP chain
-                    compiler = _Compiler(policy.namespace, trust_domain, http)
-                    entries[http, policy.action].append(
-                        _Entry(
-                            order,
-                            policy.ref,
-                            verdict,
-                            compiler.rule(rule),
-                            ports,
-                            keys,
-                            _key_proves_from(rule, keys, http),
-                            _port_proves_to(rule, http),
-                        )
-                    )
+                    # without HTTP fields a rule compiles the same for both modes: compile once
+                    shape = _shape(rule, policy.namespace, trust_domain, http and uses_http)
+                    entry = _Entry(order, policy.ref, verdict, shape)
+                    entries[http, policy.action].append(entry)
                 if uses_http:
                     ports_needing = http_ports(rule)
                     needs_all = needs_all or ports_needing is None
