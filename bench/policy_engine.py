@@ -14,8 +14,8 @@ Rows (one process, each timed for `--seconds`, best of 3 rounds):
 
 The "vs 1 rule" column is the point: with the index, 1,000 rules cost what one rule costs.  The
 compile time of the 1,000-rule sets is printed below the table: the first compile, and again
-for another workload selected by the same policy (compiled rules are cached).  Numbers are only comparable
-within one run (shared, noisy machines).
+for another workload selected by the same policy (compiled rules are cached).  Numbers are only
+comparable within one run (shared, noisy machines).
 """
 
 from __future__ import annotations
