@@ -215,3 +215,19 @@ def test_from_json_refuses_duplicates() -> None:
     document = encode(policy_set().authorization[0])
     with pytest.raises(InvalidPolicy, match="duplicate"):
         PolicySet.from_json({"documents": [document, document]})
+
+
+def test_from_json_remembers_only_what_validated() -> None:
+    """Documents are remembered by their exact canonical text: a changed one is checked again."""
+    policy = policy_set()
+    wire = json.loads(json.dumps(policy.to_json()))
+    assert PolicySet.from_json(wire) == policy
+    wire["documents"][0]["spec"]["action"] = "DENY"  # bank/other: DENY without rules: refused
+    del wire["documents"][0]["spec"]["rules"]
+    with pytest.raises(InvalidPolicy) as caught:
+        PolicySet.from_json(wire)
+    assert [(e.document, e.field) for e in caught.value.errors] == [
+        ("AuthorizationPolicy bank/other", "spec.rules")
+    ]
+    with pytest.raises(InvalidPolicy):
+        PolicySet.from_json(wire)  # still refused: failures are never remembered
