@@ -10,18 +10,19 @@ again).  A load reads every document (`source.read`, in a thread) and decides:
   (`agent.jwks_fetch.JwksKeys`: new URIs fetched now, before the push) and their keys inlined
   into the rules (`inline_jwks`, as istiod does), which gives the effective set.  Its canonical
   JSON (`encode`) is compared with the version in force; only a different text makes a new
-  version, pushed to every proxy as slices (`hub.send_policy`), under the agent's state lock so
-  a proxy that connects meanwhile gets either the old version in its snapshot and then the new
-  one, or the new one only (`chunks` is what the snapshot sends).
+  version, saved (below), then pushed to every proxy as slices (`hub.send_policy`), under the
+  agent's state lock so a proxy that connects meanwhile gets either the old version in its
+  snapshot and then the new one, or the new one only (`chunks` is what the snapshot sends).
 
 A JWKS refresh that changes the keys goes the same way (`refresh_jwks`, called when a URI is
 due): a new version with the new keys inlined.  Loads and refreshes are serialized.
 
 The version in force is saved to `<state-dir>/policy.json` (0600, written to a temporary file
-and renamed) and read back when the agent starts, so a restart neither loses the last good policy
-(the directory may hold an invalid change by then) nor sends proxies an empty one while it
-loads; version numbers therefore keep growing across restarts, and the keys it inlined seed the
-JWKS cache (refetched at once, kept if the fetch fails).
+and renamed), with the declared set it came from, and read back when the agent starts, so a
+restart neither loses the last good policy (the directory may hold an invalid change by then)
+nor sends proxies an empty one while it loads; version numbers therefore keep growing across
+restarts, and the keys it inlined seed the JWKS cache (refetched at once, kept if the fetch
+fails, refreshed as usual even while the directory holds a rejected change).
 
 `for_workload` compiles the policy in force for one workload (its namespace and labels), cached
 per version, for `agent policy check` (`agent.policy_check.evaluate`) and for the documents per
@@ -120,7 +121,7 @@ class PolicyStore:
         config: PolicyConfig,
         trust_domain: str,
         state_dir: Path,
-        jwks: JwksKeys | None = None,
+        jwks: JwksKeys,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.source = source
@@ -129,7 +130,7 @@ class PolicyStore:
         self.config = config
         self.trust_domain = trust_domain
         self.path = state_dir / POLICY_STATE
-        self.jwks = jwks or JwksKeys(config.jwks_refresh)
+        self.jwks = jwks
         self.clock = clock
         self.current = PolicyVersion(0, EMPTY, encode(EMPTY), 0.0)
         self.declared = EMPTY  # the last good documents, as loaded (before inlining)
@@ -145,6 +146,7 @@ class PolicyStore:
         try:
             raw = json.loads(self.path.read_text())
             policy = PolicySet.from_json(json.loads(raw["policy"]))
+            declared = PolicySet.from_json(json.loads(raw["declared"]))
             version, loaded_at = int(raw["version"]), float(raw["loaded_at"])
         except FileNotFoundError:
             return
@@ -152,7 +154,7 @@ class PolicyStore:
             log.warning("policy: ignoring %s: %s", self.path, exc)
             return
         self.current = PolicyVersion(version, policy, encode(policy), loaded_at)
-        self.declared = policy
+        self.declared = declared
         for document in policy.authentication:
             for rule in document.jwt_rules:
                 if rule.jwks_uri and rule.jwks:
@@ -160,14 +162,21 @@ class PolicyStore:
         log.info("policy: version %d restored from %s (%d document(s))", version, self.path,
                  len(policy.documents))  # fmt: skip
 
-    def _save(self, current: PolicyVersion) -> None:
+    def _save(self, current: PolicyVersion, declared: PolicySet) -> None:
         body = json.dumps(
-            {"version": current.version, "loaded_at": current.loaded_at, "policy": current.text},
+            {
+                "version": current.version,
+                "loaded_at": current.loaded_at,
+                "policy": current.text,
+                "declared": encode(declared),  # without the fetched keys: refetched on restore
+            }
         )
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(body)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, self.path)
 
     # ------------------------------------------------------------------ load
@@ -209,20 +218,22 @@ class PolicyStore:
         """Resolve the JWKS of the declared set, inline them and push a new version if the
         effective text changed."""
         async with self._publishing:
-            await self.jwks.resolve(jwks_uris(self.declared, self.config.jwks_timeout))
-            effective = inline_jwks(self.declared, self.jwks.published())
+            declared = self.declared  # a load may declare a newer set meanwhile: it publishes next
+            await self.jwks.resolve(jwks_uris(declared, self.config.jwks_timeout))
+            effective = inline_jwks(declared, self.jwks.published())
             text = encode(effective)
             if text == self.current.text:
                 return
             started = time.monotonic()
+            current = PolicyVersion(self.current.version + 1, effective, text, self.clock())
+            try:  # saved first: a restart never falls back behind what proxies were sent
+                await asyncio.to_thread(self._save, current, declared)
+            except OSError as exc:
+                log.error("policy: cannot save %s (a restarted agent would start from the "
+                          "version before): %s", self.path, exc)  # fmt: skip
             async with self.state_lock:
-                current = PolicyVersion(self.current.version + 1, effective, text, self.clock())
                 self.current = current
                 acked = await self.sink.send_policy(current.version, text)
-            try:
-                await asyncio.to_thread(self._save, current)
-            except OSError as exc:
-                log.error("policy: cannot save %s: %s", self.path, exc)
             log.info("policy: version %d (%d document(s), %d bytes) reached %d proxy(ies) in "
                      "%.1f ms", current.version, len(effective.documents), len(text), acked,
                      (time.monotonic() - started) * 1e3)  # fmt: skip

@@ -84,14 +84,16 @@ class ProxyLink:
         return self.session.pid
 
     async def receive_hello(self) -> None:
-        message, fds = await asyncio.wait_for(self.channel.recv(), HELLO_TIMEOUT)
+        async with asyncio.timeout(HELLO_TIMEOUT):
+            message, fds = await self.channel.recv()
         _close_all(fds)
         self.session.receive(message)
 
     async def request(self, message: Message, fds: tuple[int, ...] = ()) -> None:
         """Send one message and wait for its ack (hold `lock`)."""
         await self.channel.send(self.session.send(message), fds)
-        reply, extra = await asyncio.wait_for(self.channel.recv(), ACK_TIMEOUT)
+        async with asyncio.timeout(ACK_TIMEOUT):  # not wait_for: in Python 3.11 it can swallow
+            reply, extra = await self.channel.recv()  # a cancellation that meets the reply
         _close_all(extra)
         self.session.receive(reply)
 

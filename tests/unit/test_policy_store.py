@@ -29,7 +29,7 @@ from agent.jwks_fetch import JwksKeys
 from agent.netns_id import NetnsId
 from agent.policy.compile import PolicySet
 from agent.policy.documents import RequestAuthentication
-from agent.policy.jwt import JwtRule
+from agent.policy.jwt_rules import JwtRule
 from agent.policy_source import DirectorySource
 from agent.policy_store import POLICY_STATE, PolicyStore, encode, inline_jwks, jwks_uris
 from agent.proxy_hub import ProxyHub
@@ -352,3 +352,33 @@ def test_jwks_uris_and_inlining_are_pure() -> None:
     assert inline_jwks(policy, {}) == policy
     assert encode(PolicySet()) == '{"documents":[]}'
     assert policy_chunks(0, encode(PolicySet()))[0].text == '{"documents":[]}'
+
+
+def test_restored_jwks_keep_refreshing_while_the_directory_is_rejected(tmp_path: Path) -> None:
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    server = JwksServer()
+    server.serve("/jwks", jwks(ec_key()))
+    uri = server.url("/jwks")
+    write(directory / "ra.yaml", request_authentication(uri))
+    config = PolicyConfig(directory=str(directory), jwks_refresh=0.3, jwks_timeout=2.0)
+
+    async def first_life() -> None:
+        async with node(directory, tmp_path, config) as n:
+            assert n.proxy.version == 1
+
+    async def second_life() -> None:
+        async with node(directory, tmp_path, config) as n:
+            assert n.store.status({})["rejected"] is not None
+            # the restored keys were refetched at once: the provider rotated meanwhile
+            await n.proxy.wait_for(2, timeout=3.0)
+            [rule] = n.proxy.versions[2].authentication[0].jwt_rules
+            assert len(json.loads(rule.jwks)["keys"]) == 2
+
+    try:
+        run(first_life)
+        write(directory / "bad.yaml", CUSTOM)
+        server.serve("/jwks", jwks(ec_key(), ec_key()))
+        run(second_life)
+    finally:
+        server.close()
