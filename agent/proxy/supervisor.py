@@ -7,10 +7,9 @@ The supervisor never touches payload.  It:
   through `ProxySession`: for each workload it opens the in-pod listeners once
   (`sockets.open_listeners`, inside the pod's netns) and hands the netns fd and the listener fds
   to every worker; a snapshot drops what the agent no longer holds;
-- starts N worker processes (`agent.proxy.worker`, with OPENSSL_CONF set to Ferry's
-  `agent/tunnel/openssl.cnf`: TLS 1.3 suite preference), each running its own epoll loop over the
-  *same* listening sockets (EPOLLEXCLUSIVE), so N cores share the work without N copies of any
-  pod's listeners; a worker that dies is restarted and given every workload again;
+- runs N worker processes (`agent.proxy.workers.WorkerPool`), each with its own epoll loop over
+  the *same* listening sockets (EPOLLEXCLUSIVE), so N cores share the work without N copies of
+  any pod's listeners; a worker that dies is restarted and given everything again (`_state`);
 - forwards every change to every worker as typed messages (`agent.proxy.messages`) and waits for
   each worker's `Done`, so the agent's ack carries any worker's failure (a workload a worker
   could not take is removed again everywhere, and the agent rolls its enrollment back);
@@ -28,19 +27,15 @@ listeners close with it and redirected connections are refused (fail closed).
 from __future__ import annotations
 
 import contextlib
-import itertools
-import json
 import logging
 import os
 import queue
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,22 +61,15 @@ from agent.control.protocol import (
 )
 from agent.directory import DirectoryError, DirectoryTable, DirectoryUpdate
 from agent.proxy.messages import (
-    WORKER_SECTIONS,
     AddWorkload,
-    Done,
     ListenerSpec,
-    MessageError,
     Mode,
     RemoveWorkload,
     SetCertificate,
     SetTrust,
-    Stats,
-    StatsRequest,
     ToWorker,
     UpdateDirectory,
     UpdatePolicy,
-    decode,
-    encode,
 )
 from agent.proxy.metrics import (
     Labelled,
@@ -94,7 +82,7 @@ from agent.proxy.metrics import (
 from agent.proxy.policy_state import PolicyRejected, PolicyState
 from agent.proxy.ratelimit_store import SharedBuckets
 from agent.proxy.sockets import Listener, open_listeners
-from agent.tunnel.tls import worker_environment
+from agent.proxy.workers import MakeMessage, WorkerPool
 from agent.workloads import Workload
 
 log = logging.getLogger("ferry.proxy")
@@ -118,173 +106,40 @@ class Served:
         os.close(self.netns_fd)
 
 
-@dataclass(eq=False)
-class WorkerHandle:
-    index: int
-    process: subprocess.Popen[bytes]
-    control: socket.socket
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
-    stats: Stats | None = None
-    replies: int = 0
-    done: dict[int, Done] = field(default_factory=dict)
-    gone: bool = False
-
-    def send(self, message: ToWorker, fds: list[int] | None = None) -> None:
-        data = encode(message)
-        with self.send_lock:
-            if fds:
-                socket.send_fds(self.control, [data], fds)
-            else:
-                self.control.sendall(data)
-
-
 class Supervisor:
     def __init__(self, config: Config, state_dir: Path, workers: int) -> None:
         self.config = config
         self.state_dir = state_dir
         self.worker_count = workers or os.cpu_count() or 1
         self.served: dict[str, Served] = {}
-        self.workers: list[WorkerHandle] = []
         self.lock = threading.RLock()
-        self.changed = threading.Condition(self.lock)
         self.agent_connected = False
         self.started_at = time.time()
         self.stopping = threading.Event()
-        self.respawn: queue.Queue[int] = queue.Queue()
         self.trust: TrustBundle | None = None
         self.directory = DirectoryTable(lookups=False)  # kept to give a new worker
         self.trust_domain = config.identity.trust_domain
         self.policy = PolicyState(config.policy.root_namespace, config.identity.trust_domain)
         self.policy_slices: list[PolicyChunk] = []  # of the version in force, for a new worker
         self._policy_pending: list[PolicyChunk] = []
-        self.buckets: SharedBuckets | None = None
-        self.buckets_fd = -1
-        self._seq = itertools.count(1)
-        self._unanswered: list[tuple[WorkerHandle, int]] = []  # sent, outcome not collected
+        self.buckets, buckets_fd = SharedBuckets.create()  # rate limits, exact across workers
+        self.pool = WorkerPool(config, self.worker_count, buckets_fd, self.lock, self.stopping)
 
-    # ---------------------------------------------------------------- workers
-    def _spawn(self, index: int) -> WorkerHandle:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        settings = {key: asdict(getattr(self.config, key)) for key in WORKER_SECTIONS}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "agent.proxy.worker", "--control-fd", str(theirs.fileno()),
-             "--worker-id", str(index), "--config-json", json.dumps(settings),
-             "--buckets-fd", str(self.buckets_fd)],
-            pass_fds=[theirs.fileno(), self.buckets_fd],
-            env=worker_environment(),  # TLS 1.3 suite preference (agent/tunnel/openssl.cnf)
-        )  # fmt: skip
-        theirs.close()
-        handle = WorkerHandle(index, process, ours)
-        threading.Thread(
-            target=self._read_worker, args=(handle,), name=f"worker-{index}", daemon=True
-        ).start()
-        return handle
-
-    def _read_worker(self, handle: WorkerHandle) -> None:
-        while True:
-            try:
-                data = handle.control.recv(1 << 22)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            try:
-                message = decode(data)
-            except MessageError as exc:
-                log.error("worker %d sent a malformed message: %s", handle.index, exc)
-                continue
-            with self.lock:
-                if isinstance(message, Stats):
-                    handle.stats = message
-                    handle.replies += 1
-                elif isinstance(message, Done):
-                    handle.done[message.seq] = message
-                    if message.seq < 0:
-                        log.error("worker %d: %s", handle.index, message.error)
-                self.changed.notify_all()
+    def _state(self) -> list[tuple[MakeMessage, list[int]]]:
+        """Everything a (new) worker needs: trust, directory, policy, workloads and certs."""
         with self.lock:
-            handle.gone = True
-            self.changed.notify_all()
-        if not self.stopping.is_set():
-            self.respawn.put(handle.index)
-
-    def _respawn(self, index: int) -> None:
-        """Restart a dead worker (from the main thread: PDEATHSIG follows the spawning thread)."""
-        with self.lock:
-            old = self.workers[index]
-            log.error("worker %d (pid %d) exited; restarting it", index, old.process.pid)
-            old.process.wait()
-            old.control.close()
-            replacement = self._spawn(index)
-            self.workers[index] = replacement
-            errors = self._send_state(replacement)
-        for error in errors:
-            log.error("restarted worker %d: %s", index, error)
-
-    def _send_state(self, worker: WorkerHandle) -> list[str]:
-        """Everything a (new) worker needs: trust, directory, every workload and its cert."""
-        messages: list[tuple[Callable[[int], ToWorker], list[int]]] = []
-        if self.trust is not None:
-            messages.append((self._trust_message(self.trust), []))
-        for chunk in self.directory.snapshot():
-            messages.append((_directory_message(chunk), []))
-        for part in self.policy_slices:
-            messages.append((_policy_message(part), []))
-        for served in self.served.values():
-            messages.append((self._add_message(served), _fds(served)))
-            if served.certificate is not None:
-                messages.append((_cert_message(served.certificate), []))
-        errors = []
-        for make, fds in messages:
-            errors += self._to_workers(make, fds, [worker])
-        return errors
-
-    def _to_workers(
-        self,
-        make: Callable[[int], ToWorker],
-        fds: list[int] | None = None,
-        workers: list[WorkerHandle] | None = None,
-    ) -> list[str]:
-        """Send one message to every live worker and wait until each applied it (and every
-        message sent before it without waiting); returns the failures ("worker N: why").  A
-        worker that dies meanwhile is skipped: it gets the whole state when it is restarted."""
-        with self.lock:
-            self._send_to_workers(make, fds, workers)
-            return self._wait_for_workers()
-
-    def _send_to_workers(
-        self,
-        make: Callable[[int], ToWorker],
-        fds: list[int] | None = None,
-        workers: list[WorkerHandle] | None = None,
-    ) -> None:
-        """Send without waiting; `_wait_for_workers` collects the outcome later."""
-        for worker in self.workers if workers is None else workers:
-            if worker.gone:
-                continue
-            seq = next(self._seq)
-            try:
-                worker.send(make(seq), fds)
-            except OSError:
-                continue  # dead: it gets everything on respawn
-            self._unanswered.append((worker, seq))
-
-    def _wait_for_workers(self) -> list[str]:
-        deadline = time.monotonic() + WORKER_TIMEOUT
-        errors = []
-        waiting, self._unanswered = self._unanswered, []
-        for worker, seq in waiting:
-            while seq not in worker.done and not worker.gone:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.changed.wait(left)
-            done = worker.done.pop(seq, None)
-            if done is None and not worker.gone:
-                errors.append(f"worker {worker.index} did not answer in {WORKER_TIMEOUT}s")
-            elif done is not None and done.error:
-                errors.append(f"worker {worker.index}: {done.error}")
-        return list(dict.fromkeys(errors))  # one line per distinct failure
+            messages: list[tuple[MakeMessage, list[int]]] = []
+            if self.trust is not None:
+                messages.append((self._trust_message(self.trust), []))
+            for chunk in self.directory.snapshot():
+                messages.append((_directory_message(chunk), []))
+            for part in self.policy_slices:
+                messages.append((_policy_message(part), []))
+            for served in self.served.values():
+                messages.append((self._add_message(served), _fds(served)))
+                if served.certificate is not None:
+                    messages.append((_cert_message(served.certificate), []))
+            return messages
 
     def _add_message(self, served: Served) -> Callable[[int], ToWorker]:
         workload = served.workload
@@ -307,7 +162,7 @@ class Supervisor:
                 raise ValueError(f"certificate for {cert.uid!r}, which this proxy does not serve")
             if served.certificate == cert:
                 return  # a snapshot after a reconnect: the workers have it
-            errors = self._to_workers(_cert_message(cert))
+            errors = self.pool.to_workers(_cert_message(cert))
             if errors:
                 raise ValueError("; ".join(errors))
             served.certificate = cert
@@ -317,7 +172,7 @@ class Supervisor:
         with self.lock:
             if self.trust == trust:
                 return  # unchanged: no worker rebuilds its TLS contexts
-            errors = self._to_workers(self._trust_message(trust))
+            errors = self.pool.to_workers(self._trust_message(trust))
             if errors:
                 raise ValueError("; ".join(errors))
             self.trust = trust
@@ -333,11 +188,11 @@ class Supervisor:
             try:
                 self.directory.receive(update)  # DirectoryError: out of order, nothing forwarded
             except DirectoryError:
-                self._wait_for_workers()  # what was already forwarded; the agent resends all
+                self.pool.wait()  # what was already forwarded; the agent resends all
                 raise
-            self._send_to_workers(_directory_message(update))
+            self.pool.send(_directory_message(update))
             if update.last:
-                errors = self._wait_for_workers()
+                errors = self.pool.wait()
                 if errors:
                     raise ValueError("; ".join(errors))
 
@@ -345,14 +200,14 @@ class Supervisor:
         """Forward one policy slice to every worker; on the last one, validate the version here
         too and ack once every worker has it in force (raises with every failure)."""
         with self.lock:
-            self._send_to_workers(_policy_message(part))
+            self.pool.send(_policy_message(part))
             if part.version != (self._policy_pending[0].version if self._policy_pending else -1):
                 self._policy_pending = []
             self._policy_pending.append(part)
             if not part.last:
                 return
             pending, self._policy_pending = self._policy_pending, []
-            errors = self._wait_for_workers()
+            errors = self.pool.wait()
             try:
                 for piece in pending:
                     self.policy.receive(piece.version, piece.last, piece.text)
@@ -381,7 +236,7 @@ class Supervisor:
                 raise
             served = Served(workload, netns_fd, listeners, mode)
             self.served[workload.uid] = served
-            errors = self._to_workers(self._add_message(served), _fds(served))
+            errors = self.pool.to_workers(self._add_message(served), _fds(served))
             if errors:
                 self.remove(workload.uid)
                 raise ValueError("; ".join(errors))
@@ -393,7 +248,7 @@ class Supervisor:
             served = self.served.pop(uid, None)
             if served is None:
                 return
-            errors = self._to_workers(lambda seq: RemoveWorkload(seq, uid))
+            errors = self.pool.to_workers(lambda seq: RemoveWorkload(seq, uid))
             served.close()
         for error in errors:
             log.error("removing %s: %s", served.workload.name, error)
@@ -430,7 +285,7 @@ class Supervisor:
 
     def _session(self, sock: socket.socket) -> None:
         with self.lock:
-            for failure in self._wait_for_workers():  # chunks of a change the last agent left
+            for failure in self.pool.wait():  # chunks of a change the last agent left
                 log.warning("workers on an unfinished directory change: %s", failure)
             session = ProxySession(held=set(self.served))
         send_message(sock, Hello(proxy_version=__version__, pid=os.getpid()))
@@ -465,20 +320,6 @@ class Supervisor:
                 self.agent_connected = True
 
     # ------------------------------------------------------------------ stats
-    def fresh_stats(self, timeout: float = 1.0) -> list[Stats]:
-        """Ask every worker for its counters and wait (briefly) for all replies."""
-        with self.lock:
-            wanted = {w.index: w.replies + 1 for w in self.workers if not w.gone}
-            for worker in self.workers:
-                with contextlib.suppress(OSError):
-                    worker.send(StatsRequest())
-            deadline = time.monotonic() + timeout
-            while any(w.replies < wanted.get(w.index, 0) for w in self.workers if not w.gone):
-                left = deadline - time.monotonic()
-                if left <= 0 or not self.changed.wait(left):
-                    break
-            return [w.stats for w in self.workers if w.stats is not None]
-
     def labelled(self) -> dict[str, Labelled]:
         with self.lock:
             return {
@@ -488,7 +329,7 @@ class Supervisor:
             }  # fmt: skip
 
     def status(self, _body: dict[str, Any]) -> Reply:
-        per_worker = self.fresh_stats()
+        per_worker = self.pool.fresh_stats()
         with self.lock:
             workloads = {}
             for uid, s in self.served.items():
@@ -511,8 +352,8 @@ class Supervisor:
                 "ok": True,
                 "version": __version__,
                 "pid": os.getpid(),
-                "workers": len(self.workers),
-                "workers_alive": sum(1 for w in self.workers if w.process.poll() is None),
+                "workers": self.pool.count,
+                "workers_alive": self.pool.alive,
                 "agent_connected": self.agent_connected,
                 "uptime_seconds": round(time.time() - self.started_at, 1),
                 "active_connections": sum(s.active for s in per_worker),
@@ -535,12 +376,11 @@ class Supervisor:
     # -------------------------------------------------------------------- run
     def run(self) -> None:
         prepare_state_dir(self.state_dir)
-        self.buckets, self.buckets_fd = SharedBuckets.create()  # rate limits across workers
-        self.workers = [self._spawn(i) for i in range(self.worker_count)]
+        self.pool.start()
         host, port = parse_address("proxy.metrics_address", self.config.proxy.metrics_address)
         registry = CollectorRegistry(auto_describe=True)
-        registry.register(MetricsCollector(lambda: self.fresh_stats(timeout=0.5), self.labelled,
-                                           lambda: self.agent_connected))  # fmt: skip
+        fresh = lambda: self.pool.fresh_stats(timeout=0.5)  # noqa: E731
+        registry.register(MetricsCollector(fresh, self.labelled, lambda: self.agent_connected))
         metrics_server, _thread = start_http_server(port, addr=host, registry=registry)
         admin = serve_thread(self.state_dir / PROXY_SOCKET, self.status)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -551,17 +391,13 @@ class Supervisor:
                  __version__, self.worker_count, host, port, self.state_dir)  # fmt: skip
         while not self.stopping.is_set():
             with contextlib.suppress(queue.Empty):
-                self._respawn(self.respawn.get(timeout=0.5))
+                index = self.pool.dead.get(timeout=0.5)
+                for error in self.pool.respawn(index, self._state()):
+                    log.error("restarted worker %d: %s", index, error)
         admin.shutdown()
         metrics_server.shutdown()
+        self.pool.stop()
         with self.lock:
-            for worker in self.workers:
-                worker.process.terminate()
-            for worker in self.workers:
-                try:
-                    worker.process.wait(5)
-                except subprocess.TimeoutExpired:
-                    worker.process.kill()
             for uid in list(self.served):
                 self.served.pop(uid).close()
         with contextlib.suppress(FileNotFoundError):
