@@ -31,7 +31,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from agent.policy.jwt import JwtAuthenticator, JwtRule
+from agent.policy.jwt import JwtAuthenticator
+from agent.policy.jwt_rules import JwtRule
 
 ISSUER = "https://issuer.bench"
 NOW = 1_700_000_000.0

@@ -29,7 +29,7 @@ How a document is checked, in order (every problem becomes one `PolicyError`):
    (`connection.sni`, `experimental.envoy.filters.*`, `source.serviceAccount`,
    `source.trustDomain`).  The `istio.io/dry-run: "true"` annotation is refused too: Ferry has
    no shadow mode, and silently enforcing a dry-run policy would deny real traffic.
-   A RequestAuthentication's `jwtRules` are checked by `agent.policy.jwt.JwtRule.from_spec`
+   A RequestAuthentication's `jwtRules` are checked by `agent.policy.jwt_rules.JwtRule.from_spec`
    (which also parses inline key sets) and a RateLimitPolicy's spec by
    `agent.policy.ratelimit.parse_rules` (durations, bucket bounds, patterns): what validates is
    exactly what the proxy can enforce.
@@ -44,7 +44,7 @@ attributes, which denies all non-HTTP traffic on every port of its workloads).
 
 The typed documents are frozen dataclasses with Python names (`not_principals`).  Each engine
 owns the model of its kind: `agent.policy.authz` the AuthorizationPolicy (import it from there),
-`agent.policy.jwt.JwtRule` the jwtRules, `agent.policy.ratelimit` the rate-limit rules (a
+`agent.policy.jwt_rules.JwtRule` the jwtRules, `agent.policy.ratelimit` the rate-limit rules (a
 RateLimitPolicy keeps its checked spec).  `encode` turns a document back into its canonical
 Kubernetes-shaped dict, which `parse_document` reads again to an equal document (the wire format
 of `agent.policy.compile.PolicySet`).
@@ -80,7 +80,7 @@ from agent.policy.authz import (
     is_path_template,
     rule_uses_http,
 )
-from agent.policy.jwt import JwtRule
+from agent.policy.jwt_rules import JwtRule
 from agent.policy.ratelimit import RateLimitError, parse_rules
 
 SCHEMA_DIR = Path(__file__).with_name("schema")
@@ -123,7 +123,7 @@ class RequestAuthentication:
     name: str
     namespace: str
     selector: Labels = ()
-    jwt_rules: tuple[JwtRule, ...] = ()  # `agent.policy.jwt.JwtRule`, validated by it
+    jwt_rules: tuple[JwtRule, ...] = ()  # `agent.policy.jwt_rules.JwtRule`, validated by it
 
     @property
     def ref(self) -> str:

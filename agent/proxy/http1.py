@@ -42,56 +42,45 @@ chunk syntax) and built for a stream: pipelined messages and chunked bodies are 
 bytes come, never reassembled.  h11, the sans-IO model for this module's shape, is pure Python
 (a regular expression and Python objects per line), many times llhttp's microsecond per head,
 and this inspector is on the per-request hot path.  httptools does not say where in the input a
-message ends, so the inspector frames messages itself and makes llhttp confirm every boundary:
-a head ends at the first CRLF CRLF (llhttp accepts no other line ending), a body by
-Content-Length or chunked framing (`_Body`, a strict scanner), and llhttp is fed exactly the
-bytes of each message and must begin and complete it exactly there.  Two parsers that disagree
-on where a request ends are what request smuggling is made of: any disagreement is a
-ProtocolError.  On top of llhttp, requests are refused (400) for: versions other than 1.0/1.1,
-a request line with more than two spaces, HTTP/1.1 without exactly one Host, a
-Transfer-Encoding other than a single `chunked` or in HTTP/1.0, an Upgrade or CONNECT request
-with a body, a fragment or userinfo in the target, heads over MAX_HEAD bytes.  Responses are
-framed the same way, with the rules of RFC 9112 section 6.3 (HEAD, 1xx, 204, 304 have no body;
-no length means until the server closes); a malformed response ends the connection.
-
-`looks_like_http1` and `looks_like_h2_preface` tell from the first bytes of a connection which
-inspector applies (None: more bytes needed); anything else gets the L4 decision.
+message ends, so the inspector frames messages itself with strict scanners and makes llhttp
+confirm every boundary (`agent.proxy.http1_framing`): two parsers that disagree on where a
+request ends are what request smuggling is made of, and any disagreement is a ProtocolError.
+On top of llhttp, requests are refused (400) for: versions other than 1.0/1.1, a request line
+with more than two spaces, HTTP/1.1 without exactly one Host, a Transfer-Encoding other than a
+single `chunked` or in HTTP/1.0, an Upgrade or CONNECT request with a body, a fragment or
+userinfo in the target, heads over MAX_HEAD bytes.  Responses are framed the same way, with the
+rules of RFC 9112 section 6.3 (HEAD, 1xx, 204, 304 have no body; no length means until the
+server closes); a malformed response ends the connection.
 """
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import httptools
 
+from agent.proxy.http1_framing import (
+    Body,
+    Callbacks,
+    Head,
+    Malformed,
+    check_end,
+    feed,
+    feed_body,
+    framing,
+    rewrite,
+)
 from agent.proxy.responses import BAD_REQUEST_REPLY
 
-MAX_HEAD = 64 * 1024  # a request or response head, CRLF CRLF included
-MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
 MAX_HELD = 64 * 1024  # client bytes held while an Upgrade / CONNECT waits for its answer
-H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-METHODS = frozenset(  # what llhttp accepts as an HTTP method
-    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH"
-    b" SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY"
-    b" SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY".split()
-)
-_LONGEST_METHOD = max(map(len, METHODS))
-FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding", "connection", "upgrade"))
 _READ_FIELDS = frozenset(
     (b"host", b"content-length", b"transfer-encoding", b"connection", b"upgrade")
 )
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_UNSAFE_VALUE = re.compile(r"[\r\n\x00]")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
-_CONTENT = re.compile(rb"[^\r\n]")
 
 # what a request asks for beyond one exchange
 _PLAIN, _UPGRADE, _CONNECT = range(3)
-# how a body ends: a length, the close, or chunked framing (in stages)
-_LENGTH, _UNTIL_CLOSE, _SIZE, _DATA, _DATA_END, _TRAILER = range(6)
 
 
 class LocalProtocolError(Exception):
@@ -144,254 +133,28 @@ class ProtocolError(NamedTuple):
 Event = RequestHead | Forward | LocalReply | Opaque | ProtocolError
 
 
-class _Malformed(Exception):
-    """Internal: the bytes break HTTP/1.1 or Ferry's stricter rules."""
-
-
-def looks_like_http1(first: bytes) -> bool | None:
-    """Whether a connection starting with `first` speaks HTTP/1.x (None: need more bytes)."""
-    space = first.find(b" ", 0, _LONGEST_METHOD + 1)
-    if space < 0:
-        if len(first) > _LONGEST_METHOD or not any(m.startswith(first) for m in METHODS):
-            return False
-        return None
-    if first[:space] not in METHODS:
-        return False
-    eol = first.find(b"\n", space, MAX_HEAD)
-    if eol < 0:
-        return None if len(first) < MAX_HEAD else False
-    return first[:eol].endswith((b" HTTP/1.1\r", b" HTTP/1.0\r"))
-
-
-def looks_like_h2_preface(first: bytes) -> bool | None:
-    """Whether a connection starting with `first` is HTTP/2 with prior knowledge (h2c, gRPC)."""
-    if len(first) < len(H2_PREFACE):
-        return None if H2_PREFACE.startswith(first) else False
-    return first.startswith(H2_PREFACE)
-
-
-class _Callbacks:
-    """What llhttp reports for one message (httptools calls these during `feed_data`)."""
-
-    __slots__ = ("begun", "completed", "head_done", "headers", "url")
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.begun = 0
-        self.completed = 0
-        self.head_done = False
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-
-    def on_message_begin(self) -> None:
-        self.begun += 1
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.head_done:  # afterwards: trailers, passed on unread
-            self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        self.head_done = True
-
-    def on_message_complete(self) -> None:
-        self.completed += 1
-
-
-def _feed(
-    parser: httptools.HttpRequestParser | httptools.HttpResponseParser, data: bytes | memoryview
-) -> bool:
-    """Feed llhttp; True if it paused for an upgrade (Upgrade, CONNECT, 101)."""
-    try:
-        parser.feed_data(data)
-    except httptools.HttpParserUpgrade:
-        return True
-    except httptools.HttpParserError as exc:
-        raise _Malformed(str(exc) or type(exc).__name__) from None
-    return False
-
-
-def _check_end(cb: _Callbacks, final: bool) -> None:
-    """llhttp must have begun this one message and complete it exactly where Ferry's framing
-    ends it: anything else means the two read the message differently (smuggling)."""
-    if cb.begun != 1 or cb.completed != final:
-        where = "did not end the message at" if final else "ended the message before"
-        raise _Malformed(f"ambiguous message framing: llhttp {where} the end of its body")
-
-
-def _feed_body(
-    parser: httptools.HttpRequestParser | httptools.HttpResponseParser,
-    cb: _Callbacks,
-    data: bytes | bytearray,
-    i: int,
-    end: int,
-    final: bool,
-) -> None:
-    """Body bytes data[i:end] to llhttp, which must agree on whether the body ended."""
-    if _feed(parser, memoryview(data)[i:end]):
-        raise _Malformed("llhttp switched protocols inside a body")
-    _check_end(cb, final)
-
-
-class _Head:
-    """Collects one head across reads: skips empty lines before it, ends at CRLF CRLF."""
-
-    __slots__ = ("buf",)
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def take(self, data: bytes | bytearray, i: int) -> tuple[bytes | None, int]:
-        """(the complete head or None, where the input continues); data[i:] is not empty."""
-        buf = self.buf
-        n = len(data)
-        if not buf:
-            if data[i] == 13 or data[i] == 10:  # empty lines before a message are ignored
-                first = _CONTENT.search(data, i)
-                if first is None:
-                    return None, n
-                i = first.start()
-            end = data.find(b"\r\n\r\n", i, i + MAX_HEAD)
-            if end >= 0:
-                return bytes(data[i : end + 4]), end + 4
-            if n - i >= MAX_HEAD:
-                raise _Malformed(f"head longer than {MAX_HEAD} bytes")
-            buf += data[i:]
-            return None, n
-        had = len(buf)
-        buf += data[i : i + MAX_HEAD - had]
-        end = buf.find(b"\r\n\r\n", max(0, had - 3))
-        if end < 0:
-            if len(buf) >= MAX_HEAD:
-                raise _Malformed(f"head longer than {MAX_HEAD} bytes")
-            return None, n
-        head = bytes(buf[: end + 4])
-        buf.clear()
-        return head, i + end + 4 - had
-
-
-class _Body:
-    """Where a body ends in the raw bytes: a length, chunked framing (strict), or the close."""
-
-    __slots__ = ("done", "left", "line", "stage", "trailers")
-
-    def __init__(self, stage: int, left: int = 0) -> None:
-        self.stage = stage
-        self.left = left  # _LENGTH: bytes to come; _DATA: bytes of this chunk to come
-        self.done = False
-        self.line = b""  # an incomplete chunk-size, chunk-end or trailer line
-        self.trailers = 0  # trailer bytes so far
-
-    def feed(self, data: bytes | bytearray, i: int) -> int:
-        """Consume body bytes from data[i:]; where the body stopped (`done`) or len(data)."""
-        if self.stage == _LENGTH:
-            take = min(self.left, len(data) - i)
-            self.left -= take
-            self.done = not self.left
-            return i + take
-        if self.stage == _UNTIL_CLOSE:
-            return len(data)
-        return self._chunked(data, i)
-
-    def _chunked(self, data: bytes | bytearray, i: int) -> int:
-        n = len(data)
-        while i < n:
-            if self.stage == _DATA:
-                take = min(self.left, n - i)
-                i += take
-                self.left -= take
-                if not self.left:
-                    self.stage = _DATA_END
-                continue
-            j = data.find(b"\n", i, n)
-            line = self.line + data[i : n if j < 0 else j + 1]
-            limit = MAX_HEAD - self.trailers if self.stage == _TRAILER else MAX_CHUNK_LINE
-            if len(line) > limit:
-                raise _Malformed(f"chunk line or trailers longer than {limit} bytes")
-            if j < 0:
-                self.line = bytes(line)
-                return n
-            self.line = b""
-            i = j + 1
-            if line[-2:] != b"\r\n" or b"\r" in line[:-2]:
-                raise _Malformed(f"chunked framing line {bytes(line[:40])!r} does not end in CRLF")
-            if self.stage == _DATA_END:
-                if len(line) != 2:
-                    raise _Malformed(f"chunk data followed by {bytes(line[:40])!r}, not CRLF")
-                self.stage = _SIZE
-            elif self.stage == _SIZE:
-                size = line[:-2].split(b";", 1)[0]
-                if not _HEX.fullmatch(size):
-                    raise _Malformed(f"chunk size {bytes(size[:40])!r}")
-                self.left = int(size, 16)
-                self.stage = _DATA if self.left else _TRAILER
-            elif len(line) == 2:
-                self.done = True
-                return i
-            else:
-                self.trailers += len(line)
-        return i
-
-
-def _framing(length: bytes, codings: bytes, request: bool) -> _Body | None:
-    """The body of a message with these Content-Length and Transfer-Encoding values (b"":
-    absent; several Transfer-Encoding fields joined with commas), RFC 9112 section 6."""
-    if codings:
-        names = [c.strip().lower() for c in codings.split(b",")]
-        if request and names != [b"chunked"]:
-            raise _Malformed(f"Transfer-Encoding {codings!r}: only chunked is accepted")
-        return _Body(_SIZE if names[-1] == b"chunked" else _UNTIL_CLOSE)
-    if length:
-        size = int(length)  # llhttp accepted only digits
-        return _Body(_LENGTH, size) if size else None
-    return None if request else _Body(_UNTIL_CLOSE)
-
-
 def _target(method: str, target: str, host: str | None) -> tuple[str, str, str]:
     """(path, query, host) of a request target (RFC 9112 section 3.2)."""
     if "#" in target:
-        raise _Malformed(f"request target {target[:100]!r} has a fragment")
+        raise Malformed(f"request target {target[:100]!r} has a fragment")
     if method == "CONNECT":
         if "/" in target or "@" in target:
-            raise _Malformed(f"CONNECT target {target[:100]!r} is not host:port")
+            raise Malformed(f"CONNECT target {target[:100]!r} is not host:port")
         return "", "", target
     if target.startswith("/"):
         path, _, query = target.partition("?")
         return path, query, host or ""
     if target == "*":
         if method != "OPTIONS":
-            raise _Malformed(f"target * with method {method}")
+            raise Malformed(f"target * with method {method}")
         return "*", "", host or ""
     scheme, sep, rest = target.partition("://")
     end = min(k for k in (rest.find("/"), rest.find("?"), len(rest)) if k >= 0)
     authority = rest[:end]
     if not sep or scheme.lower() not in ("http", "https") or not authority or "@" in authority:
-        raise _Malformed(f"request target {target[:100]!r}")
+        raise Malformed(f"request target {target[:100]!r}")
     path, _, query = rest[end:].partition("?")
     return path or "/", query, authority
-
-
-def _rewrite(raw: bytes, remove: Sequence[str], set_: Sequence[tuple[str, str]]) -> bytes:
-    """The head with the `remove` and `set_` fields dropped, then `set_` appended; every other
-    line as it came."""
-    drop = {name.lower() for name in remove}
-    added = []
-    for name, value in set_:
-        if not _TOKEN.fullmatch(name) or _UNSAFE_VALUE.search(value):
-            raise ValueError(f"header {name!r}: {value!r} is not a valid header field")
-        drop.add(name.lower())
-        added.append(f"{name}: {value}".encode())
-    framing = drop & FRAMING_HEADERS
-    if framing:
-        raise ValueError(f"header {min(framing)!r} frames the message: it cannot be changed")
-    lines = raw[:-4].split(b"\r\n")
-    kept = [lines[0]]
-    kept += (ln for ln in lines[1:] if ln[: ln.index(b":")].decode().lower() not in drop)
-    return b"\r\n".join(kept + added) + b"\r\n\r\n"
 
 
 class _Request:
@@ -415,17 +178,17 @@ class Http1Inspector:
         self._queue: deque[_Request] = deque()  # undecided, in order
         self._opaque = False
         # client -> server
-        self._req_cb = _Callbacks()
+        self._req_cb = Callbacks()
         self._req_parser = httptools.HttpRequestParser(self._req_cb)
-        self._req_head = _Head()
-        self._reading: tuple[_Request, _Body] | None = None  # a request body being read
+        self._req_head = Head()
+        self._reading: tuple[_Request, Body] | None = None  # a request body being read
         self._client_open = True  # False: drop what the client sends (denied, closing, error)
         self._held: bytearray | None = None  # what followed an Upgrade / CONNECT request
         # server -> client
-        self._resp_cb = _Callbacks()
+        self._resp_cb = Callbacks()
         self._resp_parser = httptools.HttpResponseParser(self._resp_cb)
-        self._resp_head = _Head()
-        self._resp_body: _Body | None = None
+        self._resp_head = Head()
+        self._resp_body: Body | None = None
         self._outstanding: deque[tuple[bool, int]] = deque()  # allowed: (HEAD?, kind)
         self._reply: bytes | None = None  # a denial waiting for the responses before it
         self._server_open = True
@@ -454,7 +217,7 @@ class Http1Inspector:
     def _client_bytes(self, data: bytes | bytearray, events: list[Event]) -> None:
         try:
             self._parse_requests(data, events)
-        except _Malformed as exc:
+        except Malformed as exc:
             self._client_error(str(exc), events)
 
     def _parse_requests(self, data: bytes | bytearray, events: list[Event]) -> None:
@@ -472,7 +235,7 @@ class Http1Inspector:
             else:
                 req, body = self._reading
                 end = body.feed(data, i)
-                _feed_body(self._req_parser, self._req_cb, data, i, end, body.done)
+                feed_body(self._req_parser, self._req_cb, data, i, end, body.done)
                 if req.decided:
                     events.append(Forward(memoryview(data)[i:end], True))
                 else:
@@ -493,15 +256,15 @@ class Http1Inspector:
         cb = self._req_cb
         cb.reset()
         parser = self._req_parser
-        upgrading = _feed(parser, raw)
+        upgrading = feed(parser, raw)
         if not cb.head_done:
-            raise _Malformed("llhttp did not end the head at CRLF CRLF")
+            raise Malformed("llhttp did not end the head at CRLF CRLF")
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
-            raise _Malformed(f"HTTP version {version}")
+            raise Malformed(f"HTTP version {version}")
         line = raw[: raw.index(b"\r\n")]
         if line.count(b" ") != 2:
-            raise _Malformed(f"request line {line[:100]!r}")
+            raise Malformed(f"request line {line[:100]!r}")
         method = parser.get_method().decode()
         headers = []
         hosts = []
@@ -523,18 +286,18 @@ class Http1Inspector:
                 else:
                     upgrade = text.lower()
         if len(hosts) > 1 or (not hosts and version == "1.1"):
-            raise _Malformed(f"HTTP/{version} request with {len(hosts)} Host headers")
+            raise Malformed(f"HTTP/{version} request with {len(hosts)} Host headers")
         if codings and version == "1.0":
-            raise _Malformed("Transfer-Encoding in an HTTP/1.0 request")
-        body = _framing(length, codings, request=True)
+            raise Malformed("Transfer-Encoding in an HTTP/1.0 request")
+        body = framing(length, codings, request=True)
         target = cb.url.decode("latin-1")
         path, query, host = _target(method, target, hosts[0] if hosts else None)
         kind = _CONNECT if method == "CONNECT" else _UPGRADE if upgrading else _PLAIN
         if kind == _PLAIN:
-            _check_end(cb, body is None)
+            check_end(cb, body is None)
         else:
             if body is not None:
-                raise _Malformed(f"{method} request asking to switch protocols has a body")
+                raise Malformed(f"{method} request asking to switch protocols has a body")
             # llhttp stays paused after an upgrade: a refused one goes on with a fresh parser
             self._req_parser = httptools.HttpRequestParser(cb)
         tokens = {t.strip() for t in connection.split(",")} if connection else ()
@@ -584,7 +347,7 @@ class Http1Inspector:
         req = self._undecided(request_id)
         raw = req.raw
         if remove_headers or set_headers:
-            raw = _rewrite(raw, remove_headers, set_headers)
+            raw = rewrite(raw, remove_headers, set_headers)
         self._queue.popleft()
         req.decided = True
         self._outstanding.append((req.head.method == "HEAD", req.kind))
@@ -630,7 +393,7 @@ class Http1Inspector:
             return events
         try:
             self._parse_responses(data, events)
-        except _Malformed as exc:
+        except Malformed as exc:
             self._client_open = self._server_open = False
             self._queue.clear()
             events.append(ProtocolError(f"response: {exc}", b""))
@@ -666,7 +429,7 @@ class Http1Inspector:
                     continue
             else:
                 end = body.feed(data, i)
-                _feed_body(self._resp_parser, self._resp_cb, data, i, end, body.done)
+                feed_body(self._resp_parser, self._resp_cb, data, i, end, body.done)
                 i = end
                 if not body.done:
                     break
@@ -687,20 +450,20 @@ class Http1Inspector:
         cb = self._resp_cb
         cb.reset()
         parser = self._resp_parser
-        upgrading = _feed(parser, raw)
+        upgrading = feed(parser, raw)
         if not cb.head_done:
-            raise _Malformed("llhttp did not end the head at CRLF CRLF")
+            raise Malformed("llhttp did not end the head at CRLF CRLF")
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
-            raise _Malformed(f"HTTP version {version}")
+            raise Malformed(f"HTTP version {version}")
         status: int = parser.get_status_code()
         if status == 101 or (kind == _CONNECT and 200 <= status < 300):
             if status == 101 and kind != _UPGRADE:
-                raise _Malformed("101 Switching Protocols to a request that did not ask for it")
+                raise Malformed("101 Switching Protocols to a request that did not ask for it")
             self._opaque = True
             return status
         if upgrading:
-            raise _Malformed(f"llhttp switched protocols on status {status}")
+            raise Malformed(f"llhttp switched protocols on status {status}")
         if self._outstanding and self._outstanding[0][0] and status >= 200:
             # a response to HEAD has no body, which llhttp cannot be told: a fresh parser
             self._resp_parser = httptools.HttpResponseParser(cb)
@@ -716,8 +479,8 @@ class Http1Inspector:
                         length = value
                     elif lower == b"transfer-encoding":
                         codings = codings + b"," + value if codings else value
-            self._resp_body = _framing(length, codings, request=False)
-        _check_end(cb, self._resp_body is None)
+            self._resp_body = framing(length, codings, request=False)
+        check_end(cb, self._resp_body is None)
         return status
 
     def _check_open(self) -> None:

@@ -56,7 +56,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from agent.proxy.http1 import FRAMING_HEADERS
+from agent.proxy.http1_framing import FRAMING_HEADERS
 from agent.proxy.responses import Denial, h2_reply
 from agent.tunnel import floods
 from agent.tunnel.frames import (

@@ -44,12 +44,11 @@ from agent.proxy.http1 import (
     Opaque,
     ProtocolError,
     RequestHead,
-    looks_like_h2_preface,
-    looks_like_http1,
 )
 from agent.proxy.http2 import ConnectionEnded, Http2Inspector, StreamHead
 from agent.proxy.request_policy import Allowed, Denied
 from agent.proxy.responses import http1_reply
+from agent.proxy.sniff import looks_like_h2_preface, looks_like_http1
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT

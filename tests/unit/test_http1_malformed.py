@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from agent.proxy import http1
-from agent.proxy.http1 import (
-    MAX_HEAD,
-    Forward,
-    Http1Inspector,
-    ProtocolError,
-    RequestHead,
-    looks_like_h2_preface,
-    looks_like_http1,
-)
+from agent.proxy import http1, http1_framing
+from agent.proxy.http1 import Forward, Http1Inspector, ProtocolError, RequestHead
+from agent.proxy.http1_framing import MAX_HEAD, Body
 from agent.proxy.responses import BAD_REQUEST_REPLY
+from agent.proxy.sniff import looks_like_h2_preface, looks_like_http1
 
 H = b"Host: web\r\n"
 CHUNKED = b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
@@ -144,7 +138,7 @@ def test_errors_name_the_bad_value(data: bytes, reason: str) -> None:
 def test_framing_disagreement_with_llhttp_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """Were Ferry's framing to end a body elsewhere than llhttp does (a bug, or a shape the
     two read differently), the request is refused rather than passed on ambiguous."""
-    framing = http1._framing
+    framing = http1_framing.framing
     request = b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 5\r\n\r\nhello"
     for shift, error in (
         (1, "ambiguous message framing: llhttp ended the message before the end of its body"),
@@ -153,13 +147,13 @@ def test_framing_disagreement_with_llhttp_is_refused(monkeypatch: pytest.MonkeyP
 
         def shifted(
             length: bytes, codings: bytes, request: bool, shift: int = shift
-        ) -> http1._Body | None:
+        ) -> Body | None:
             body = framing(length, codings, request)
             if body is not None:
                 body.left += shift
             return body
 
-        monkeypatch.setattr(http1, "_framing", shifted)
+        monkeypatch.setattr(http1, "framing", shifted)
         _, upstream, errors = feed(Http1Inspector(), request)
         assert upstream == b"" and errors == [error]
 

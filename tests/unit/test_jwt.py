@@ -12,17 +12,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from agent.policy import jwt
-from agent.policy.jwt import (
-    ClaimToHeader,
-    JwtAuthenticator,
-    JwtOutcome,
-    JwtRule,
-    Reason,
-    TokenHeader,
-    is_cors_preflight,
-    www_authenticate,
-)
+from agent.policy import jwt_tokens
+from agent.policy.jwt import JwtAuthenticator, JwtOutcome, is_cors_preflight, www_authenticate
+from agent.policy.jwt_rules import ClaimToHeader, JwtRule, TokenHeader
+from agent.policy.jwt_tokens import Reason
 from tests.unit.jwt_vectors import Issuer, b64, hs256, segment, vector
 
 NOW = 1_700_000_000.0
@@ -83,7 +76,7 @@ def test_rfc_7515_a2_signature_is_checked() -> None:
 def test_rfc_8037_ed25519_example() -> None:
     v = vector("rfc8037_a4_ed25519")
     head, payload, signature = v["token"].split(".")
-    (key,) = jwt._load_keys(json.dumps(v["jwks"]))
+    (key,) = jwt_tokens._load_keys(json.dumps(v["jwks"]))
     signing_input = f"{head}.{payload}".encode()
     sig = base64.urlsafe_b64decode(signature + "==")
     assert key.verify("EdDSA", sig, signing_input) is Reason.OK
@@ -585,7 +578,8 @@ def test_cors_preflight() -> None:
 def test_importing_the_module_does_not_load_cryptography() -> None:
     code = (
         "import sys, agent.policy.jwt, agent.policy.jwks\n"
-        "from agent.policy.jwt import JwtAuthenticator, JwtRule\n"
+        "from agent.policy.jwt import JwtAuthenticator\n"
+        "from agent.policy.jwt_rules import JwtRule\n"
         "JwtAuthenticator([JwtRule(issuer='i', jwks_uri='https://i/jwks')])\n"
         "print(any(m.split('.')[0] == 'cryptography' for m in sys.modules))"
     )

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from agent.policy.jwt import ClaimToHeader, JwtRule, TokenHeader
+from agent.policy.jwt_rules import ClaimToHeader, JwtRule, TokenHeader
 from tests.unit.jwt_vectors import Issuer
 
 JWKS = Issuer("ES256").jwks()
