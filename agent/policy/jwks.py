@@ -2,7 +2,7 @@
 
 Parsing (`parse_jwks`).  A JWKS document (RFC 7517) is a JSON object whose `keys` array holds one
 object per key.  Each key becomes a `Jwk`, plain data with the key type, its optional `kid` and
-`alg`, its curve and its decoded public numbers; `agent.policy.jwt` turns those into
+`alg`, its curve and its decoded public numbers; `agent.policy.jwt_tokens` turns those into
 `cryptography` key objects when a workload needs them.  Like Envoy's jwt_verify_lib, a key that
 cannot be used is skipped and the document is refused only when no usable key is left; every
 skipped key is reported in `JwkSet.skipped`, named by its index and kid, with the reason.
