@@ -110,7 +110,7 @@ def normalize_path(target: str) -> str | None:
     4. dot segments are removed (RFC 3986 5.2.4), after decoding, so `/a/%2e%2e/b` is `/b`.
 
     Slashes are not merged and case is kept.  Returns None (the inspector answers 400) for `%00`
-    anywhere or a target that is not an absolute path.  The proxy should forward the normalized
+    anywhere or a target that is not an absolute path.  The proxy forwards the normalized
     path, as Envoy does, so the backend sees what policy decided on.
     """
     path = target.split("?", 1)[0]

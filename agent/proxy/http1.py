@@ -6,10 +6,11 @@ return events, in order, from one set, and the owner handles them the same way w
 produced them:
 
     RequestHead   a request head, complete; decide, then call `allow(request_id, ...)` (returns
-                  the bytes to send upstream: the head, re-serialized only when headers change,
-                  and whatever of its body already came) or `deny(request_id, reply)` (returns
-                  the reply to write to the client now, or b"" when earlier responses are still
-                  on their way: it then comes later as LocalReply); deny closes the connection
+                  the bytes to send upstream: the head, re-serialized only when headers or the
+                  path change, and whatever of its body already came) or `deny(request_id,
+                  reply)` (returns the reply to write to the client now, or b"" when earlier
+                  responses are still on their way: it then comes later as LocalReply); deny
+                  closes the connection
     Forward       bytes to pass on untouched, `to_server` says which way (request bodies of
                   allowed requests, responses); `data` may be a view of the bytes that were fed
                   (feed `bytes`, as `recv` returns them: a view keeps them alive; a reused
@@ -70,6 +71,7 @@ from agent.proxy.http1_framing import (
     feed,
     feed_body,
     framing,
+    retarget,
     rewrite,
 )
 from agent.proxy.responses import BAD_REQUEST_REPLY
@@ -155,6 +157,18 @@ def _target(method: str, target: str, host: str | None) -> tuple[str, str, str]:
         raise Malformed(f"request target {target[:100]!r}")
     path, _, query = rest[end:].partition("?")
     return path or "/", query, authority
+
+
+def _with_path(head: RequestHead, path: str) -> str:
+    """The request target of `head` with `path` in place of its path (query, scheme and
+    authority kept)."""
+    target = head.target
+    end = target.find("?")
+    end = len(target) if end < 0 else end
+    start = end - len(head.path)
+    if not head.path or target[start:end] != head.path:
+        raise ValueError(f"request target {target[:100]!r} has no path to replace")
+    return target[:start] + path + target[end:]
 
 
 class _Request:
@@ -340,12 +354,16 @@ class Http1Inspector:
         request_id: int,
         remove_headers: Sequence[str] = (),
         set_headers: Sequence[tuple[str, str]] = (),
+        path: str = "",
     ) -> bytes:
         """Let the request go: the bytes to send upstream now (its head, with `remove_headers`
-        dropped and `set_headers` replacing same-named fields, and its body so far).  ValueError
-        for a field that is not valid or that frames the message (FRAMING_HEADERS)."""
+        dropped and `set_headers` replacing same-named fields, `path` (if given) instead of the
+        target's path, its query kept, and its body so far).  ValueError for a field that is
+        not valid or that frames the message (FRAMING_HEADERS), or a path that is not valid."""
         req = self._undecided(request_id)
         raw = req.raw
+        if path and path != req.head.path:
+            raw = retarget(raw, _with_path(req.head, path))
         if remove_headers or set_headers:
             raw = rewrite(raw, remove_headers, set_headers)
         self._queue.popleft()

@@ -38,6 +38,7 @@ MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
 FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding", "connection", "upgrade"))
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _UNSAFE_VALUE = re.compile(r"[\r\n\x00]")
+_TARGET = re.compile(r"[\x21-\x7e]+")  # visible ASCII, no space (RFC 9112 section 3.2)
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _CONTENT = re.compile(rb"[^\r\n]")
 # how a body ends: a length, the close, or chunked framing (in stages)
@@ -227,6 +228,15 @@ def framing(length: bytes, codings: bytes, request: bool) -> Body | None:
         size = int(length)  # llhttp accepted only digits
         return Body(_LENGTH, size) if size else None
     return None if request else Body(_UNTIL_CLOSE)
+
+
+def retarget(raw: bytes, target: str) -> bytes:
+    """The request head with `target` in its request line instead of the one sent."""
+    if not _TARGET.fullmatch(target):
+        raise ValueError(f"request target {target[:100]!r} is not valid")
+    line_end = raw.index(b"\r\n")
+    method, _, version = raw[:line_end].split(b" ")
+    return b" ".join((method, target.encode(), version)) + raw[line_end:]
 
 
 def rewrite(raw: bytes, remove: Sequence[str], set_: Sequence[tuple[str, str]]) -> bytes:

@@ -83,6 +83,7 @@ STREAM_WINDOW = 256 * 1024
 CONNECTION_WINDOW = 1024 * 1024
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _UNSAFE_VALUE = re.compile(r"[\r\n\x00]")
+_PATH = re.compile(r"/[\x21-\x7e]*")  # an absolute path, visible ASCII
 _FRAMING = FRAMING_HEADERS | {"te"}
 Fields = list[tuple[bytes, bytes]]
 # stream decisions
@@ -266,6 +267,15 @@ def _head(sid: int, fields: Fields) -> StreamHead:
     )
 
 
+def _with_path(fields: Fields, path: str) -> Fields:
+    """The header block with `path` in `:path`, the query kept."""
+    if not _PATH.fullmatch(path):
+        raise ValueError(f"path {path[:100]!r} is not valid")
+    new = path.encode()
+    return [(n, new + v[v.find(b"?") :] if b"?" in v else new) if n == b":path" else (n, v)
+            for n, v in fields]  # fmt: skip
+
+
 def _rewrite(fields: Fields, remove: Iterable[str], set_: Sequence[tuple[str, str]]) -> Fields:
     """The header block without the `remove` and `set_` fields, then `set_` appended."""
     drop = {name.lower() for name in remove}
@@ -431,15 +441,19 @@ class Http2Inspector:
         stream_id: int,
         remove_headers: Sequence[str] = (),
         set_headers: Sequence[tuple[str, str]] = (),
+        path: str = "",
     ) -> None:
-        """Send the request on to the server (with `remove_headers` dropped and `set_headers`
-        replacing same-named fields).  A stream the client reset meanwhile is ignored; one the
-        server cannot take now (its MAX_CONCURRENT_STREAMS) is refused with REFUSED_STREAM,
-        which clients retry.  ValueError for a field that is not valid or frames the message."""
+        """Send the request on to the server (with `remove_headers` dropped, `set_headers`
+        replacing same-named fields and `path`, if given, instead of the one in `:path`, its
+        query kept).  A stream the client reset meanwhile is ignored; one the server cannot take
+        now (its MAX_CONCURRENT_STREAMS) is refused with REFUSED_STREAM, which clients retry.
+        ValueError for a field that is not valid or frames the message."""
         st = self._undecided(stream_id)
         if st is None:
             return
         fields = st.fields
+        if path:
+            fields = _with_path(fields, path)
         if remove_headers or set_headers:
             fields = _rewrite(fields, remove_headers, set_headers)
         st.decision = _ALLOWED

@@ -244,7 +244,7 @@ class InspectedRelay:
                         self._reply(inspector.deny(event.request_id, reply))
                         return  # the rest of these events are void
                     self.to_up.put(inspector.allow(event.request_id, verdict.remove_headers,
-                                                   verdict.set_headers))  # fmt: skip
+                                                   verdict.set_headers, verdict.path))  # fmt: skip
                 case Forward(data=data, to_server=to_server):
                     (self.to_up if to_server else self.to_down).put(data)
                 case LocalReply(data=data):
@@ -267,7 +267,8 @@ class InspectedRelay:
                 if isinstance(verdict, Denied):
                     h2.deny(event.stream_id, verdict.denial)
                 else:
-                    h2.allow(event.stream_id, verdict.remove_headers, verdict.set_headers)
+                    h2.allow(event.stream_id, verdict.remove_headers, verdict.set_headers,
+                             verdict.path)  # fmt: skip
             else:
                 self.closing = True  # write out the GOAWAYs, then close
         self.to_up.put(h2.data_for_server())

@@ -5,8 +5,9 @@ fails validation is answered 401, an audience mismatch 403, before any authoriza
 token passes with no request principal), then RBAC (DENY before ALLOW: 403), then the local rate
 limit (429 with `retry-after` and `x-ratelimit-*`).  An allowed request goes on with the header
 changes the JWT rule asks for (the token removed unless `forwardOriginalToken`, payload or
-claims added as headers).  A target whose path cannot be normalized (`%00`, not absolute) is a
-400: it is never decided on a path the backend would read differently.
+claims added as headers), and with the normalized path when it differs from the one sent, as
+Envoy forwards it: the backend reads the path that policy decided on.  A target whose path
+cannot be normalized (`%00`, not absolute) is a 400.
 
 `RequestChecker.check(workload, base, method, target, path, query, host, headers)` answers
 `Allowed` or `Denied` (with the `responses.Denial` to send), counts the decision on the workload
@@ -32,6 +33,7 @@ class Allowed:
     remove_headers: tuple[str, ...] = ()
     set_headers: tuple[tuple[str, str], ...] = ()
     facts: Facts | None = None  # what the request was allowed with (None: no policy)
+    path: str = ""  # the normalized path to forward, when it differs from the one sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,4 +103,4 @@ class RequestChecker:
                 headers_ = RateLimitHeaders(limited.limit, limited.remaining,
                                             limited.reset_seconds, limited.retry_after)  # fmt: skip
                 return Denied(Denial(429, denied_by=limited.policy, rate_limit=headers_))
-        return Allowed(changes[0], changes[1], facts)
+        return Allowed(changes[0], changes[1], facts, normal if normal != path else "")

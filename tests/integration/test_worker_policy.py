@@ -147,6 +147,24 @@ def test_http_rules_decide_each_request(env: Env) -> None:
     wait_stats(ctl, lambda s: denied(s, "server", "policy_denied") == 3)
 
 
+def test_the_backend_gets_the_path_policy_decided_on(env: Env) -> None:
+    ctl = env.policed()
+    send_policy(
+        ctl,
+        1,
+        HTTP_RULES.replace(
+            f'ports: ["{ECHO_PORT}"]', f'paths: ["/public/*"], ports: ["{ECHO_PORT}"]'
+        ),
+    )
+    srv = env.echo_server()
+    with srv, env.connect(ECHO_PORT) as cli:
+        cli.sendall(b"GET /secret/%2e%2e/public/a?next=/../x HTTP/1.1\r\nHost: api\r\n\r\n")
+        conn, _ = srv.accept()
+        with conn:
+            conn.settimeout(5)
+            assert conn.recv(1000).split(b"\r\n")[0] == b"GET /public/a?next=/../x HTTP/1.1"
+
+
 def test_keep_alive_requests_are_decided_one_by_one(env: Env) -> None:
     ctl = env.policed()
     env.http_server()

@@ -161,6 +161,26 @@ def test_allow_rewrites_only_the_headers_asked() -> None:
     assert out == b"GET / HTTP/1.1\r\nHost: a\r\nx-jwt-sub: alice\r\nX-KEEP: new\r\n\r\n"
 
 
+@pytest.mark.parametrize(
+    ("target", "path", "forwarded"),
+    [
+        (b"/a/%2e%2e/b?x=/../1", "/b", b"/b?x=/../1"),  # the query is kept as sent
+        (b"/a/./b?", "/a/b", b"/a/b?"),
+        (b"http://web/a/../b?q", "/b", b"http://web/b?q"),  # absolute-form: scheme, host kept
+    ],
+)
+def test_allow_forwards_the_path_policy_decided_on(
+    target: bytes, path: str, forwarded: bytes
+) -> None:
+    o = Owner()
+    (head,) = o.inspector.client_data(b"GET " + target + b" HTTP/1.1\r\nHost: web\r\n\r\n")
+    assert isinstance(head, RequestHead)
+    with pytest.raises(ValueError, match="not valid"):
+        o.inspector.allow(head.request_id, path="/b c")
+    out = o.inspector.allow(head.request_id, path=path)
+    assert out == b"GET " + forwarded + b" HTTP/1.1\r\nHost: web\r\n\r\n"
+
+
 def test_rewrite_keeps_the_body_that_came_with_the_head() -> None:
     o = Owner()
     (head,) = o.inspector.client_data(POST)

@@ -255,6 +255,18 @@ def test_allow_rewrites_headers() -> None:
         w.inspector.deny(1, Denial(403))
 
 
+def test_allow_forwards_the_path_policy_decided_on() -> None:
+    w = Wire(decide=False)
+    w.client.send_headers(1, get_request("/a/%2e%2e/b?x=/../1"), end_stream=True)
+    w.pump()
+    with pytest.raises(ValueError, match="not valid"):
+        w.inspector.allow(1, path="b")
+    w.inspector.allow(1, path="/b")
+    w.pump()
+    (request,) = [e for e in w.at_server if isinstance(e, h2.events.RequestReceived)]
+    assert (b":path", b"/b?x=/../1") in request.headers
+
+
 def test_undecided_stream_holds_its_data_within_the_window() -> None:
     w = Wire(decide=False)
     w.client.send_headers(1, grpc_request("/shop.Billing/Upload"))
