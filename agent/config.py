@@ -48,6 +48,11 @@ policy:
   jwks_refresh: 1200.0           # default, seconds between fetches of a RequestAuthentication's
                                  # jwksUri (as istiod)
   jwks_timeout: 5.0              # default, seconds one jwksUri fetch may take
+  redis: ""                      # default: none; host:port or a Unix socket path of the Redis
+                                 # that holds `scope: global` rate limits for every node (none:
+                                 # they count per node)
+  redis_on_failure: local        # default: local (count per node) | allow | deny, while Redis fails
+  redis_timeout: 0.05            # default, seconds a rate-limit take may wait for Redis
 workloads:                       # example; default: [] (declarative standalone enrollments)
   - netns: web                   # example: a name under /var/run/netns, or a path
     namespace: shop              # example
@@ -62,7 +67,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from agent import names
 from agent.workloads import MODES, Mode
@@ -123,12 +128,19 @@ class MeshConfig:
         return explicit or dict(self.namespace_modes).get(namespace, self.default_mode)
 
 
+OnFailure = Literal["local", "allow", "deny"]  # rate limits while Redis fails
+REDIS_ON_FAILURE = get_args(OnFailure)
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     directory: str = "/etc/ferry/policies"
     root_namespace: str = "ferry-system"
     jwks_refresh: float = 1200.0
     jwks_timeout: float = 5.0
+    redis: str = ""
+    redis_on_failure: OnFailure = "local"
+    redis_timeout: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -317,10 +329,20 @@ def _policy(raw: Any) -> PolicyConfig:
     if not isinstance(cfg.directory, str) or not cfg.directory:
         raise ConfigError(f"policy.directory: {cfg.directory!r} is not a path")
     _label("policy.root_namespace", cfg.root_namespace)
+    if not isinstance(cfg.redis, str):
+        raise ConfigError(f"policy.redis: {cfg.redis!r} is not host:port or a socket path")
+    if cfg.redis and not cfg.redis.startswith("/"):
+        host, _, port = cfg.redis.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"policy.redis: {cfg.redis!r} is not host:port or a socket path")
+    if cfg.redis_on_failure not in REDIS_ON_FAILURE:
+        raise ConfigError(f"policy.redis_on_failure: {cfg.redis_on_failure!r} is not one of "
+                          f"{', '.join(REDIS_ON_FAILURE)}")  # fmt: skip
     return replace(
         cfg,
         jwks_refresh=_positive("policy.jwks_refresh", cfg.jwks_refresh),
         jwks_timeout=_positive("policy.jwks_timeout", cfg.jwks_timeout),
+        redis_timeout=_positive("policy.redis_timeout", cfg.redis_timeout),
     )
 
 

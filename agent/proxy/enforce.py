@@ -68,6 +68,7 @@ class DenialLog:
 class Enforcer:
     buckets: BucketStore | None
     denials: DenialLog
+    global_buckets: BucketStore | None = None  # `scope: global` limits (Redis), when configured
     clock: Callable[[], float] = time.monotonic
 
     def admit_connection(
@@ -82,7 +83,7 @@ class Enforcer:
             return False
         limits = policy.rate_limits
         if limits is not None and self.buckets is not None:
-            limited = limits.check(facts, self.buckets, self.clock())
+            limited = limits.check(facts, self.buckets, self.clock(), self.global_buckets)
             if limited.policy:
                 workload.count(limited.policy, "RATELIMIT", limited.allowed)
             if not limited.allowed:

@@ -25,12 +25,13 @@ interval, not one per request.  Meanwhile, and for the failed take itself, `on_f
 from __future__ import annotations
 
 import hashlib
+import logging
 import socket
-from typing import Literal
 
+from agent.config import OnFailure
 from agent.policy.ratelimit import BucketStore
 
-OnFailure = Literal["local", "allow", "deny"]
+log = logging.getLogger("ferry.proxy.policy")
 KEY_PREFIX = b"ferry:rl:"
 US_PER_SECOND = 1_000_000
 
@@ -101,11 +102,17 @@ class RedisBuckets:
             )
             try:
                 allowed, remaining, missing = self._evalsha(KEY_PREFIX + key, args)
-            except (OSError, RedisError, ValueError):
+            except (OSError, RedisError, ValueError) as exc:
+                if self._down_until == float("-inf"):  # was working: say so once
+                    log.warning("global rate limits: Redis at %s failed (%s); on failure: %s",
+                                self.address, exc, self.on_failure)  # fmt: skip
                 self.failures += 1
                 self.close()
                 self._down_until = now + self.retry_interval
             else:
+                if self._down_until != float("-inf"):
+                    log.warning("global rate limits: Redis at %s answers again", self.address)
+                    self._down_until = float("-inf")
                 return allowed == 1, remaining, int(missing) / tokens_per_fill / US_PER_SECOND
         self.fallbacks += 1
         if self.on_failure == "local":

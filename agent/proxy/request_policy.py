@@ -93,7 +93,8 @@ class RequestChecker:
             return Denied(Denial(403, denied_by=verdict.policy))
         limits, buckets = policy.rate_limits, self.enforcer.buckets
         if limits is not None and buckets is not None:
-            limited = limits.check(facts, buckets, self.enforcer.clock())
+            limited = limits.check(facts, buckets, self.enforcer.clock(),
+                                   self.enforcer.global_buckets)  # fmt: skip
             if limited.policy:
                 workload.count(limited.policy, "RATELIMIT", limited.allowed)
             if not limited.allowed:

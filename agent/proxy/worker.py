@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.config import Config, parse_config
+from agent.config import Config, PolicyConfig, parse_config
 from agent.directory import DirectoryError
 from agent.linux import open_thread_netns, reset, set_pdeathsig
 from agent.policy.facts import Facts
@@ -70,6 +70,7 @@ from agent.proxy.messages import (
     UpdateDirectory,
     UpdatePolicy,
 )
+from agent.proxy.ratelimit_redis import RedisBuckets
 from agent.proxy.ratelimit_store import SharedBuckets
 from agent.proxy.relay import PipePool, Relay
 from agent.proxy.request_policy import Allowed, Denied, RequestChecker
@@ -107,7 +108,7 @@ class Worker:
         self.handlers: dict[int, Handler] = {}
         self.stale: set[int] = set()
         self.registry = Registry(config.policy.root_namespace, config.identity.trust_domain)
-        self.enforcer = Enforcer(buckets, DenialLog())
+        self.enforcer = Enforcer(buckets, DenialLog(), global_buckets(config.policy, buckets))
         self.guarded = Guarded()
         self.requests = RequestChecker(self.enforcer)
         self.revoked = 0  # connections closed because a new policy no longer allowed them
@@ -548,6 +549,15 @@ def _failed(counted: tuple[FlowStats, ...], client: socket.socket) -> None:
     for stats in counted:
         stats.failures += 1
     reset(client)
+
+
+def global_buckets(cfg: PolicyConfig, node: BucketStore | None) -> BucketStore | None:
+    """The Redis buckets of `scope: global` rate limits, when `policy.redis` names a Redis (and
+    the node's buckets exist to fall back on)."""
+    if not cfg.redis or node is None:
+        return None
+    return RedisBuckets(cfg.redis, fallback=node, on_failure=cfg.redis_on_failure,
+                        timeout=cfg.redis_timeout)  # fmt: skip
 
 
 def run_worker(

@@ -27,7 +27,7 @@ from typing import Any, Self
 
 import pytest
 
-from agent.config import ProxyConfig, RedirectionConfig
+from agent.config import PolicyConfig, ProxyConfig, RedirectionConfig
 from agent.control.protocol import policy_chunks
 from agent.netns import NetnsExecutor, entered, open_netns
 from agent.policy.compile import PolicySet
@@ -152,11 +152,15 @@ class NetnsPair:
         self.spawn(self.names[1], sys.executable, str(script), self.ips[1], str(HTTP_PORT))
         wait_port(self.netns_fds[1], (self.ips[1], HTTP_PORT), self.redirection.mark)
 
-    def start_worker(self, *args: str, env: dict[str, str] | None = None) -> socket.socket:
-        """A worker process with self.proxy and self.redirection; returns its control socket."""
+    def start_worker(
+        self, *args: str, env: dict[str, str] | None = None, policy: PolicyConfig | None = None
+    ) -> socket.socket:
+        """A worker process with self.proxy, self.redirection and `policy` (default: the
+        default policy section); returns its control socket."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.controls.append(ours)
-        settings = {"proxy": asdict(self.proxy), "redirection": asdict(self.redirection)}
+        settings = {"proxy": asdict(self.proxy), "redirection": asdict(self.redirection),
+                    "policy": asdict(policy or PolicyConfig())}  # fmt: skip
         buckets, buckets_fd = SharedBuckets.create(1024)  # as the supervisor shares them
         buckets.close()
         try:

@@ -12,8 +12,7 @@ maxTokens + steps - 1, exactly: a lost update (two workers taking the same token
 more, a lost refill fewer.  Redis uses its own clock, so its exactness test uses a bucket that
 refills one token an hour: the admitted total must be maxTokens.
 
-redis-server (Debian package redis-server) is started by the tests on a Unix socket in a
-temporary directory; a machine without it fails these tests naming the package.
+redis-server (Debian package redis-server) is started by the `redis` fixture (conftest.py).
 """
 
 from __future__ import annotations
@@ -159,31 +158,6 @@ def test_a_worker_that_dies_holding_a_lock_does_not_wedge_the_others(
 
 
 # --------------------------------------------------------------------------------- Redis
-@pytest.fixture
-def redis() -> Iterator[str]:
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.fail("redis-server is not installed (Debian package redis-server)", pytrace=False)
-    directory = tempfile.mkdtemp(prefix="ferry-redis-")  # short: a Unix socket path is <108 bytes
-    path = os.path.join(directory, "redis.sock")
-    process = subprocess.Popen(
-        [server, "--port", "0", "--unixsocket", path, "--save", "", "--appendonly", "no",
-         "--dir", directory],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(path):
-            assert process.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not open its socket in 10 s"
-            time.sleep(0.02)
-        yield path
-    finally:
-        process.terminate()
-        process.wait(10)
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 @pytest.fixture
 def redis_buckets(redis: str, table: tuple[SharedBuckets, int]) -> Iterator[RedisBuckets]:
     store = RedisBuckets(redis, fallback=table[0], timeout=5.0)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ProxyConfig, RedirectionConfig
+from agent.config import PolicyConfig, ProxyConfig, RedirectionConfig
 from agent.netns import entered
 
 from .netns_pair import (
@@ -84,9 +84,9 @@ class Env(NetnsPair):
         self.client, self.server = self.names
         self.client_fd, self.server_fd = self.netns_fds
 
-    def policed(self) -> socket.socket:
+    def policed(self, policy: PolicyConfig | None = None) -> socket.socket:
         self.enroll(self.server)
-        ctl = self.start_worker("--worker-id", "3")
+        ctl = self.start_worker("--worker-id", "3", policy=policy)
         self.add_workload(ctl, "server", self.server_fd, ips=(SERVER_IP,), namespace="shop",
                           labels={"app": "api"})  # fmt: skip
         return ctl
@@ -217,6 +217,22 @@ def test_a_rate_limit_answers_429_with_its_headers(env: Env) -> None:
     assert "retry-after: " in last and "x-ratelimit-limit: 3" in last
     assert "x-ratelimit-remaining: 0" in last and "x-ferry-denied-by: shop/burst" in last
     wait_stats(ctl, lambda s: denied(s, "server", "rate_limited") == 2)
+
+
+def test_a_global_rate_limit_is_shared_by_the_nodes_through_redis(env: Env, redis: str) -> None:
+    config = PolicyConfig(redis=redis)
+    limit = RATE_LIMIT.replace("key: source.ip", "key: source.ip\n    scope: global")
+    url = f"http://{SERVER_IP}:{HTTP_PORT}/x"
+    env.http_server()
+    codes = []
+    for _node in ("a", "b"):  # a proxy each, with its own node buckets: one after the other
+        ctl = env.policed(config)
+        worker = env.procs[-1]
+        send_policy(ctl, 1, limit)
+        codes += [curl(env.client, url, "-i").stdout.split(" ", 2)[1] for _ in range(2)]
+        ctl.close()  # the worker exits at EOF and its listeners close with it
+        worker.wait(10)
+    assert codes == ["200", "200", "200", "429"], codes  # maxTokens 3 across both nodes
 
 
 def test_a_new_policy_closes_connections_it_no_longer_allows(env: Env) -> None:

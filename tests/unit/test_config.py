@@ -161,6 +161,9 @@ def test_the_policy_section_defaults_and_overrides(tmp_path: Path) -> None:
     assert (policy.directory, policy.root_namespace) == ("/srv/policies", "istio-system")
     assert (policy.jwks_refresh, policy.jwks_timeout) == (60.0, 0.5)
     assert isinstance(policy.jwks_refresh, float)
+    assert (policy.redis, policy.redis_on_failure, policy.redis_timeout) == ("", "local", 0.05)
+    redis = parse_config({"policy": {"redis": "[::1]:6379", "redis_on_failure": "deny"}}).policy
+    assert (redis.redis, redis.redis_on_failure) == ("[::1]:6379", "deny")
 
 
 @pytest.mark.parametrize(
@@ -176,6 +179,14 @@ def test_the_policy_section_defaults_and_overrides(tmp_path: Path) -> None:
         ({"jwks_refresh": "20m"}, "policy.jwks_refresh: '20m' must be a positive number"),
         ({"jwks_timeout": -1}, "policy.jwks_timeout: -1 must be a positive number"),
         ({"jwks_timeout": True}, "policy.jwks_timeout: True must be a positive number"),
+        ({"redis": "localhost"}, "policy.redis: 'localhost' is not host:port or a socket path"),
+        ({"redis": "127.0.0.1:0"}, "policy.redis: '127.0.0.1:0' is not host:port"),
+        ({"redis": 6379}, "policy.redis: 6379 is not host:port"),
+        (
+            {"redis_on_failure": "open"},
+            "policy.redis_on_failure: 'open' is not one of local, allow",
+        ),
+        ({"redis_timeout": 0}, "policy.redis_timeout: 0 must be a positive number"),
     ],
 )
 def test_bad_policy_settings_name_the_key(raw: object, needle: str) -> None:
