@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +104,14 @@ class FerryNode:
         return result
 
     def enroll(
-        self, pod: Pod, namespace: str = "default", service_account: str = "default"
+        self,
+        pod: Pod,
+        namespace: str = "default",
+        service_account: str = "default",
+        labels: Mapping[str, str] | None = None,
     ) -> None:
+        """`agent enroll`; `labels` become `--label key=value` (what policy selectors match)."""
+        flags = [arg for k, v in (labels or {}).items() for arg in ("--label", f"{k}={v}")]
         self.cli(
             "enroll",
             pod.netns,
@@ -112,6 +119,7 @@ class FerryNode:
             namespace,
             "--service-account",
             service_account,
+            *flags,
             check=True,
         )
 
@@ -142,7 +150,9 @@ class Mesh:
 
     `agent ca init` makes the CA once; every node gets its own signing credentials from
     `agent ca issue-node` in `<state-dir>/identity` and publishes its workloads to the shared
-    directory, exactly as an operator would set up standalone hosts.
+    directory, exactly as an operator would set up standalone hosts.  Every node's agent watches
+    one policy folder, `policies` (a fleet's central source; not created here: a missing folder
+    is no policy), unless the node's config names another `policy.directory`.
     """
 
     def __init__(self, workdir: Path, trust_domain: str = "cluster.local") -> None:
@@ -150,6 +160,7 @@ class Mesh:
         self.trust_domain = trust_domain
         self.ca_dir = workdir / "ca"
         self.directory = workdir / "directory"
+        self.policies = workdir / "policies"
         self.nodes: list[FerryNode] = []
         self._ca("init", "--ca-dir", str(self.ca_dir), "--trust-domain", trust_domain)
 
@@ -170,6 +181,7 @@ class Mesh:
         settings = dict(config or {})
         settings["mesh"] = {"directory": str(self.directory), **settings.get("mesh", {})}
         settings["identity"] = {"trust_domain": self.trust_domain, **settings.get("identity", {})}
+        settings["policy"] = {"directory": str(self.policies), **settings.get("policy", {})}
         ferry = FerryNode(node, workers=workers, config=settings)
         ferry.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._ca(
