@@ -23,7 +23,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from agent.policy.authz import AuthorizationPolicy, Operation, Rule, Source, WorkloadAuthz
+from agent.policy.authz import AuthorizationPolicy, Operation, Rule, Source
+from agent.policy.authz_engine import WorkloadAuthz
 from agent.policy.facts import Facts, HttpFacts
 
 TD = "cluster.local"

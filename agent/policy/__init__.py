@@ -8,7 +8,8 @@ import-linter contract in pyproject.toml holds them to it):
   the JSON Schemas of the three kinds are in `schema/`;
 - `facts`: what the proxy knows about a connection or request (the engines' input), and the
   request path normalization;
-- `authz`: AuthorizationPolicy compiled per workload, `decide(facts) -> Verdict`;
+- `authz`: AuthorizationPolicy, its model and semantics; `authz_engine` compiles it per workload
+  (`decide(facts) -> Verdict`) with `authz_match`, `authz_rules` and `authz_index`;
 - `jwt`, `jwks`: RequestAuthentication (token location, verification, claims) and key sets;
 - `ratelimit`: RateLimitPolicy rules and token-bucket arithmetic;
 - `compile`: the policy set in force (one wire encoding) and what of it selects one workload;

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from agent.policy.authz import AuthorizationPolicy, WorkloadAuthz
+from agent.policy.authz import AuthorizationPolicy
+from agent.policy.authz_engine import WorkloadAuthz
 from agent.policy.documents import (
     Document,
     InvalidPolicy,

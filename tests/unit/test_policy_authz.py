@@ -8,13 +8,10 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.policy.authz import (
-    NO_ALLOW_MATCH,
-    NO_POLICY,
-    AuthorizationPolicy,
+from agent.policy.authz import NO_ALLOW_MATCH, NO_POLICY, AuthorizationPolicy, Verdict
+from agent.policy.authz_engine import WorkloadAuthz
+from agent.policy.authz_match import (
     CidrTable,
-    Verdict,
-    WorkloadAuthz,
     claim_values,
     namespace_matcher,
     path_matcher,

@@ -11,14 +11,8 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.policy.authz import (
-    AuthorizationPolicy,
-    Condition,
-    Operation,
-    Rule,
-    Source,
-    WorkloadAuthz,
-)
+from agent.policy.authz import AuthorizationPolicy, Condition, Operation, Rule, Source
+from agent.policy.authz_engine import WorkloadAuthz
 from agent.policy.facts import Facts, HttpFacts, JwtFacts
 
 TD = "cluster.local"
