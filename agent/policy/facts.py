@@ -1,8 +1,8 @@
 """The authorization engine's inputs: what the proxy knows about a connection or a request (pure).
 
 `Facts` describes one inbound connection (peer identity, addresses, destination port); with
-`http` set it describes one HTTP request on it.  The proxy builds them, `agent.policy.authz`
-decides over them; nothing here does I/O.
+`http` set it describes one HTTP request on it.  The proxy builds them,
+`agent.policy.authz_engine` decides over them; nothing here does I/O.
 
 Conventions the engine relies on (the producer's side of the contract):
 
