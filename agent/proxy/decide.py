@@ -72,6 +72,7 @@ class Reason(enum.StrEnum):
     POLICY_DENIED = "policy_denied"  # an AuthorizationPolicy
     RATE_LIMITED = "rate_limited"  # a RateLimitPolicy
     UNAUTHENTICATED = "unauthenticated"  # an invalid JWT (RequestAuthentication)
+    POLICY_REVOKED = "policy_revoked"  # open, and closed: a new policy no longer allows it
 
 
 class WorkloadFacts(Protocol):

@@ -119,6 +119,7 @@ class Guard:
 
     workload: ServedWorkload
     facts: Facts
+    spliced: bool  # relayed raw since it was admitted at L4 (its requests never seen)
 
 
 class Guarded:
@@ -127,20 +128,31 @@ class Guarded:
     def __init__(self) -> None:
         self._guards: dict[Any, Guard] = {}
 
-    def add(self, connection: Any, workload: ServedWorkload, facts: Facts) -> None:
-        self._guards[connection] = Guard(workload, facts)  # also unpoliced: a policy may come
+    def add(
+        self, connection: Any, workload: ServedWorkload, facts: Facts, *, spliced: bool = False
+    ) -> None:
+        """Guard a connection: `facts` are what it was admitted with (its last allowed request
+        when inspected); `spliced` if it was admitted at L4 and relayed raw."""
+        self._guards[connection] = Guard(workload, facts, spliced)  # unpoliced too: policy may come
 
     def discard(self, connection: Any) -> None:
         self._guards.pop(connection, None)
 
-    def revoked(self, workloads: Iterable[ServedWorkload] | None = None) -> Iterator[Any]:
-        """The connections (of `workloads`, or all) the policy in force no longer allows."""
+    def revoked(
+        self, workloads: Iterable[ServedWorkload] | None = None
+    ) -> Iterator[tuple[Any, bool]]:
+        """The connections (of `workloads`, or all) the policy in force no longer allows, each
+        with whether to close it gracefully: a spliced connection to a port whose policy now
+        needs request facts was not seen to break the policy, it just cannot be inspected any
+        more; a FIN lets a keep-alive client reconnect (and be inspected) without an error."""
         only = None if workloads is None else {id(w) for w in workloads}
         for connection, guard in list(self._guards.items()):
             if only is not None and id(guard.workload) not in only:
                 continue
             if not Enforcer.still_allowed(guard.workload, guard.facts):
-                yield connection
+                policy = guard.workload.policy
+                port = guard.facts.destination_port
+                yield connection, guard.spliced and policy is not None and policy.needs_http(port)
 
     def __len__(self) -> int:
         return len(self._guards)

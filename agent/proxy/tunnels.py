@@ -200,7 +200,7 @@ class Tunnels:
         self.loop.handlers[stream.fd] = stream.on_event
         stats.relays.add(stream)
         if not http:
-            self.guarded.add(stream, wl, facts)
+            self.guarded.add(stream, wl, facts, spliced=True)
         stream.update()
 
     # -- host callbacks ---------------------------------------------------------------------

@@ -111,7 +111,6 @@ class Worker:
         self.enforcer = Enforcer(buckets, DenialLog(), global_buckets(config.policy, buckets))
         self.guarded = Guarded()
         self.requests = RequestChecker(self.enforcer)
-        self.revoked = 0  # connections closed because a new policy no longer allowed them
         self.pipes = PipePool()
         self.home_fd = open_thread_netns()
         self.running = True
@@ -317,7 +316,7 @@ class Worker:
         for stats in counted:
             stats.relays.add(relay)
         if facts is not None and not http:
-            self.guarded.add(relay, wl, facts)
+            self.guarded.add(relay, wl, facts, spliced=True)
         relay.start()
 
     def _inspected(
@@ -341,7 +340,10 @@ class Worker:
             return verdict
 
         def l4_allowed() -> bool:
-            return self.enforcer.authorized(wl, facts, stats)
+            if not self.enforcer.authorized(wl, facts, stats):
+                return False
+            self.guarded.add(relay, wl, facts)  # not HTTP: its L4 decision is re-checked
+            return True
 
         relay = InspectedRelay(client, up, decide=decide, l4_allowed=l4_allowed,
                                connecting=True, watch=self.watch,
@@ -492,14 +494,16 @@ class Worker:
     def _revoke(self, workloads: list[ServedWorkload] | None = None) -> None:
         """Close the connections the policy in force no longer allows (right after a new
         policy version, or a workload's new labels): revocation takes effect at once."""
-        for connection in list(self.guarded.revoked(workloads)):
+        for connection, graceful in list(self.guarded.revoked(workloads)):
             self.guarded.discard(connection)
+            owner = connection.owner  # the stream's flow, or the relay's flows (inbound last)
+            flow = owner if isinstance(owner, FlowStats) else owner[-1]
+            flow.deny(decide.Reason.POLICY_REVOKED)
             if not isinstance(connection, TunnelStream):
-                connection.abort()
-            else:
+                connection.close() if graceful else connection.abort()
+            else:  # RST_STREAM: the client's proxy resets the client (no half-closed streams)
                 connection.abort(reset_peer=True)
                 connection.conn.flush_soon()
-            self.revoked += 1
 
     def _remove(self, uid: str) -> None:
         wl = self.registry.workloads.get(uid)

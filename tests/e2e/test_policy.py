@@ -564,12 +564,6 @@ def test_an_invalid_file_is_rejected_and_the_last_good_policy_stays(c: Cluster) 
         broken.unlink(missing_ok=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: a non-HTTP connection on a port whose policy needs HTTP is admitted "
-    "by InspectedRelay's L4 decision (l4_allowed, agent/proxy/worker.py) without a guard, so "
-    "no later policy revokes it",
-)
 def test_a_non_http_connection_on_an_http_inspected_port_is_revoked_too(c: Cluster) -> None:
     # the second rule needs request facts on the echo port: its connections are inspected, and
     # bytes that are not HTTP get the L4 decision (the first rule allows them)

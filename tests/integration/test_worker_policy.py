@@ -254,6 +254,24 @@ def test_a_new_policy_closes_connections_it_no_longer_allows(env: Env) -> None:
     stats(ctl)
 
 
+def test_a_spliced_connection_to_a_port_that_now_needs_http_is_closed_gracefully(
+    env: Env,
+) -> None:
+    ctl = env.policed()
+    send_policy(ctl, 1, HTTP_RULES.replace(f"{HTTP_PORT}", "1"))  # the echo port: L4 only
+    srv = env.echo_server()
+    with srv, env.connect(ECHO_PORT) as cli:
+        conn, _ = srv.accept()
+        with conn:
+            cli.sendall(b"GET /public/a HTTP/1.1\r\n\r\n")  # spliced: never parsed
+            assert conn.recv(100).startswith(b"GET /public/a")
+            started = time.monotonic()
+            send_policy(ctl, 2, HTTP_RULES.replace(f'ports: ["{ECHO_PORT}"]', 'paths: ["/x"]'))
+            assert cli.recv(100) == b""  # a FIN, not a reset: a keep-alive client reconnects
+            assert time.monotonic() - started < 1.0
+    assert denied(stats(ctl), "server", "policy_revoked") == 1
+
+
 GRPC_PORT = 7443
 GRPC_SERVER = """
 import sys
