@@ -53,12 +53,14 @@ ACTION_VERDICT = {"ALLOW": (True, "allowed_by_policy"), "DENY": (False, "denied_
 class WorkloadAuthz:
     """The AuthorizationPolicies of one workload, compiled; immutable, shared by reference."""
 
-    __slots__ = ("_has_allow", "_http", "_http_all", "_http_ports", "_l4", "policies")
+    __slots__ = ("_has_allow", "_http", "_http_all", "_http_ports", "_l4", "allow_refs", "policies")
 
     def __init__(self, policies: Sequence[AuthorizationPolicy], *, trust_domain: str) -> None:
         """`policies` in the order their matches are reported (root namespace first)."""
         self.policies = tuple(p.ref for p in policies)
-        self._has_allow = any(p.action == "ALLOW" for p in policies)
+        # what denies a request that no ALLOW rule matched: every ALLOW policy, comma-separated
+        self.allow_refs = ",".join(p.ref for p in policies if p.action == "ALLOW")
+        self._has_allow = bool(self.allow_refs)
         entries: dict[tuple[bool, str], list[Entry]] = {
             (http, action): [] for http in (False, True) for action in ("ALLOW", "DENY", "AUDIT")
         }

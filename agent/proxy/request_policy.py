@@ -90,7 +90,7 @@ class RequestChecker:
             stats.deny(Reason.POLICY_DENIED)
             self.enforcer.denials.denied(workload, facts, verdict.policy, verdict.rule,
                                          verdict.reason)  # fmt: skip
-            return Denied(Denial(403, denied_by=verdict.policy))
+            return Denied(Denial(403, denied_by=verdict.policy or policy.authz.allow_refs))
         limits, buckets = policy.rate_limits, self.enforcer.buckets
         if limits is not None and buckets is not None:
             limited = limits.check(facts, buckets, self.enforcer.clock(),

@@ -69,7 +69,8 @@ class Denial:
     """Why the proxy answers a request itself; `status` is 403, 401, 429 or 400."""
 
     status: int
-    denied_by: str = ""  # "<namespace>/<name>" of the deciding policy; "" when none decided
+    denied_by: str = ""  # "<ns>/<name>" of the deciding policy (of every ALLOW policy, comma-
+    # separated, when none of them matched); "" when none decided
     message: str = ""  # body text (gRPC: grpc-message); "" for the status' default
     www_authenticate: str = ""  # 401 only: the challenge, e.g. 'Bearer realm="..."'
     rate_limit: RateLimitHeaders | None = None  # 429 only

@@ -89,6 +89,8 @@ def test_allow_nothing_spec_empty_denies_everything() -> None:
     engine = authz("{}")
     assert engine.decide(conn(SLEEP)) == NO_ALLOW_MATCH
     assert engine.decide(req()) == Verdict(False, "", None, "ALLOW", "no_allow_match")
+    assert engine.allow_refs == "foo/p0"  # what a 403 names when no ALLOW rule matched
+    assert authz("action: DENY\nrules: [{}]", "{}", "{}").allow_refs == "foo/p1,foo/p2"
 
 
 def test_allow_all_empty_rule_allows_everything() -> None:
