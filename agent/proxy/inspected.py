@@ -191,6 +191,9 @@ class InspectedRelay:
         if not data:
             self.to_up.eof = True
             if self.state == SNIFF:
+                if not self.sniffed:  # closed without a byte: nothing to decide on
+                    self.close()
+                    return
                 self._opaque_if_allowed()
             return
         if self.closing:

@@ -204,6 +204,18 @@ def test_non_http_traffic_on_a_port_with_http_rules_gets_the_l4_decision(env: En
     wait_stats(ctl, lambda s: denied(s, "server", "policy_denied") >= 1)
 
 
+def test_a_connection_closed_before_a_byte_is_no_denial(env: Env) -> None:
+    ctl = env.policed()
+    env.http_server()
+    send_policy(ctl, 1, HTTP_RULES)
+    for _ in range(3):
+        env.connect(HTTP_PORT).close()  # a health check's connect, or wrk ending
+    assert curl(env.client, f"http://{SERVER_IP}:{HTTP_PORT}/public/a").returncode == 0
+    s = wait_stats(ctl, lambda s: s.totals("server", "inbound")["connections_closed"] >= 4)
+    assert denied(s, "server", "policy_denied") == 0
+    assert not any(d.decision == "deny" for d in s.decisions.get("server", ()))
+
+
 def test_a_rate_limit_answers_429_with_its_headers(env: Env) -> None:
     ctl = env.policed()
     env.http_server()
