@@ -1,0 +1,496 @@
+"""The eBPF redirection backend: cgroup connect hooks out, sk_lookup in (programs in bpf/ferry.c).
+
+Outbound.  `connect4`/`connect6` (and `sockops`, `getsockopt`) are attached once, as bpf_links,
+at the root of the cgroup v2 hierarchy, and act only on sockets whose network namespace cookie
+is in the `enrolled` map, which `apply` fills.  The root rather than each pod's own cgroup,
+because a workload here is a network namespace: a standalone netns (`ip netns add`) has no cgroup
+of its own, and a Kubernetes pod's processes may sit in several cgroups (one per container,
+created after the CNI ran), while the netns exists before any of them and is the one thing every
+socket of the pod shares.  One attachment also means enrollment costs a map update and no
+attach, and the hooks' cost for an unenrolled process is one hash lookup.  (A container's own
+cgroup attachments, with BPF_F_ALLOW_MULTI semantics of links, run alongside ours.)  The proxy's
+own sockets carry `RedirectionConfig.mark` (SO_MARK, set before connect), which the hooks skip.
+
+Original destination.  connect4/6 keep the destination the app asked for under the socket's
+cookie; `sockops` moves it, once the connection is established, under (netns, the app's address
+and port), the peer of the socket the proxy accepts; `getsockopt` answers the proxy's
+`SO_ORIGINAL_DST` from it.  So the proxy reads the original destination the same way for every
+backend (conntrack answers it after an iptables/nftables REDIRECT), with no per-connection map
+syscall or pin path in its data path; the price is one small program run on getsockopt calls on
+the node, which returns at its first comparison for any other option.
+
+Inbound.  Each pod's netns gets its own `sk_lookup` link: a copy of the program with the pod's
+netns cookie patched in (sk_lookup programs cannot ask for it), which hands every TCP connection
+that arrives from outside the pod (not over lo, so the proxy's own deliveries are left alone) to
+the proxy's inbound listener of that netns and family, except the tunnel port and excluded
+ports.  The proxy puts its listeners into the `listeners` SOCKHASH (`ebpf_listeners`); when it
+is down they are gone and connections are refused: fail closed.  It reads the original
+destination with getsockname().
+
+State.  Maps, programs and links are pinned under `<state dir>/bpf` (a bpffs instance Ferry
+mounts there unless one already is): `maps/<name>`, `progs/<object key>/<name>`,
+`links/cgroup-<program>` and `links/netns-<cookie>`.  An agent restart finds them and reuses
+them (no compile, nothing detached, the proxy's listeners stay registered); a new object (other
+source or headers) replaces the programs under the same links with BPF_LINK_UPDATE, atomically.
+Programs are compiled once per boot in a child process and cached (`ebpf_object`); the agent
+itself never maps LLVM.  `inspect` reads back from the kernel which programs are attached to the
+cgroup root and to the pod's netns, the enrolled cookie, and the config and exclusion maps, so
+a detached link (`bpftool link detach`) or an edited map is drift, which `apply` repairs.  When
+the last pod is removed the cgroup links go too; `cleanup(state_dir)` removes everything.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import shutil
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from agent.config import RedirectionConfig
+from agent.netns import NetnsExecutor
+from agent.redirect import bpf_syscall as sys_bpf
+from agent.redirect.ebpf_object import PROGRAMS, BpfObject, ObjectError, bcc_version
+from agent.redirect.ebpf_object import load_or_compile as load_object
+from agent.redirect.kernel_headers import HeadersError, KernelHeaders, find_headers
+from agent.redirect.rules import RedirectionError, RedirectionReport, compare
+
+PIN_DIR = "bpf"
+SO_NETNS_COOKIE = 71
+CGROUP_PROGRAMS = ("connect4", "connect6", "sockops", "getsockopt")
+KERNEL_NAMES = {
+    "connect4": "ferry_connect4",
+    "connect6": "ferry_connect6",
+    "sockops": "ferry_sockops",
+    "getsockopt": "ferry_sockopt",
+    "sk_lookup": "ferry_sk_lookup",
+}
+OUTBOUND, INBOUND = 0, 1
+_CONFIG = struct.Struct("=IIHHHH")  # struct config in bpf/ferry.c
+_PORT_KEY = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
+
+
+def pin_root(state_dir: Path) -> Path:
+    return state_dir / PIN_DIR
+
+
+def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> Path:
+    """Where the cgroup v2 hierarchy's root is mounted (hybrid hosts: /sys/fs/cgroup/unified)."""
+    with open(mountinfo) as lines:
+        for line in lines:
+            fields = line.split()
+            dash = fields.index("-")
+            if fields[dash + 1] == "cgroup2" and fields[3] == "/":
+                return Path(fields[4])
+    raise RedirectionError(
+        "no cgroup v2 hierarchy is mounted (see /proc/self/mountinfo); the eBPF backend attaches "
+        "its connect hooks there: mount -t cgroup2 none /sys/fs/cgroup/unified"
+    )
+
+
+def netns_cookie() -> int:
+    """The calling thread's network namespace cookie (what bpf_get_netns_cookie returns)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        return int(_U64.unpack(probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0])
+
+
+def support() -> tuple[bool, str]:
+    """Whether this node can run the eBPF backend, and why (not)."""
+    if bcc_version() is None:
+        return False, "bcc is not importable (Debian package python3-bpfcc; make setup links it)"
+    try:
+        headers = find_headers()
+        cgroup = cgroup2_root()
+    except (HeadersError, RedirectionError) as exc:
+        return False, str(exc)
+    trivial = bytes.fromhex("b701000001000000bf100000000000009500000000000000")
+    for name, (prog_type, attach_type) in PROGRAMS.items():
+        try:
+            os.close(sys_bpf.prog_load(f"ferry_probe_{name}"[:15], prog_type, attach_type, trivial))
+        except OSError as exc:
+            return False, f"the kernel refuses a {name} eBPF program: {exc}"
+    note = f"; {headers.warning}" if headers.warning else ""
+    return True, (
+        f"cgroup v2 at {cgroup}, sk_lookup, sockops and sockopt hooks load; "
+        f"headers {headers.version}{note}"
+    )
+
+
+class EbpfRedirection:
+    """In-pod redirection with cgroup connect hooks (outbound) and sk_lookup (inbound).
+
+    Construction loads (or reuses) the pinned maps and programs and writes the configuration,
+    before any pod is enrolled: the proxy finds the listener map from then on.  Raises
+    `RedirectionError` (or `HeadersError`) naming what is missing.
+    """
+
+    def __init__(
+        self,
+        cfg: RedirectionConfig,
+        executor: NetnsExecutor,
+        state_dir: Path,
+        *,
+        cache_dir: Path | None = None,
+        headers: KernelHeaders | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.executor = executor
+        self.root = pin_root(state_dir)
+        self.headers = headers or find_headers()
+        self.warning = self.headers.warning
+        self.cgroup = cgroup2_root()
+        self.cgroup_id = os.stat(self.cgroup).st_ino
+        self._lock = threading.Lock()
+        self._maps: dict[str, int] = {}
+        self._specs: dict[str, sys_bpf.MapSpec] = {}
+        self._progs: dict[str, int] = {}
+        try:
+            self.object: BpfObject = load_object(cache_dir or state_dir, self.headers)
+            self._load()
+        except (OSError, ObjectError) as exc:
+            self.close()
+            raise RedirectionError(f"eBPF backend under {self.root}: {exc}") from exc
+
+    # --------------------------------------------------------------- protocol
+    def apply(self, netns: Path) -> None:
+        """Enroll `netns`: hooks attached, config current, cookie enrolled, sk_lookup linked."""
+        cookie = self._cookie(netns)
+        with self._errors(netns), self._lock:
+            self._write_config()
+            self._ensure_cgroup_links()
+            sys_bpf.map_update(
+                self._maps["enrolled"], _U64.pack(cookie), _U32.pack(1), "enrolling netns"
+            )
+            self._ensure_netns_link(netns, cookie)
+
+    def remove(self, netns: Path) -> None:
+        """Forget `netns` (and detach the cgroup hooks when no pod is left); fine if absent."""
+        cookie = self._cookie(netns)
+        with self._errors(netns), self._lock:
+            sys_bpf.map_delete(self._maps["enrolled"], _U64.pack(cookie))
+            _drop_link(self._netns_link(cookie))
+            if not sys_bpf.map_keys(self._maps["enrolled"], 8):
+                for name in CGROUP_PROGRAMS:
+                    _drop_link(self._cgroup_link(name))
+
+    def inspect(self, netns: Path) -> RedirectionReport:
+        """Compare what the kernel holds for `netns` with what Ferry wants there."""
+        cookie = self._cookie(netns)
+        with self._errors(netns), self._lock:
+            desired = self.desired_lines(cookie)
+            pod = self._observed_pod(netns, cookie)
+            observed = self._observed_global() + pod if pod else ()
+            return compare(desired, observed)
+
+    def installed(self, netns: Path) -> bool:
+        return self.inspect(netns).state != "missing"
+
+    def close(self) -> None:
+        """Close this process's fds on maps and programs; pins (and the kernel state) stay."""
+        for fd in (*self._maps.values(), *self._progs.values()):
+            os.close(fd)
+        self._maps.clear()
+        self._progs.clear()
+
+    # ----------------------------------------------------------------- desired
+    def desired_lines(self, cookie: int) -> tuple[str, ...]:
+        lines = [self._cgroup_line(name) for name in CGROUP_PROGRAMS]
+        lines.append(_config_line(self._config_value()))
+        lines += [_port_line(d, p) for d, p in sorted(self._excluded_ports())]
+        lines += [f"bpf exclude outbound cidr {c}" for c in sorted(self._excluded_cidrs())]
+        lines.append(f"bpf enrolled netns {cookie}")
+        lines.append(f"bpf sk_lookup {KERNEL_NAMES['sk_lookup']} attached to netns {cookie}")
+        return tuple(lines)
+
+    def _cgroup_line(self, name: str) -> str:
+        return f"bpf cgroup {name} {KERNEL_NAMES[name]} attached at {self.cgroup}"
+
+    def _config_value(self) -> bytes:
+        c = self.cfg
+        return _CONFIG.pack(
+            c.mark & c.mark_mask,
+            c.mark_mask,
+            c.outbound_port,
+            c.inbound_port,
+            c.tunnel_port,
+            1 if c.ipv6 else 0,
+        )
+
+    def _excluded_ports(self) -> set[tuple[int, int]]:
+        return {(OUTBOUND, p) for p in self.cfg.exclude_outbound_ports} | {
+            (INBOUND, p) for p in self.cfg.exclude_inbound_ports
+        }
+
+    def _excluded_cidrs(self) -> set[str]:
+        return {str(ipaddress.ip_network(c, strict=False)) for c in self.cfg.exclude_outbound_cidrs}
+
+    # ---------------------------------------------------------------- observed
+    def _observed_global(self) -> tuple[str, ...]:
+        lines: list[str] = []
+        cgroup_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in CGROUP_PROGRAMS:
+                attached = sys_bpf.prog_query(cgroup_fd, PROGRAMS[name][1])
+                if self._prog_id(name) in attached:
+                    lines.append(self._cgroup_line(name))
+        finally:
+            os.close(cgroup_fd)
+        config = sys_bpf.map_lookup(self._maps["config"], _U32.pack(0), _CONFIG.size)
+        if config is not None and config != bytes(_CONFIG.size):
+            lines.append(_config_line(config))
+        ports = sys_bpf.map_keys(self._maps["excluded_ports"], _PORT_KEY.size)
+        lines += [_port_line(d, p) for p, d in sorted(_PORT_KEY.unpack(k) for k in ports)]
+        cidrs = [_cidr(k) for k in sys_bpf.map_keys(self._maps["excluded_cidr4"], 8)]
+        cidrs += [_cidr(k) for k in sys_bpf.map_keys(self._maps["excluded_cidr6"], 20)]
+        lines += [f"bpf exclude outbound cidr {c}" for c in sorted(cidrs)]
+        return tuple(lines)
+
+    def _observed_pod(self, netns: Path, cookie: int) -> tuple[str, ...]:
+        lines = []
+        if sys_bpf.map_lookup(self._maps["enrolled"], _U64.pack(cookie), 4) is not None:
+            lines.append(f"bpf enrolled netns {cookie}")
+        if self._netns_link_attached(netns, cookie):
+            lines.append(f"bpf sk_lookup {KERNEL_NAMES['sk_lookup']} attached to netns {cookie}")
+        return tuple(lines)
+
+    # ----------------------------------------------------------------- loading
+    def _load(self) -> None:
+        if not self.root.is_dir():
+            self.root.mkdir(parents=True, mode=0o700)
+        if not sys_bpf.is_bpffs(self.root):
+            sys_bpf.mount_bpffs(self.root)
+        for directory in ("maps", "progs", "links"):
+            (self.root / directory).mkdir(exist_ok=True)
+        for spec in self.object.maps:
+            self._open_map(spec)
+        progs = self.root / "progs" / self.object.key
+        progs.mkdir(exist_ok=True)
+        for name in CGROUP_PROGRAMS:
+            path = progs / name
+            try:
+                self._progs[name] = sys_bpf.obj_get(path)
+            except FileNotFoundError:
+                program = self.object.program(name)
+                code = self.object.instructions(program, self._maps)
+                fd = sys_bpf.prog_load(
+                    KERNEL_NAMES[name], program.prog_type, program.attach_type, code
+                )
+                self._progs[name] = fd
+                sys_bpf.obj_pin(fd, path)
+        for old in (self.root / "progs").iterdir():
+            if old != progs:
+                shutil.rmtree(old)  # unpinning; links keep what they run until updated
+        self._write_config()
+        for name in CGROUP_PROGRAMS:  # a new object: the attached hooks run it from now on
+            self._update_link(self._cgroup_link(name), name)
+        for path in (self.root / "links").glob("netns-*"):
+            self._update_netns_link(path)
+
+    def _open_map(self, spec: sys_bpf.MapSpec) -> None:
+        path = self.root / "maps" / spec.name
+        try:
+            fd = sys_bpf.obj_get(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if sys_bpf.map_info(fd) == spec:
+                self._maps[spec.name], self._specs[spec.name] = fd, spec
+                return
+            os.close(fd)  # another layout (an older object): replaced, its contents rebuilt
+            path.unlink()
+        fd = sys_bpf.map_create(spec)
+        self._maps[spec.name], self._specs[spec.name] = fd, spec
+        sys_bpf.obj_pin(fd, path)
+
+    def _prog_id(self, name: str) -> int:
+        return sys_bpf.prog_info(self._progs[name]).id
+
+    # ------------------------------------------------------------------- config
+    def _write_config(self) -> None:
+        sys_bpf.map_update(
+            self._maps["config"], _U32.pack(0), self._config_value(), "writing the config map"
+        )
+        ports = {_PORT_KEY.pack(p, d) for d, p in self._excluded_ports()}
+        self._sync_set("excluded_ports", ports)
+        v4: set[bytes] = set()
+        v6: set[bytes] = set()
+        for text in self._excluded_cidrs():
+            net = ipaddress.ip_network(text)
+            key = _U32.pack(net.prefixlen) + net.network_address.packed
+            (v4 if net.version == 4 else v6).add(key)
+        self._sync_set("excluded_cidr4", v4)
+        self._sync_set("excluded_cidr6", v6)
+
+    def _sync_set(self, name: str, keys: set[bytes]) -> None:
+        fd, spec = self._maps[name], self._specs[name]
+        for key in sys_bpf.map_keys(fd, spec.key_size):
+            if key not in keys:
+                sys_bpf.map_delete(fd, key)
+        for key in keys:
+            sys_bpf.map_update(fd, key, b"\1", f"writing {name}")
+
+    # -------------------------------------------------------------------- links
+    def _cgroup_link(self, name: str) -> Path:
+        return self.root / "links" / f"cgroup-{name}"
+
+    def _netns_link(self, cookie: int) -> Path:
+        return self.root / "links" / f"netns-{cookie}"
+
+    def _ensure_cgroup_links(self) -> None:
+        cgroup_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in CGROUP_PROGRAMS:
+                path = self._cgroup_link(name)
+                attached = sys_bpf.prog_query(cgroup_fd, PROGRAMS[name][1])
+                with _pinned(path) as link:
+                    if link is not None and sys_bpf.link_info(link).prog_id in attached:
+                        continue
+                _drop_link(path)
+                what = f"{name} at cgroup {self.cgroup}"
+                fd = sys_bpf.link_create(self._progs[name], cgroup_fd, PROGRAMS[name][1], what)
+                try:
+                    sys_bpf.obj_pin(fd, path)
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(cgroup_fd)
+
+    def _update_link(self, path: Path, name: str) -> None:
+        with _pinned(path) as link:
+            if link is not None and sys_bpf.link_info(link).prog_id != self._prog_id(name):
+                sys_bpf.link_update(link, self._progs[name], f"link {path}")
+
+    def _update_netns_link(self, path: Path) -> None:
+        cookie = int(path.name.removeprefix("netns-"))
+        with _pinned(path) as link:
+            if link is None:
+                return
+            prog = self._load_sk_lookup(cookie)
+            try:
+                sys_bpf.link_update(link, prog, f"link {path}")
+            except OSError as exc:
+                if exc.errno != errno.ENOLINK:  # detached (netns gone): apply repairs or forgets
+                    raise
+            finally:
+                os.close(prog)
+
+    def _load_sk_lookup(self, cookie: int) -> int:
+        program = self.object.program("sk_lookup")
+        code = self.object.instructions(program, self._maps, netns=cookie)
+        name = KERNEL_NAMES["sk_lookup"]
+        return sys_bpf.prog_load(name, program.prog_type, program.attach_type, code)
+
+    def _netns_link_attached(self, netns: Path, cookie: int) -> bool:
+        with _pinned(self._netns_link(cookie)) as link:
+            if link is None:
+                return False
+            prog_id = sys_bpf.link_info(link).prog_id
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return prog_id in sys_bpf.prog_query(fd, sys_bpf.ATTACH_SK_LOOKUP)
+        finally:
+            os.close(fd)
+
+    def _ensure_netns_link(self, netns: Path, cookie: int) -> None:
+        if self._netns_link_attached(netns, cookie):
+            return
+        path = self._netns_link(cookie)
+        _drop_link(path)
+        prog = self._load_sk_lookup(cookie)
+        netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            link = sys_bpf.link_create(
+                prog, netns_fd, sys_bpf.ATTACH_SK_LOOKUP, f"sk_lookup to {netns}"
+            )
+            try:
+                sys_bpf.obj_pin(link, path)
+            finally:
+                os.close(link)
+        finally:
+            os.close(netns_fd)
+            os.close(prog)
+
+    # ------------------------------------------------------------------ helpers
+    def _cookie(self, netns: Path) -> int:
+        try:
+            return self.executor.call(netns, netns_cookie)
+        except OSError as exc:
+            raise RedirectionError(f"netns {netns}: cannot enter: {exc.strerror}") from exc
+
+    @contextmanager
+    def _errors(self, netns: Path) -> Iterator[None]:
+        if not self._maps:
+            raise RedirectionError(f"netns {netns}: the eBPF backend is closed")
+        try:
+            yield
+        except OSError as exc:
+            raise RedirectionError(f"netns {netns}: {exc.strerror or exc}") from exc
+
+
+@contextmanager
+def _pinned(path: Path) -> Iterator[int | None]:
+    try:
+        fd = sys_bpf.obj_get(path)
+    except FileNotFoundError:
+        yield None
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _drop_link(path: Path) -> None:
+    """Detach the link pinned at `path` (even if someone else holds it) and unpin it."""
+    with _pinned(path) as link:
+        if link is None:
+            return
+        try:
+            sys_bpf.link_detach(link, f"link {path}")
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLINK, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+    path.unlink(missing_ok=True)
+
+
+def cleanup(state_dir: Path) -> bool:
+    """Remove every pinned Ferry eBPF object under `state_dir` (links detached first) and the
+    bpffs mounted there.  For `agent cleanup`, with the agent stopped; True if there was any."""
+    root = pin_root(state_dir)
+    if not root.is_dir():
+        return False
+    for link in sorted((root / "links").glob("*")) if (root / "links").is_dir() else []:
+        _drop_link(link)
+    if sys_bpf.is_bpffs(root):
+        if os.path.ismount(root):
+            sys_bpf.unmount(root)
+        else:
+            for path in sorted(root.rglob("*"), reverse=True):
+                path.rmdir() if path.is_dir() else path.unlink()
+    root.rmdir()
+    return True
+
+
+def _config_line(value: bytes) -> str:
+    mark, mask, outbound, inbound, tunnel, ipv6 = _CONFIG.unpack(value)
+    return (
+        f"bpf config mark {mark:#x}/{mask:#x} outbound {outbound} inbound {inbound} "
+        f"tunnel {tunnel} ipv6 {'on' if ipv6 else 'off'}"
+    )
+
+
+def _port_line(direction: int, port: int) -> str:
+    return f"bpf exclude {'outbound' if direction == OUTBOUND else 'inbound'} port {port}"
+
+
+def _cidr(key: bytes) -> str:
+    """An LPM trie key (prefix length, then the address) as `10.96.0.0/12`."""
+    (prefix,) = _U32.unpack_from(key)
+    return str(ipaddress.ip_network((ipaddress.ip_address(key[4:]), prefix)))

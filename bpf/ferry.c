@@ -1,0 +1,296 @@
+// Ferry's in-pod redirection in eBPF (loaded by agent/redirect/ebpf_object.py through bcc).
+//
+// Outbound: cgroup connect4/connect6, attached once at the cgroup v2 root, act only on sockets
+// whose network namespace is enrolled (netns cookie in `enrolled`): an app's TCP connect is
+// rewritten to the proxy's in-pod outbound listener (loopback, `outbound_port`) and the
+// destination the app asked for is kept under the socket's cookie.  When that connection is
+// established, `sockops` moves it to a key the proxy can name: (netns, the app's address and
+// port), which is the peer of the socket the proxy accepts.  `getsockopt` answers the proxy's
+// SO_ORIGINAL_DST on that socket from the map, exactly like conntrack does after a REDIRECT.
+//
+// Inbound: `sk_lookup`, attached to each enrolled pod's netns (one copy per pod, see there), hands every TCP connection that
+// arrives from outside the pod (not over lo) to the proxy's inbound listener of that netns and
+// family, held in `listeners` (the proxy puts it there); the proxy reads the original
+// destination with getsockname().  The tunnel port and excluded ports are left alone.
+//
+// The proxy's own sockets carry `mark` (SO_MARK) and are never rewritten; its deliveries to the
+// app arrive over lo and are never steered.  Everything else is left exactly as it was.
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <linux/socket.h>
+
+#define SO_ORIGINAL_DST 80
+#define STREAM_SOCKET 1  // SOCK_STREAM
+#define SOL_IPV6_LEVEL 41
+#define LOOPBACK_IFINDEX 1
+#define DIRECTION_OUTBOUND 0
+#define DIRECTION_INBOUND 1
+#define NETNS_COOKIE 0xfe77c00c1e5e7b0bULL
+
+// bcc's helpers.h declares some helpers with narrower types; these are the kernel's.
+static __u64 (*ferry_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
+static __u64 (*ferry_netns_cookie)(void *ctx) = (void *)BPF_FUNC_get_netns_cookie;
+static long (*ferry_sk_assign)(void *ctx, void *sk, __u64 flags) = (void *)BPF_FUNC_sk_assign;
+static long (*ferry_sk_release)(void *sk) = (void *)BPF_FUNC_sk_release;
+
+struct config {
+    __u32 mark;
+    __u32 mark_mask;
+    __u16 outbound_port;
+    __u16 inbound_port;
+    __u16 tunnel_port;
+    __u16 ipv6;
+};
+
+struct port_key {
+    __u16 port;
+    __u16 direction;
+};
+
+struct cidr4_key {
+    __u32 prefixlen;
+    __u32 addr;
+};
+
+struct cidr6_key {
+    __u32 prefixlen;
+    __u32 addr[4];
+};
+
+// An address of either family: IPv4 in addr[0] (network order), the rest zero.
+struct origdst {
+    __u32 addr[4];
+    __u16 port;    // network order
+    __u16 family;  // AF_INET or AF_INET6
+};
+
+struct tuple_key {
+    __u64 netns;
+    __u32 addr[4];
+    __u16 port;    // host order
+    __u16 family;
+};
+
+struct listener_key {
+    __u64 netns;
+    __u32 family;
+    __u32 pad;
+};
+
+BPF_ARRAY(config, struct config, 1);
+BPF_HASH(enrolled, __u64, __u32, 65536);
+BPF_HASH(excluded_ports, struct port_key, __u8, 1024);
+BPF_F_TABLE("lpm_trie", struct cidr4_key, __u8, excluded_cidr4, 1024, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("lpm_trie", struct cidr6_key, __u8, excluded_cidr6, 1024, BPF_F_NO_PREALLOC);
+BPF_TABLE("lru_hash", __u64, struct origdst, origdst_cookie, 65536);
+BPF_TABLE("lru_hash", struct tuple_key, struct origdst, origdst_tuple, 65536);
+
+// A SOCKHASH with a lookup that returns the socket (bcc's own BPF_SOCKHASH has none).
+struct listeners_table_t {
+    struct listener_key key;
+    __u64 leaf;
+    void *(*lookup)(struct listener_key *);
+    __u32 max_entries;
+};
+__attribute__((section("maps/sockhash")))
+struct listeners_table_t listeners = {.max_entries = 65536};
+BPF_ANNOTATE_KV_PAIR(listeners, struct listener_key, __u64);
+
+static __always_inline struct config *enrolled_config(void *ctx) {
+    __u64 netns = ferry_netns_cookie(ctx);
+    if (!enrolled.lookup(&netns))
+        return 0;
+    int zero = 0;
+    return config.lookup(&zero);
+}
+
+static __always_inline int is_proxy(struct bpf_sock *sk, struct config *cfg) {
+    return (sk->mark & cfg->mark_mask) == (cfg->mark & cfg->mark_mask);
+}
+
+static __always_inline int port_excluded(__u16 port, __u16 direction) {
+    struct port_key key = {.port = port, .direction = direction};
+    return excluded_ports.lookup(&key) != 0;
+}
+
+// Outbound to an IPv4 destination (also an IPv4-mapped one from connect6): whether to capture.
+static __always_inline int capture4(__u32 addr, __u16 port) {
+    if ((bpf_ntohl(addr) >> 24) == 127)
+        return 0;
+    if (port_excluded(port, DIRECTION_OUTBOUND))
+        return 0;
+    struct cidr4_key key = {.prefixlen = 32, .addr = addr};
+    return excluded_cidr4.lookup(&key) == 0;
+}
+
+static __always_inline void remember(void *ctx, __u32 a0, __u32 a1, __u32 a2, __u32 a3,
+                                     __u32 user_port, __u16 family) {
+    struct origdst dst = {.addr = {a0, a1, a2, a3}, .port = (__u16)user_port, .family = family};
+    __u64 cookie = ferry_socket_cookie(ctx);
+    origdst_cookie.update(&cookie, &dst);
+}
+
+int connect4(struct bpf_sock_addr *ctx) {
+    if (ctx->type != STREAM_SOCKET)
+        return 1;
+    struct config *cfg = enrolled_config(ctx);
+    if (!cfg)
+        return 1;
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk || is_proxy(sk, cfg))
+        return 1;
+    __u32 addr = ctx->user_ip4;
+    __u32 user_port = ctx->user_port;
+    if (!capture4(addr, bpf_ntohs((__u16)user_port)))
+        return 1;
+    remember(ctx, addr, 0, 0, 0, user_port, AF_INET);
+    ctx->user_ip4 = bpf_htonl(0x7f000001);
+    ctx->user_port = bpf_htons(cfg->outbound_port);
+    return 1;
+}
+
+int connect6(struct bpf_sock_addr *ctx) {
+    if (ctx->type != STREAM_SOCKET)
+        return 1;
+    struct config *cfg = enrolled_config(ctx);
+    if (!cfg)
+        return 1;
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk || is_proxy(sk, cfg))
+        return 1;
+    __u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2];
+    __u32 a3 = ctx->user_ip6[3];
+    __u32 user_port = ctx->user_port;
+    __u16 port = bpf_ntohs((__u16)user_port);
+    if (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff)) {
+        // IPv4-mapped: the IPv4 rules apply, and the IPv4 listener takes it.
+        if (!capture4(a3, port))
+            return 1;
+        remember(ctx, a3, 0, 0, 0, user_port, AF_INET);
+        ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+        ctx->user_port = bpf_htons(cfg->outbound_port);
+        return 1;
+    }
+    if (!cfg->ipv6)
+        return 1;
+    if (a0 == 0 && a1 == 0 && a2 == 0 && a3 == bpf_htonl(1))
+        return 1;
+    if (port_excluded(port, DIRECTION_OUTBOUND))
+        return 1;
+    struct cidr6_key key = {.prefixlen = 128, .addr = {a0, a1, a2, a3}};
+    if (excluded_cidr6.lookup(&key))
+        return 1;
+    remember(ctx, a0, a1, a2, a3, user_port, AF_INET6);
+    ctx->user_ip6[0] = 0;
+    ctx->user_ip6[1] = 0;
+    ctx->user_ip6[2] = 0;
+    ctx->user_ip6[3] = bpf_htonl(1);
+    ctx->user_port = bpf_htons(cfg->outbound_port);
+    return 1;
+}
+
+int sockops(struct bpf_sock_ops *skops) {
+    if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+        return 1;
+    __u64 cookie = ferry_socket_cookie(skops);
+    struct origdst *dst = origdst_cookie.lookup(&cookie);
+    if (!dst)
+        return 1;
+    struct tuple_key key = {};
+    key.netns = ferry_netns_cookie(skops);
+    key.port = skops->local_port;
+    if (skops->family == AF_INET) {
+        key.family = AF_INET;
+        key.addr[0] = skops->local_ip4;
+    } else {
+        key.family = AF_INET6;
+        key.addr[0] = skops->local_ip6[0];
+        key.addr[1] = skops->local_ip6[1];
+        key.addr[2] = skops->local_ip6[2];
+        key.addr[3] = skops->local_ip6[3];
+    }
+    struct origdst copy = *dst;
+    origdst_tuple.update(&key, &copy);
+    origdst_cookie.delete(&cookie);
+    return 1;
+}
+
+int getsockopt(struct bpf_sockopt *ctx) {
+    if (ctx->optname != SO_ORIGINAL_DST)
+        return 1;
+    if (ctx->level != SOL_IP && ctx->level != SOL_IPV6_LEVEL)
+        return 1;
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    struct config *cfg = enrolled_config(ctx);
+    if (!cfg || sk->src_port != cfg->outbound_port)
+        return 1;
+    struct tuple_key key = {};
+    key.netns = ferry_netns_cookie(ctx);
+    key.port = bpf_ntohs((__u16)sk->dst_port);
+    if (sk->family == AF_INET) {
+        key.family = AF_INET;
+        key.addr[0] = sk->dst_ip4;
+    } else {
+        key.family = AF_INET6;
+        key.addr[0] = sk->dst_ip6[0];
+        key.addr[1] = sk->dst_ip6[1];
+        key.addr[2] = sk->dst_ip6[2];
+        key.addr[3] = sk->dst_ip6[3];
+    }
+    struct origdst *dst = origdst_tuple.lookup(&key);
+    if (!dst)
+        return 1;
+    void *end = ctx->optval_end;
+    if (dst->family == AF_INET) {
+        struct sockaddr_in *sa = ctx->optval;
+        if ((void *)(sa + 1) > end)
+            return 1;
+        sa->sin_family = AF_INET;
+        sa->sin_port = dst->port;
+        sa->sin_addr.s_addr = dst->addr[0];
+        __builtin_memset(sa->__pad, 0, sizeof(sa->__pad));
+        ctx->optlen = sizeof(*sa);
+    } else {
+        struct sockaddr_in6 *sa = ctx->optval;
+        if ((void *)(sa + 1) > end)
+            return 1;
+        sa->sin6_family = AF_INET6;
+        sa->sin6_port = dst->port;
+        sa->sin6_flowinfo = 0;
+        sa->sin6_addr.in6_u.u6_addr32[0] = dst->addr[0];
+        sa->sin6_addr.in6_u.u6_addr32[1] = dst->addr[1];
+        sa->sin6_addr.in6_u.u6_addr32[2] = dst->addr[2];
+        sa->sin6_addr.in6_u.u6_addr32[3] = dst->addr[3];
+        sa->sin6_scope_id = 0;
+        ctx->optlen = sizeof(*sa);
+    }
+    ctx->retval = 0;
+    return 1;
+}
+
+int sk_lookup(struct bpf_sk_lookup *ctx) {
+    if (ctx->protocol != IPPROTO_TCP || ctx->ingress_ifindex == LOOPBACK_IFINDEX)
+        return SK_PASS;
+    int zero = 0;
+    struct config *cfg = config.lookup(&zero);
+    if (!cfg)
+        return SK_PASS;
+    __u16 port = ctx->local_port;
+    if (port == cfg->tunnel_port || port_excluded(port, DIRECTION_INBOUND))
+        return SK_PASS;
+    if (ctx->family == AF_INET6 && !cfg->ipv6)
+        return SK_PASS;
+    // sk_lookup programs cannot ask for their netns cookie: each pod gets its own copy of this
+    // program, loaded with the cookie in place of NETNS_COOKIE (ebpf_object.NETNS_PLACEHOLDER).
+    struct listener_key key = {.netns = NETNS_COOKIE, .family = ctx->family};
+    void *sk = listeners.lookup(&key);
+    if (!sk)
+        return SK_DROP;  // fail closed: the proxy is not serving this pod
+    long err = ferry_sk_assign(ctx, sk, 0);
+    ferry_sk_release(sk);
+    return err ? SK_DROP : SK_PASS;
+}
