@@ -8,11 +8,19 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test unit lint bench clean fresh-check
 
-setup: $(VENV_STAMP)
+CNI_PLUGIN := build/ferry-cni
+
+setup: $(VENV_STAMP) $(CNI_PLUGIN)
 
 $(VENV_STAMP): pyproject.toml scripts/setup.sh $(DEB_PACKAGES_FILE)
 	bash scripts/setup.sh
 	touch $@
+
+# The chained CNI plugin: a static C program, since the runtime runs it in the host's mount
+# namespace where no Python may be (cni/ferry-cni.c says how it works; `agent cni install`).
+$(CNI_PLUGIN): cni/ferry-cni.c
+	mkdir -p build
+	gcc -O2 -static -Wall -Wextra -Werror -std=c11 -o $@ cni/ferry-cni.c
 
 # The README's quick start (make demo, make test) on a pristine Debian 12 root built with
 # debootstrap, in a chroot: run it whenever setup changes. Takes minutes; not part of make test.

@@ -13,6 +13,11 @@ The parts, one concern each:
 - the redirection backend (`redirect.iptables.IptablesRedirection`, behind
   `redirect.backend.RedirectionBackend`), whose kernel work runs on a dedicated netns thread.
 
+The CNI plugin's requests (`<state-dir>/cni.sock`: a pod sandbox's ADD, DEL and CHECK) are served
+by `cni_service.CniService`, which asks a `cni_enroll.PodDecider` (`Agent(decider=...)`; the
+standalone one enrolls every pod it is told about) and enrolls through the same path, under the
+same lock.
+
 This module wires them, serves the admin socket (`agent.sock`: enroll, unenroll, status,
 reconcile, policy_check; every request gets an answer, also when it fails unexpectedly) and runs
 five loops: accepting proxies, reconciling (observe every workload without the lock, decide purely
@@ -50,6 +55,9 @@ from agent.admin import (
 )
 from agent.agent_session import Snapshot
 from agent.certificates import Certificates
+from agent.cni_enroll import PodDecider, StandaloneDecider
+from agent.cni_protocol import SOCKET_NAME as CNI_SOCKET
+from agent.cni_service import CniService
 from agent.config import Config, ConfigError, WorkloadSpec, node_name_of
 from agent.control.channel import CONTROL_SOCKET
 from agent.enrollment import Enrollment
@@ -80,7 +88,11 @@ log = logging.getLogger("ferry.agent")
 
 class Agent:
     def __init__(
-        self, config: Config, state_dir: Path, backend: RedirectionBackend | None = None
+        self,
+        config: Config,
+        state_dir: Path,
+        backend: RedirectionBackend | None = None,
+        decider: PodDecider | None = None,
     ) -> None:
         self.config = config
         self.state_dir = state_dir
@@ -114,6 +126,9 @@ class Agent:
             self.publisher,
             config.mesh,
             self._addresses,
+        )
+        self.cni = CniService(
+            self.enrollment, self.state_lock, backend, decider or StandaloneDecider(), state_dir
         )
         self._stop = asyncio.Event()
 
@@ -323,6 +338,7 @@ class Agent:
             log.exception("policy: the first load failed; version %d stays in force",
                           self.policy.current.version)  # fmt: skip
         admin = await serve_async(self.state_dir / AGENT_SOCKET, self.handle)
+        cni = await self.cni.serve(self.state_dir / CNI_SOCKET)
         control = self.hub.listen(self.state_dir)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -349,10 +365,11 @@ class Agent:
             if task is not stop and not task.cancelled() and task.exception():
                 log.error("agent task %s died: %s", task.get_name(), task.exception())
         admin.close()
+        cni.close()
         control.close()
         self.hub.close()
         self.policy.source.close()
-        for name in (AGENT_SOCKET, CONTROL_SOCKET):
+        for name in (AGENT_SOCKET, CNI_SOCKET, CONTROL_SOCKET):
             with contextlib.suppress(FileNotFoundError):
                 (self.state_dir / name).unlink()
         self.executor.shutdown()

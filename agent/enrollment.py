@@ -152,13 +152,17 @@ class Enrollment:
         service_account: str,
         mode: str | None = None,
         labels: Mapping[str, str] | None = None,
+        name: str | None = None,
     ) -> Enrolled:
         """Enroll the namespace `netns` (a name or a path) as namespace/service_account, with
-        `labels` for policy selectors."""
+        `labels` for policy selectors; `name` is what status shows (default: the path's last
+        part; the CNI plugin gives the pod's name)."""
         started = time.monotonic()
         check_request(namespace, service_account, mode, labels)
         path, netns_id = self.resolve(netns)
         workload = new_workload(path, netns_id, namespace, service_account, mode, labels)
+        if name:
+            workload = replace(workload, name=name)
         plan = plan_enroll(self.enrollments, workload, self.forbidden())
         for stale in plan.stale:
             await self.forget(stale, f"a new network namespace is enrolled at {stale.netns}")
@@ -215,6 +219,12 @@ class Enrollment:
         await self._leave(workload, reach(workload, path, live), "unenrolling")
         log.info("unenrolled %s (uid %s)", workload.name, workload.uid)
         return workload
+
+    async def unenroll_workload(self, workload: Workload) -> None:
+        """Unenroll an enrolled workload known by its record (the CNI plugin's DEL knows its
+        sandbox, not a name): its redirection is removed if its namespace is still reachable."""
+        await self._leave(workload, reach(workload, None, None), "unenrolling")
+        log.info("unenrolled %s (uid %s)", workload.name, workload.uid)
 
     async def forget(self, workload: Workload, reason: str) -> None:
         """Drop a workload whose namespace is gone (nothing to remove in it)."""
