@@ -25,6 +25,14 @@ Unenrolling is the same machinery in the order that stops traffic first:
                                                            undo of step 3, which runs next)
     5. directory     publish                               undo: publish the old ones
 
+Relabelling (new labels for policy selectors, e.g. a pod's labels changed) keeps the workload
+enrolled and its connections open:
+
+    1. persist       save the enrollments with the new labels  undo: save the old ones
+    2. proxies       add_workload again, same uid and netns    undo: the same with the old labels
+                     (a proxy updates the labels in place: it compiles the workload's policy
+                     again and closes only the connections the new labels no longer allow)
+
 `run_steps` runs a sequence; when step k fails it undoes steps k, k-1, ..., 1 (step k too,
 because a step may have half-happened: one table committed, one proxy acked while another
 refused; every undo is idempotent), then raises `EnrollmentError` naming the workload, the step
@@ -199,6 +207,27 @@ class Enrollment:
             acked,
         )
         return Enrolled(workload, acked, elapsed)
+
+    async def relabel(self, workload: Workload, labels: Mapping[str, str]) -> Workload:
+        """Give an enrolled workload new `labels`, in place (see the module doc)."""
+        checked = check_request(workload.namespace, workload.service_account, None, labels)
+        relabelled = replace(workload, labels=checked)
+        if relabelled == workload:
+            return workload
+        before = dict(self.enrollments)
+        after = {**before, workload.uid: relabelled}
+
+        async def send(w: Workload) -> None:
+            await self.proxies.add_workload(w, self.mode(w))
+
+        steps = [
+            self._persist(after, before),
+            Step("proxies", lambda: send(relabelled), lambda: send(workload)),
+        ]
+        await run_steps(f"relabelling {workload.describe()}", steps)
+        log.info("relabelled %s: %s", workload.name,
+                 ",".join(f"{k}={v}" for k, v in checked) or "no labels")  # fmt: skip
+        return relabelled
 
     def _lookup(self, name_or_path: str) -> tuple[Workload, Path | None, NetnsId | None]:
         """The enrollment `name_or_path` means (`find_enrollment`), with the namespace it
