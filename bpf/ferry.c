@@ -8,13 +8,15 @@
 // port), which is the peer of the socket the proxy accepts.  `getsockopt` answers the proxy's
 // SO_ORIGINAL_DST on that socket from the map, exactly like conntrack does after a REDIRECT.
 //
-// Inbound: `sk_lookup`, attached to each enrolled pod's netns (one copy per pod, see there), hands every TCP connection that
-// arrives from outside the pod (not over lo) to the proxy's inbound listener of that netns and
-// family, held in `listeners` (the proxy puts it there); the proxy reads the original
-// destination with getsockname().  The tunnel port and excluded ports are left alone.
+// Inbound: `sk_lookup`, attached to each enrolled pod's netns (one copy per pod, see there), hands
+// every new TCP connection to the pod to the proxy's inbound listener of that netns and family,
+// held in `listeners` (the proxy puts it there); the proxy reads the original destination with
+// getsockname().  The tunnel port, excluded ports and the proxy's own deliveries to the app
+// (`deliveries`, by 4-tuple) are left alone.
 //
 // The proxy's own sockets carry `mark` (SO_MARK) and are never rewritten; its deliveries to the
-// app arrive over lo and are never steered.  Everything else is left exactly as it was.
+// app are never steered, and get the connmark (see is_proxy) so the app's replies find their
+// way back.  Everything else is left exactly as it was.
 
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -23,8 +25,11 @@
 
 #define SO_ORIGINAL_DST 80
 #define STREAM_SOCKET 1  // SOCK_STREAM
+#define SOCKET_LEVEL 1   // SOL_SOCKET
+#define SO_MARK_OPTION 36
 #define SOL_IPV6_LEVEL 41
-#define LOOPBACK_IFINDEX 1
+#define TCP_ESTABLISHED_STATE 1
+#define TCP_CLOSE_STATE 7
 #define DIRECTION_OUTBOUND 0
 #define DIRECTION_INBOUND 1
 #define NETNS_COOKIE 0xfe77c00c1e5e7b0bULL
@@ -38,6 +43,7 @@ static long (*ferry_sk_release)(void *sk) = (void *)BPF_FUNC_sk_release;
 struct config {
     __u32 mark;
     __u32 mark_mask;
+    __u32 connmark;
     __u16 outbound_port;
     __u16 inbound_port;
     __u16 tunnel_port;
@@ -73,6 +79,16 @@ struct tuple_key {
     __u16 family;
 };
 
+// A connection by its 4-tuple, from the connecting side's point of view.
+struct flow_key {
+    __u64 netns;
+    __u32 src[4];
+    __u32 dst[4];
+    __u16 sport;  // host order
+    __u16 dport;  // host order
+    __u32 family;
+};
+
 struct listener_key {
     __u64 netns;
     __u32 family;
@@ -86,6 +102,7 @@ BPF_F_TABLE("lpm_trie", struct cidr4_key, __u8, excluded_cidr4, 1024, BPF_F_NO_P
 BPF_F_TABLE("lpm_trie", struct cidr6_key, __u8, excluded_cidr6, 1024, BPF_F_NO_PREALLOC);
 BPF_TABLE("lru_hash", __u64, struct origdst, origdst_cookie, 65536);
 BPF_TABLE("lru_hash", struct tuple_key, struct origdst, origdst_tuple, 65536);
+BPF_TABLE("lru_hash", struct flow_key, __u8, deliveries, 65536);
 
 // A SOCKHASH with a lookup that returns the socket (bcc's own BPF_SOCKHASH has none).
 struct listeners_table_t {
@@ -106,8 +123,21 @@ static __always_inline struct config *enrolled_config(void *ctx) {
     return config.lookup(&zero);
 }
 
-static __always_inline int is_proxy(struct bpf_sock *sk, struct config *cfg) {
-    return (sk->mark & cfg->mark_mask) == (cfg->mark & cfg->mark_mask);
+// The proxy's own sockets carry its mark and are left alone.  One kind is marked again: a
+// delivery to the app (bound to the client's address with IP_TRANSPARENT before connect, which
+// the proxy's other sockets never are) gets the connmark, so its SYN reaches the app marked, the
+// app's socket inherits the mark (net.ipv4.tcp_fwmark_accept, set in the pod) and the policy
+// route for the connmark (agent.redirect.routing) brings the app's replies back to the proxy.
+static __always_inline int is_proxy(void *ctx, struct bpf_sock *sk, struct config *cfg,
+                                    int bound) {
+    __u32 mark = sk->mark;
+    if ((mark & cfg->mark_mask) != (cfg->mark & cfg->mark_mask))
+        return 0;
+    if (bound) {
+        int delivery = (mark & ~cfg->mark_mask) | (cfg->connmark & cfg->mark_mask);
+        bpf_setsockopt(ctx, SOCKET_LEVEL, SO_MARK_OPTION, &delivery, sizeof(delivery));
+    }
+    return 1;
 }
 
 static __always_inline int port_excluded(__u16 port, __u16 direction) {
@@ -139,7 +169,7 @@ int connect4(struct bpf_sock_addr *ctx) {
     if (!cfg)
         return 1;
     struct bpf_sock *sk = ctx->sk;
-    if (!sk || is_proxy(sk, cfg))
+    if (!sk || is_proxy(ctx, sk, cfg, sk->src_ip4 != 0))
         return 1;
     __u32 addr = ctx->user_ip4;
     __u32 user_port = ctx->user_port;
@@ -158,7 +188,10 @@ int connect6(struct bpf_sock_addr *ctx) {
     if (!cfg)
         return 1;
     struct bpf_sock *sk = ctx->sk;
-    if (!sk || is_proxy(sk, cfg))
+    if (!sk)
+        return 1;
+    int bound = (sk->src_ip6[0] | sk->src_ip6[1] | sk->src_ip6[2] | sk->src_ip6[3]) != 0;
+    if (is_proxy(ctx, sk, cfg, bound))
         return 1;
     __u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2];
     __u32 a3 = ctx->user_ip6[3];
@@ -191,9 +224,58 @@ int connect6(struct bpf_sock_addr *ctx) {
     return 1;
 }
 
-int sockops(struct bpf_sock_ops *skops) {
-    if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+// The proxy's delivery connections, by 4-tuple, while they are being set up: sk_lookup leaves
+// them to the app.  Recorded before the SYN is sent (TCP_CONNECT_CB), forgotten once the
+// connection is established (from then on the kernel finds the app's socket first) or closed.
+static __always_inline void delivery_key(struct bpf_sock_ops *skops, struct flow_key *key) {
+    key->netns = ferry_netns_cookie(skops);
+    key->family = skops->family;
+    key->sport = skops->local_port;
+    key->dport = bpf_ntohl(skops->remote_port);
+    if (skops->family == AF_INET) {
+        key->src[0] = skops->local_ip4;
+        key->dst[0] = skops->remote_ip4;
+    } else {
+        key->src[0] = skops->local_ip6[0];
+        key->src[1] = skops->local_ip6[1];
+        key->src[2] = skops->local_ip6[2];
+        key->src[3] = skops->local_ip6[3];
+        key->dst[0] = skops->remote_ip6[0];
+        key->dst[1] = skops->remote_ip6[1];
+        key->dst[2] = skops->remote_ip6[2];
+        key->dst[3] = skops->remote_ip6[3];
+    }
+}
+
+static __always_inline int track_delivery(struct bpf_sock_ops *skops) {
+    struct bpf_sock *sk = skops->sk;
+    if (!sk)
         return 1;
+    struct config *cfg = enrolled_config(skops);
+    if (!cfg || (sk->mark & cfg->mark_mask) != (cfg->connmark & cfg->mark_mask))
+        return 1;
+    struct flow_key key = {};
+    delivery_key(skops, &key);
+    __u8 one = 1;
+    deliveries.update(&key, &one);
+    bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+    return 1;
+}
+
+static __always_inline int forget_delivery(struct bpf_sock_ops *skops) {
+    __u32 state = skops->args[1];
+    if (state != TCP_ESTABLISHED_STATE && state != TCP_CLOSE_STATE)
+        return 1;
+    struct flow_key key = {};
+    delivery_key(skops, &key);
+    deliveries.delete(&key);
+    bpf_sock_ops_cb_flags_set(skops, 0);
+    return 1;
+}
+
+// The app's connection to the outbound listener is established: its original destination moves
+// from the socket cookie to the app's address and port, which getsockopt can name.
+static __always_inline int key_original_dst(struct bpf_sock_ops *skops) {
     __u64 cookie = ferry_socket_cookie(skops);
     struct origdst *dst = origdst_cookie.lookup(&cookie);
     if (!dst)
@@ -214,6 +296,18 @@ int sockops(struct bpf_sock_ops *skops) {
     struct origdst copy = *dst;
     origdst_tuple.update(&key, &copy);
     origdst_cookie.delete(&cookie);
+    return 1;
+}
+
+int sockops(struct bpf_sock_ops *skops) {
+    switch (skops->op) {
+    case BPF_SOCK_OPS_TCP_CONNECT_CB:
+        return track_delivery(skops);
+    case BPF_SOCK_OPS_STATE_CB:
+        return forget_delivery(skops);
+    case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+        return key_original_dst(skops);
+    }
     return 1;
 }
 
@@ -273,7 +367,7 @@ int getsockopt(struct bpf_sockopt *ctx) {
 }
 
 int sk_lookup(struct bpf_sk_lookup *ctx) {
-    if (ctx->protocol != IPPROTO_TCP || ctx->ingress_ifindex == LOOPBACK_IFINDEX)
+    if (ctx->protocol != IPPROTO_TCP)
         return SK_PASS;
     int zero = 0;
     struct config *cfg = config.lookup(&zero);
@@ -286,6 +380,24 @@ int sk_lookup(struct bpf_sk_lookup *ctx) {
         return SK_PASS;
     // sk_lookup programs cannot ask for their netns cookie: each pod gets its own copy of this
     // program, loaded with the cookie in place of NETNS_COOKIE (ebpf_object.NETNS_PLACEHOLDER).
+    struct flow_key flow = {.netns = NETNS_COOKIE, .family = ctx->family};
+    flow.sport = bpf_ntohs((__u16)ctx->remote_port);
+    flow.dport = port;
+    if (ctx->family == AF_INET) {
+        flow.src[0] = ctx->remote_ip4;
+        flow.dst[0] = ctx->local_ip4;
+    } else {
+        flow.src[0] = ctx->remote_ip6[0];
+        flow.src[1] = ctx->remote_ip6[1];
+        flow.src[2] = ctx->remote_ip6[2];
+        flow.src[3] = ctx->remote_ip6[3];
+        flow.dst[0] = ctx->local_ip6[0];
+        flow.dst[1] = ctx->local_ip6[1];
+        flow.dst[2] = ctx->local_ip6[2];
+        flow.dst[3] = ctx->local_ip6[3];
+    }
+    if (deliveries.lookup(&flow))
+        return SK_PASS;  // the proxy delivering to the app
     struct listener_key key = {.netns = NETNS_COOKIE, .family = ctx->family};
     void *sk = listeners.lookup(&key);
     if (!sk)

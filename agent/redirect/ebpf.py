@@ -21,11 +21,19 @@ the node, which returns at its first comparison for any other option.
 
 Inbound.  Each pod's netns gets its own `sk_lookup` link: a copy of the program with the pod's
 netns cookie patched in (sk_lookup programs cannot ask for it), which hands every TCP connection
-that arrives from outside the pod (not over lo, so the proxy's own deliveries are left alone) to
-the proxy's inbound listener of that netns and family, except the tunnel port and excluded
-ports.  The proxy puts its listeners into the `listeners` SOCKHASH (`ebpf_listeners`); when it
-is down they are gone and connections are refused: fail closed.  It reads the original
-destination with getsockname().
+that arrives (except the proxy's own deliveries to the app, which `sockops` records by 4-tuple
+while they are set up) to the proxy's inbound listener of that netns and family, except the
+tunnel port and excluded ports.  The proxy puts its listeners into the `listeners` SOCKHASH
+(`ebpf_listeners`); when it is down they are gone and connections are refused: fail closed.  It
+reads the original destination with getsockname().
+
+Return path.  The proxy delivers to the app from a socket bound to the client's address
+(IP_TRANSPARENT), as with iptables, so the app's replies must be routed back to the proxy, not to
+the client.  The connect hooks give such a delivery socket (a proxy-marked socket bound before
+connect) the connmark; `net.ipv4.tcp_fwmark_accept=1` in the pod makes the app's accepted socket
+take the mark of that SYN; and the policy route of `agent.redirect.routing` (the same rule and
+table as the iptables backend's, shared state between backends) sends packets with the connmark
+over lo to the proxy.  No netfilter rule is involved.
 
 State.  Maps, programs and links are pinned under `<state dir>/bpf` (a bpffs instance Ferry
 mounts there unless one already is): `maps/<name>`, `progs/<object key>/<name>`,
@@ -48,9 +56,10 @@ import shutil
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from agent.config import RedirectionConfig
 from agent.netns import NetnsExecutor
@@ -58,7 +67,10 @@ from agent.redirect import bpf_syscall as sys_bpf
 from agent.redirect.ebpf_object import PROGRAMS, BpfObject, ObjectError, bcc_version
 from agent.redirect.ebpf_object import load_or_compile as load_object
 from agent.redirect.kernel_headers import HeadersError, KernelHeaders, find_headers
+from agent.redirect.routing import apply_routing, desired_routing, read_routing, remove_routing
 from agent.redirect.rules import RedirectionError, RedirectionReport, compare
+
+T = TypeVar("T")
 
 PIN_DIR = "bpf"
 SO_NETNS_COOKIE = 71
@@ -71,7 +83,9 @@ KERNEL_NAMES = {
     "sk_lookup": "ferry_sk_lookup",
 }
 OUTBOUND, INBOUND = 0, 1
-_CONFIG = struct.Struct("=IIHHHH")  # struct config in bpf/ferry.c
+FWMARK_ACCEPT = "net/ipv4/tcp_fwmark_accept"
+SYSCTL_LINE = "sysctl -w net.ipv4.tcp_fwmark_accept=1"
+_CONFIG = struct.Struct("=IIIHHHH")  # struct config in bpf/ferry.c
 _PORT_KEY = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
@@ -142,6 +156,7 @@ class EbpfRedirection:
     ) -> None:
         self.cfg = cfg
         self.executor = executor
+        self.routing = desired_routing(cfg)
         self.root = pin_root(state_dir)
         self.headers = headers or find_headers()
         self.warning = self.headers.warning
@@ -160,8 +175,15 @@ class EbpfRedirection:
 
     # --------------------------------------------------------------- protocol
     def apply(self, netns: Path) -> None:
-        """Enroll `netns`: hooks attached, config current, cookie enrolled, sk_lookup linked."""
-        cookie = self._cookie(netns)
+        """Enroll `netns`: the return-path routing and sysctl in the pod, hooks attached, config
+        current, cookie enrolled, sk_lookup linked."""
+
+        def inside() -> int:
+            apply_routing(self.cfg)
+            _write_sysctl(FWMARK_ACCEPT, "1")
+            return netns_cookie()
+
+        cookie = self._call(netns, inside)
         with self._errors(netns), self._lock:
             self._write_config()
             self._ensure_cgroup_links()
@@ -172,7 +194,7 @@ class EbpfRedirection:
 
     def remove(self, netns: Path) -> None:
         """Forget `netns` (and detach the cgroup hooks when no pod is left); fine if absent."""
-        cookie = self._cookie(netns)
+        cookie = self._call(netns, netns_cookie)
         with self._errors(netns), self._lock:
             sys_bpf.map_delete(self._maps["enrolled"], _U64.pack(cookie))
             _drop_link(self._netns_link(cookie))
@@ -180,14 +202,41 @@ class EbpfRedirection:
                 for name in CGROUP_PROGRAMS:
                     _drop_link(self._cgroup_link(name))
 
+        def inside() -> None:
+            remove_routing(self.cfg)
+            _write_sysctl(FWMARK_ACCEPT, "0")
+
+        self._call(netns, inside)
+
     def inspect(self, netns: Path) -> RedirectionReport:
         """Compare what the kernel holds for `netns` with what Ferry wants there."""
-        cookie = self._cookie(netns)
+
+        def inside() -> tuple[int, tuple[str, ...]]:
+            lines = read_routing(self.cfg).commands()
+            if _read_sysctl(FWMARK_ACCEPT) == "1":
+                lines += (SYSCTL_LINE,)
+            return netns_cookie(), lines
+
+        cookie, pod = self._call(netns, inside)
         with self._errors(netns), self._lock:
             desired = self.desired_lines(cookie)
-            pod = self._observed_pod(netns, cookie)
+            pod = self._observed_pod(netns, cookie) + pod
             observed = self._observed_global() + pod if pod else ()
             return compare(desired, observed)
+
+    def own_rules(self, netns: Path) -> tuple[str, ...]:
+        """This pod's enrollment and sk_lookup link as lines (for another backend taking over;
+        the shared routing is not included)."""
+        cookie = self._call(netns, netns_cookie)
+        with self._errors(netns), self._lock:
+            return self._observed_pod(netns, cookie)
+
+    def remove_own_rules(self, netns: Path) -> None:
+        """Forget this pod here and detach its sk_lookup link, leaving the shared routing."""
+        cookie = self._call(netns, netns_cookie)
+        with self._errors(netns), self._lock:
+            sys_bpf.map_delete(self._maps["enrolled"], _U64.pack(cookie))
+            _drop_link(self._netns_link(cookie))
 
     def installed(self, netns: Path) -> bool:
         return self.inspect(netns).state != "missing"
@@ -207,7 +256,7 @@ class EbpfRedirection:
         lines += [f"bpf exclude outbound cidr {c}" for c in sorted(self._excluded_cidrs())]
         lines.append(f"bpf enrolled netns {cookie}")
         lines.append(f"bpf sk_lookup {KERNEL_NAMES['sk_lookup']} attached to netns {cookie}")
-        return tuple(lines)
+        return tuple(lines) + self.routing.commands() + (SYSCTL_LINE,)
 
     def _cgroup_line(self, name: str) -> str:
         return f"bpf cgroup {name} {KERNEL_NAMES[name]} attached at {self.cgroup}"
@@ -217,6 +266,7 @@ class EbpfRedirection:
         return _CONFIG.pack(
             c.mark & c.mark_mask,
             c.mark_mask,
+            c.connmark & c.mark_mask,
             c.outbound_port,
             c.inbound_port,
             c.tunnel_port,
@@ -418,11 +468,13 @@ class EbpfRedirection:
             os.close(prog)
 
     # ------------------------------------------------------------------ helpers
-    def _cookie(self, netns: Path) -> int:
+    def _call(self, netns: Path, fn: Callable[[], T]) -> T:
         try:
-            return self.executor.call(netns, netns_cookie)
+            return self.executor.call(netns, fn)
+        except RedirectionError as exc:
+            raise RedirectionError(f"netns {netns}: {exc}") from exc
         except OSError as exc:
-            raise RedirectionError(f"netns {netns}: cannot enter: {exc.strerror}") from exc
+            raise RedirectionError(f"netns {netns}: {exc.strerror or exc}") from exc
 
     @contextmanager
     def _errors(self, netns: Path) -> Iterator[None]:
@@ -478,10 +530,22 @@ def cleanup(state_dir: Path) -> bool:
     return True
 
 
+def _write_sysctl(name: str, value: str) -> None:
+    """Write a sysctl of the calling thread's network namespace (/proc/sys/net is per netns)."""
+    with open(f"/proc/sys/{name}", "w") as knob:
+        knob.write(value)
+
+
+def _read_sysctl(name: str) -> str:
+    with open(f"/proc/sys/{name}") as knob:
+        return knob.read().strip()
+
+
 def _config_line(value: bytes) -> str:
-    mark, mask, outbound, inbound, tunnel, ipv6 = _CONFIG.unpack(value)
+    mark, mask, connmark, outbound, inbound, tunnel, ipv6 = _CONFIG.unpack(value)
     return (
-        f"bpf config mark {mark:#x}/{mask:#x} outbound {outbound} inbound {inbound} "
+        f"bpf config mark {mark:#x}/{mask:#x} connmark {connmark:#x} outbound {outbound} "
+        f"inbound {inbound} "
         f"tunnel {tunnel} ipv6 {'on' if ipv6 else 'off'}"
     )
 

@@ -43,6 +43,7 @@ MAPS = (
     "excluded_cidr6",
     "origdst_cookie",
     "origdst_tuple",
+    "deliveries",
     "listeners",
 )
 PROGRAMS = {
