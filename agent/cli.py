@@ -14,9 +14,6 @@ admin client; the config, the enrollment checks and the kernel libraries only on
 use them; `cryptography` never), so they answer quickly: a CNI plugin runs the same paths on
 every pod start.
 
-`agent cni install|uninstall` (`agent.cni_cli`) chains the CNI plugin into a node's CNI config;
-it loads only when it is used, like `ca`.
-
 `agent policy` (`agent.policy.cli`, with `validate`, which needs no agent) loads only when it is
 used, like `ca`; `agent policy check` is added to it here: it asks the running agent (admin op
 `policy_check`) to decide one connection or request for an enrolled workload with the policy in
@@ -101,17 +98,13 @@ class Commands(click.Group):
     daemons and the everyday commands stay small."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), "ca", "cni", "policy"])
+        return sorted([*super().list_commands(ctx), "ca", "policy"])
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name == "ca":
             from agent.identity.cli import ca
 
             return ca
-        if cmd_name == "cni":
-            from agent.cni_cli import cni
-
-            return cni
         if cmd_name == "policy":
             from agent.policy.cli import policy
 
@@ -129,14 +122,34 @@ def main() -> None:
 @main.command()
 @state_dir_option
 @config_option
+@click.option(
+    "--backend",
+    metavar="auto|iptables|nftables|ebpf",
+    default=None,
+    help="Redirection backend (default: config redirection.backend). auto: eBPF when the kernel "
+    "allows, else nftables when the host's rules are nft, else iptables. Pods enrolled under "
+    "another backend are taken over (its rules removed).",
+)
 @click.option("-v", "--verbose", is_flag=True)
-def run(state_dir: Path, config_path: Path | None, verbose: bool) -> None:
+def run(state_dir: Path, config_path: Path | None, backend: str | None, verbose: bool) -> None:
     """Run the node agent: enroll workloads, program redirection, feed the proxy."""
     from agent.daemon import run_agent
 
     config = _config(config_path)
+    origin = "redirection.backend"
+    if backend is not None:
+        from dataclasses import replace
+
+        from agent.config import ConfigError, parse_config
+
+        try:
+            checked = parse_config({"redirection": {"backend": backend}}).redirection
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--backend") from exc
+        config = replace(config, redirection=replace(config.redirection, backend=checked.backend))
+        origin = "--backend"
     _logging(verbose)
-    run_agent(config, state_dir)
+    run_agent(config, state_dir, origin)
 
 
 @main.command()
@@ -352,21 +365,22 @@ def _all_netns() -> list[Path]:
 
 
 def _remove_redirection(paths: list[Path], config: Config, strict: bool = False) -> list[Path]:
-    """Remove Ferry's redirection from `paths` (with `config`'s route table and marks); the
-    ones that had some.  A namespace that goes away meanwhile (a process's, which exited) is
+    """Remove every backend's redirection from `paths` (with `config`'s route table and marks);
+    the ones that had some.  A namespace that goes away meanwhile (a process's, which exited) is
     skipped, unless `strict`; a failure in a namespace that is still there is raised."""
     from agent.netns import NetnsExecutor
     from agent.netns_id import current_id
-    from agent.redirect.iptables import IptablesRedirection
+    from agent.redirect.select import every_backend
 
     executor = NetnsExecutor()
-    backend = IptablesRedirection(config.redirection, executor)
     cleaned = []
     try:
+        backends = every_backend(config.redirection, executor)
         for path in paths:
             try:
-                if backend.installed(path):
-                    backend.remove(path)
+                if any(backend.installed(path) for backend in backends):
+                    for backend in backends:
+                        backend.remove(path)
                     cleaned.append(path)
             except (OSError, ValueError):  # RedirectionError, NetnsError
                 if strict or current_id(path) is not None:

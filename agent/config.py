@@ -9,10 +9,11 @@ the value, and nothing starts with a half-understood configuration.  Names follo
 Every key, with its default; lines marked "example" show a value that is NOT the default:
 
 ```yaml
-node_name: node-a                # example; default: $NODE_NAME (a DaemonSet sets it from
-                                 # spec.nodeName), else the host name, lower-cased (a DNS subdomain)
+node_name: node-a                # example; default: the host name, lower-cased (a DNS subdomain)
 redirection:
-  backend: iptables              # default (only iptables today)
+  backend: iptables              # default: iptables | nftables | ebpf | auto (eBPF when the
+                                 # kernel allows, else nftables when the host's rules are nft,
+                                 # else iptables; `agent status` says which and why)
   outbound_port: 15001           # default: in-pod listener for redirected outbound TCP
   inbound_port: 15006            # default: in-pod listener for redirected inbound TCP
   tunnel_port: 15008             # default: never redirected (mTLS tunnel listener)
@@ -54,18 +55,6 @@ policy:
                                  # they count per node)
   redis_on_failure: local        # default: local (count per node) | allow | deny, while Redis fails
   redis_timeout: 0.05            # default, seconds a rate-limit take may wait for Redis
-kubernetes:
-  enabled: false                 # default: true runs the agent as a Kubernetes node agent (pods on
-                                 # this node enrolled by their ferry.dev/mesh labels; docs/kubernetes.md)
-  kubeconfig: ""                 # default: in-cluster (the pod's service account), else
-                                 # $KUBECONFIG or ~/.kube/config; or a kubeconfig file's path
-  system_namespace: ferry-system # default: Ferry's own namespace, whose pods are never enrolled
-  policies: true                 # default: policy from the API server's AuthorizationPolicy,
-                                 # RequestAuthentication and RateLimitPolicy objects (false:
-                                 # policy.directory, as off Kubernetes)
-  annotate: true                 # default: write ferry.dev/redirection(-reason) on every pod
-  scan_interval: 5.0             # default, seconds between process scans while a selected pod
-                                 # has no known network namespace
 workloads:                       # example; default: [] (declarative standalone enrollments)
   - netns: web                   # example: a name under /var/run/netns, or a path
     namespace: shop              # example
@@ -90,9 +79,13 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and the value."""
 
 
+Backend = Literal["auto", "iptables", "nftables", "ebpf"]
+BACKENDS = get_args(Backend)
+
+
 @dataclass(frozen=True)
 class RedirectionConfig:
-    backend: str = "iptables"
+    backend: Backend = "iptables"
     outbound_port: int = 15001
     inbound_port: int = 15006
     tunnel_port: int = 15008
@@ -157,16 +150,6 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
-class KubernetesConfig:
-    enabled: bool = False
-    kubeconfig: str = ""
-    system_namespace: str = "ferry-system"
-    policies: bool = True
-    annotate: bool = True
-    scan_interval: float = 5.0
-
-
-@dataclass(frozen=True)
 class WorkloadSpec:
     """One declarative enrollment from the config's `workloads` list."""
 
@@ -185,7 +168,6 @@ class Config:
     identity: IdentityConfig = IdentityConfig()
     mesh: MeshConfig = MeshConfig()
     policy: PolicyConfig = PolicyConfig()
-    kubernetes: KubernetesConfig = KubernetesConfig()
     workloads: tuple[WorkloadSpec, ...] = ()
 
 
@@ -252,8 +234,10 @@ def _redirection(raw: Any) -> RedirectionConfig:
         if key in values:
             values[key] = _list(f"redirection.{key}", values[key])
     cfg = replace(RedirectionConfig(), **values)
-    if cfg.backend != "iptables":
-        raise ConfigError(f"redirection.backend: {cfg.backend!r} is not supported (iptables)")
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(
+            f"redirection.backend: {cfg.backend!r} is not one of {', '.join(BACKENDS)}"
+        )
     for key in ("outbound_port", "inbound_port", "tunnel_port"):
         _port(f"redirection.{key}", getattr(cfg, key))
     if len({cfg.outbound_port, cfg.inbound_port, cfg.tunnel_port}) != 3:
@@ -370,17 +354,6 @@ def _policy(raw: Any) -> PolicyConfig:
     )
 
 
-def _kubernetes(raw: Any) -> KubernetesConfig:
-    cfg = replace(KubernetesConfig(), **_section("kubernetes", raw, KubernetesConfig))
-    for key in ("enabled", "policies", "annotate"):
-        if not isinstance(getattr(cfg, key), bool):
-            raise ConfigError(f"kubernetes.{key}: {getattr(cfg, key)!r} is not true or false")
-    if not isinstance(cfg.kubeconfig, str):
-        raise ConfigError(f"kubernetes.kubeconfig: {cfg.kubeconfig!r} is not a path")
-    _label("kubernetes.system_namespace", cfg.system_namespace)
-    return replace(cfg, scan_interval=_positive("kubernetes.scan_interval", cfg.scan_interval))
-
-
 def _labels(key: str, value: Any) -> tuple[tuple[str, str], ...]:
     try:
         return names.labels(_mapping(key, value))
@@ -409,16 +382,12 @@ def _workloads(raw: Any) -> tuple[WorkloadSpec, ...]:
 
 
 def _node_name(values: dict[str, Any]) -> str:
-    """`node_name`, else $NODE_NAME (a DaemonSet's downward API), else the host name."""
-    key, value = "node_name", values.get("node_name")
-    if value is None and os.environ.get("NODE_NAME"):
-        key, value = "NODE_NAME (environment)", os.environ["NODE_NAME"]
-    if value is None:
+    if "node_name" not in values:
         return Config().node_name  # the host name: checked where it is used, `node_name_of`
     try:
-        return names.node_name(value)
+        return names.node_name(values["node_name"])
     except names.InvalidName as exc:
-        raise ConfigError(f"{key}: {exc}") from None
+        raise ConfigError(f"node_name: {exc}") from None
 
 
 def node_name_of(config: Config) -> str:
@@ -444,7 +413,6 @@ def parse_config(raw: Any) -> Config:
         identity=_identity(values.get("identity")),
         mesh=_mesh(values.get("mesh")),
         policy=_policy(values.get("policy")),
-        kubernetes=_kubernetes(values.get("kubernetes")),
         workloads=_workloads(values.get("workloads")),
     )
 

@@ -10,8 +10,17 @@ The parts, one concern each:
 - `policy_store.PolicyStore`: the policy in force, followed from its source
   (`policy_source.DirectorySource`: `policy.directory`, watched with inotify), JWKS inlined,
   versioned and pushed to every proxy (and into every snapshot);
-- the redirection backend (`redirect.iptables.IptablesRedirection`, behind
-  `redirect.backend.RedirectionBackend`), whose kernel work runs on a dedicated netns thread.
+- the redirection backend (`redirection.backend` or `agent run --backend`, chosen by
+  `redirect.select`: iptables, nftables, or `auto`), behind `redirect.backend.RedirectionBackend`,
+  whose kernel work runs on a dedicated netns thread.  It takes every enrolled pod over from the
+  other backends (`redirect.backend.SoleRedirection`): after a switch, the first reconcile finds
+  the old backend's rules as drift and replaces them.
+
+The CNI plugin's requests (`<state-dir>/cni.sock`: a pod sandbox's ADD, DEL and CHECK) are served
+by `cni_service.CniService`, which asks a `cni_enroll.PodDecider` (`Agent(decider=...)`; the
+standalone one enrolls every pod it is told about) and enrolls through the same path, under the
+same lock.
+
 
 The CNI plugin's requests (`<state-dir>/cni.sock`: a pod sandbox's ADD, DEL and CHECK) are served
 by `cni_service.CniService`, which asks a `cni_enroll.PodDecider` (`Agent(decider=...)`; the
@@ -93,6 +102,7 @@ class Agent:
         state_dir: Path,
         backend: RedirectionBackend | None = None,
         decider: PodDecider | None = None,
+        backend_origin: str = "redirection.backend",
     ) -> None:
         self.config = config
         self.state_dir = state_dir
@@ -100,10 +110,16 @@ class Agent:
         self.last_reconcile: dict[str, Any] = {}
         self.state_lock = asyncio.Lock()
         self.executor = NetnsExecutor()
+        self.backend_choice = (
+            config.redirection.backend,
+            f"{backend_origin} is {config.redirection.backend}",
+        )
         if backend is None:
-            from agent.redirect.iptables import IptablesRedirection
+            from agent.redirect.select import make_backend, select_backend
 
-            backend = IptablesRedirection(config.redirection, self.executor)
+            choice = select_backend(config.redirection, backend_origin)
+            self.backend_choice = (choice.backend, choice.reason)
+            backend = make_backend(choice, config.redirection, self.executor)
         self.backend = backend
         self.certificates = Certificates(config.identity, state_dir)
         self.hub = ProxyHub(self._snapshot, self.state_lock)
@@ -199,7 +215,8 @@ class Agent:
             "version": __version__,
             "pid": os.getpid(),
             "node": self.config.node_name,
-            "backend": self.config.redirection.backend,
+            "backend": self.backend_choice[0],
+            "backend_reason": self.backend_choice[1],
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "proxies": self.hub.status(),
             "workloads": sorted(self.enrollments),
@@ -351,11 +368,12 @@ class Agent:
             asyncio.create_task(self.policy.jwks_forever(), name="jwks"),
         ]
         log.info(
-            "agent %s on node %s: state dir %s, %d enrolled workload(s)",
+            "agent %s on node %s: state dir %s, %d enrolled workload(s), backend %s (%s)",
             __version__,
             self.config.node_name,
             self.state_dir,
             len(self.enrollments),
+            *self.backend_choice,
         )
         stop = asyncio.create_task(self._stop.wait(), name="stop")
         done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -376,9 +394,11 @@ class Agent:
         log.info("agent stopped; redirection stays in place (fail closed while no proxy runs)")
 
 
-def run_agent(config: Config, state_dir: Path) -> None:
+def run_agent(config: Config, state_dir: Path, backend_origin: str = "redirection.backend") -> None:
+    """`agent run`; `backend_origin` names what set the backend (for `agent status`)."""
     try:
-        asyncio.run(Agent(config, state_dir).run())
+        asyncio.run(Agent(config, state_dir, backend_origin=backend_origin).run())
+
     except IdentityError as exc:
         raise SystemExit(f"agent: node credentials are unusable: {exc}") from exc
     except (AgentRunning, ConfigError, StoreError, OSError) as exc:

@@ -6,9 +6,10 @@ redirection rules and addresses back from the kernel inside every enrolled names
 (`read_back`).  A running agent does that read-back itself when asked (`"readback": true`: it has
 the iptables and netlink libraries loaded already, so the command stays quick); only when the
 agent is down does `gather` read the kernel itself, and only then does it need the configuration
-(the running agent's answer names its node, backend and trust domain).  The agent is asked first,
-from a thread, so its read-back overlaps with loading the store and asking the proxy; the
-enrollment modules are imported in that time too.  `assess` (pure) lists the
+(the running agent's answer names its node, its backend and why, and its trust domain; without
+it, the backend is chosen here as the agent would choose it, `agent.redirect.select`).  The
+agent is asked first, from a thread, so its read-back overlaps with loading the store and asking
+the proxy; the enrollment modules are imported in that time too.  `assess` (pure) lists the
 problems an operator must act on; `render` (pure) draws the table.  The JSON form (`--json`) is
 the gathered document itself; its schema is `ferry.status/v1`, see docs/status.md.
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from agent.config import Config
     from agent.netns import NetnsExecutor
     from agent.redirect.backend import RedirectionBackend
+    from agent.redirect.detect import Choice
     from agent.workloads import Workload
 
 SCHEMA = "ferry.status/v1"
@@ -82,20 +84,29 @@ def read_back(
     }
 
 
-def _read_locally(config: Config, enrollments: dict[str, Workload]) -> dict[str, Any]:
+def _read_locally(
+    config: Config, choice: Choice, enrollments: dict[str, Workload]
+) -> dict[str, Any]:
     from agent.netns import NetnsExecutor
-    from agent.redirect.iptables import IptablesRedirection  # python-iptables: only here
+    from agent.redirect.select import make_backend  # kernel libraries: only here
 
     executor = NetnsExecutor()
     try:
-        backend = IptablesRedirection(config.redirection, executor)
+        backend = make_backend(choice, config.redirection, executor)
         return {uid: read_back(w, backend, executor) for uid, w in enrollments.items()}
     finally:
         executor.shutdown()
 
 
+def _choose(config: Config) -> Choice:
+    from agent.redirect.select import select_backend
+
+    return select_backend(config.redirection)
+
+
 def gather(state_dir: Path, load_config: Callable[[], Config]) -> dict[str, Any]:
     config = cache(load_config)  # read only if the agent does not answer for itself
+    choice = cache(lambda: _choose(config()))  # likewise
     answers: dict[str, dict[str, Any]] = {}
     asking = threading.Thread(
         target=lambda: answers.update(
@@ -118,7 +129,7 @@ def gather(state_dir: Path, load_config: Callable[[], Config]) -> dict[str, Any]
     kernel: dict[str, Any] = agent.pop("readback", None) or {}
     missing = {uid: w for uid, w in enrollments.items() if uid not in kernel}
     if missing:
-        kernel.update(_read_locally(config(), missing))
+        kernel.update(_read_locally(config(), choice(), missing))
     identity = agent.get("identity") or {"trust_domain": config().identity.trust_domain}
     workloads = []
     for uid, w in sorted(enrollments.items(), key=lambda kv: kv[1].name):
@@ -149,7 +160,8 @@ def gather(state_dir: Path, load_config: Callable[[], Config]) -> dict[str, Any]
         "schema": SCHEMA,
         "generated_at": time.time(),
         "node": agent.get("node") or config().node_name,
-        "backend": agent.get("backend") or config().redirection.backend,
+        "backend": agent.get("backend") or choice().backend,
+        "backend_reason": agent.get("backend_reason", "") if agent["running"] else choice().reason,
         "state_dir": str(state_dir),
         "agent": agent,
         "proxy": proxy,
@@ -315,8 +327,10 @@ def render(document: dict[str, Any]) -> str:
     """The human table (pure; golden-tested)."""
     now = document["generated_at"]
     agent, proxy = document["agent"], document["proxy"]
+    why = f" ({document['backend_reason']})" if document.get("backend_reason") else ""
     lines = [
-        f"Node {document['node']}   backend {document['backend']}   state {document['state_dir']}"
+        f"Node {document['node']}   backend {document['backend']}{why}   "
+        f"state {document['state_dir']}"
     ]
     if agent["running"]:
         last = agent.get("last_reconcile") or {}

@@ -91,6 +91,8 @@ _ANY_PROTOCOL = {"ip", "all", "0", "ipv6"}
 class IptablesRedirection:
     """In-pod redirection with iptables-legacy rules and policy routing."""
 
+    name = "iptables"
+
     def __init__(self, cfg: RedirectionConfig, executor: NetnsExecutor) -> None:
         self.cfg = cfg
         self.executor = executor
@@ -118,9 +120,7 @@ class IptablesRedirection:
         """Delete Ferry's chains, jumps and routing from `netns`; fine if none are there."""
 
         def inside() -> None:
-            for family in FAMILIES:
-                for table in TABLES:
-                    _apply_table(RuleSet(), family, table)
+            _remove_chains()
             remove_routing(self.cfg)
 
         self._call(netns, inside)
@@ -129,6 +129,15 @@ class IptablesRedirection:
         """Whether anything of Ferry's (a chain, a jump or a route) is present in `netns`."""
         return self.inspect(netns).state != "missing"
 
+    def own_rules(self, netns: Path) -> tuple[str, ...]:
+        """Ferry's chains and jumps in `netns` as command lines (not the routing: it is shared
+        with the other backends)."""
+        return ruleset_commands(self._call(netns, _read_all))
+
+    def remove_own_rules(self, netns: Path) -> None:
+        """Delete Ferry's chains and jumps from `netns`, leaving the routing."""
+        self._call(netns, _remove_chains)
+
     def _call(self, netns: Path, fn: Callable[[], T]) -> T:
         try:
             return self.executor.call(netns, fn)
@@ -136,6 +145,12 @@ class IptablesRedirection:
             raise RedirectionError(f"netns {netns}: {exc}") from exc
         except OSError as exc:
             raise RedirectionError(f"netns {netns}: cannot enter: {exc.strerror}") from exc
+
+
+def _remove_chains() -> None:
+    for family in FAMILIES:
+        for table in TABLES:
+            _apply_table(RuleSet(), family, table)
 
 
 def _prepare_extensions() -> None:

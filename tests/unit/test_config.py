@@ -35,7 +35,7 @@ def test_file_overrides_only_what_it_names(tmp_path: Path) -> None:
     [
         ({"redirection": {"outbound_port": 70000}}, "70000"),
         ({"redirection": {"exclude_outbound_cidrs": ["10.0.0.0/33"]}}, "'10.0.0.0/33'"),
-        ({"redirection": {"backend": "pf"}}, "'pf'"),
+        ({"redirection": {"backend": "pf"}}, "'pf' is not one of auto, iptables, nftables, ebpf"),
         ({"redirection": {"inbound_port": 15001}}, "must differ"),
         ({"redirection": {"mark": 0x111}}, "mark and connmark"),
         ({"proxy": {"metrics_address": "localhost"}}, "'localhost'"),
@@ -54,6 +54,11 @@ def test_bad_values_are_named(raw: object, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(raw)
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("backend", ["auto", "iptables", "nftables", "ebpf"])
+def test_every_backend_is_a_valid_setting(backend: str) -> None:
+    assert parse_config({"redirection": {"backend": backend}}).redirection.backend == backend
 
 
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:

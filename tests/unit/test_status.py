@@ -24,6 +24,7 @@ def document(**changes: Any) -> dict[str, Any]:
         "generated_at": NOW,
         "node": "node-a",
         "backend": "iptables",
+        "backend_reason": "redirection.backend is iptables",
         "state_dir": "/run/ferry",
         "agent": {
             "running": True,

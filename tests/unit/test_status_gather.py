@@ -39,6 +39,10 @@ def test_a_stopped_agent_leaves_the_configured_trust_domain(state_dir: Path) -> 
     assert workload["identity"] == "spiffe://example.org/ns/shop/sa/web"
     assert (workload["netns_present"], workload["redirection"]) == (False, "gone")
     assert document["node"] == "node-a"
+    assert (document["backend"], document["backend_reason"]) == (
+        "iptables",
+        "redirection.backend is iptables",
+    )
 
 
 @pytest.fixture
