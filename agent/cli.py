@@ -14,6 +14,9 @@ admin client; the config, the enrollment checks and the kernel libraries only on
 use them; `cryptography` never), so they answer quickly: a CNI plugin runs the same paths on
 every pod start.
 
+`agent cni install|uninstall` (`agent.cni_cli`) chains the CNI plugin into a node's CNI config;
+it loads only when it is used, like `ca`.
+
 `agent policy` (`agent.policy.cli`, with `validate`, which needs no agent) loads only when it is
 used, like `ca`; `agent policy check` is added to it here: it asks the running agent (admin op
 `policy_check`) to decide one connection or request for an enrolled workload with the policy in
@@ -98,13 +101,17 @@ class Commands(click.Group):
     daemons and the everyday commands stay small."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), "ca", "policy"])
+        return sorted([*super().list_commands(ctx), "ca", "cni", "policy"])
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name == "ca":
             from agent.identity.cli import ca
 
             return ca
+        if cmd_name == "cni":
+            from agent.cni_cli import cni
+
+            return cni
         if cmd_name == "policy":
             from agent.policy.cli import policy
 

@@ -9,7 +9,8 @@ the value, and nothing starts with a half-understood configuration.  Names follo
 Every key, with its default; lines marked "example" show a value that is NOT the default:
 
 ```yaml
-node_name: node-a                # example; default: the host name, lower-cased (a DNS subdomain)
+node_name: node-a                # example; default: $NODE_NAME (a DaemonSet sets it from
+                                 # spec.nodeName), else the host name, lower-cased (a DNS subdomain)
 redirection:
   backend: iptables              # default: iptables | nftables | ebpf | auto (eBPF when the
                                  # kernel allows, else nftables when the host's rules are nft,
@@ -55,6 +56,18 @@ policy:
                                  # they count per node)
   redis_on_failure: local        # default: local (count per node) | allow | deny, while Redis fails
   redis_timeout: 0.05            # default, seconds a rate-limit take may wait for Redis
+kubernetes:
+  enabled: false                 # default: true runs the agent as a Kubernetes node agent (pods on
+                                 # this node enrolled by their ferry.dev/mesh labels; docs/kubernetes.md)
+  kubeconfig: ""                 # default: in-cluster (the pod's service account), else
+                                 # $KUBECONFIG or ~/.kube/config; or a kubeconfig file's path
+  system_namespace: ferry-system # default: Ferry's own namespace, whose pods are never enrolled
+  policies: true                 # default: policy from the API server's AuthorizationPolicy,
+                                 # RequestAuthentication and RateLimitPolicy objects (false:
+                                 # policy.directory, as off Kubernetes)
+  annotate: true                 # default: write ferry.dev/redirection(-reason) on every pod
+  scan_interval: 5.0             # default, seconds between process scans while a selected pod
+                                 # has no known network namespace
 workloads:                       # example; default: [] (declarative standalone enrollments)
   - netns: web                   # example: a name under /var/run/netns, or a path
     namespace: shop              # example
@@ -150,6 +163,16 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class KubernetesConfig:
+    enabled: bool = False
+    kubeconfig: str = ""
+    system_namespace: str = "ferry-system"
+    policies: bool = True
+    annotate: bool = True
+    scan_interval: float = 5.0
+
+
+@dataclass(frozen=True)
 class WorkloadSpec:
     """One declarative enrollment from the config's `workloads` list."""
 
@@ -168,6 +191,7 @@ class Config:
     identity: IdentityConfig = IdentityConfig()
     mesh: MeshConfig = MeshConfig()
     policy: PolicyConfig = PolicyConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
     workloads: tuple[WorkloadSpec, ...] = ()
 
 
@@ -354,6 +378,17 @@ def _policy(raw: Any) -> PolicyConfig:
     )
 
 
+def _kubernetes(raw: Any) -> KubernetesConfig:
+    cfg = replace(KubernetesConfig(), **_section("kubernetes", raw, KubernetesConfig))
+    for key in ("enabled", "policies", "annotate"):
+        if not isinstance(getattr(cfg, key), bool):
+            raise ConfigError(f"kubernetes.{key}: {getattr(cfg, key)!r} is not true or false")
+    if not isinstance(cfg.kubeconfig, str):
+        raise ConfigError(f"kubernetes.kubeconfig: {cfg.kubeconfig!r} is not a path")
+    _label("kubernetes.system_namespace", cfg.system_namespace)
+    return replace(cfg, scan_interval=_positive("kubernetes.scan_interval", cfg.scan_interval))
+
+
 def _labels(key: str, value: Any) -> tuple[tuple[str, str], ...]:
     try:
         return names.labels(_mapping(key, value))
@@ -382,12 +417,16 @@ def _workloads(raw: Any) -> tuple[WorkloadSpec, ...]:
 
 
 def _node_name(values: dict[str, Any]) -> str:
-    if "node_name" not in values:
+    """`node_name`, else $NODE_NAME (a DaemonSet's downward API), else the host name."""
+    key, value = "node_name", values.get("node_name")
+    if value is None and os.environ.get("NODE_NAME"):
+        key, value = "NODE_NAME (environment)", os.environ["NODE_NAME"]
+    if value is None:
         return Config().node_name  # the host name: checked where it is used, `node_name_of`
     try:
-        return names.node_name(values["node_name"])
+        return names.node_name(value)
     except names.InvalidName as exc:
-        raise ConfigError(f"node_name: {exc}") from None
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def node_name_of(config: Config) -> str:
@@ -413,6 +452,7 @@ def parse_config(raw: Any) -> Config:
         identity=_identity(values.get("identity")),
         mesh=_mesh(values.get("mesh")),
         policy=_policy(values.get("policy")),
+        kubernetes=_kubernetes(values.get("kubernetes")),
         workloads=_workloads(values.get("workloads")),
     )
 
