@@ -169,6 +169,21 @@ DENY_STREAM_LOOP = Deny(Reason.LOOP, 403)
 EGRESS_MODES = ("passthrough", "refuse")
 
 
+def app_address(workload: WorkloadFacts, peer_ip: str) -> str:
+    """The app's address as an outbound connection shows it.  After an iptables or nftables
+    REDIRECT the peer keeps the pod's address; the eBPF backend's connect hook sends the app to
+    the listener over loopback, so a loopback peer stands for the workload's own address of that
+    family (when it has one), which same-node delivery and policy need."""
+    try:
+        address = ipaddress.ip_address(peer_ip)
+    except ValueError:
+        return peer_ip
+    if not address.is_loopback:
+        return peer_ip
+    own = sorted(ip for ip in workload.ips if ipaddress.ip_address(ip).version == address.version)
+    return own[0] if own else peer_ip
+
+
 def is_own_listener(ip: str, port: int, workload: WorkloadFacts, own_ports: frozenset[int]) -> bool:
     """True when ip:port is one of the proxy's listeners inside `workload`'s netns: a client
     that reaches it directly (not through a redirect) would make the proxy connect to itself."""

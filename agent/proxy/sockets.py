@@ -112,12 +112,21 @@ def open_listeners(netns_fd: int, cfg: RedirectionConfig) -> list[Listener]:
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:
-    """The destination the client asked for before REDIRECT rewrote it (SO_ORIGINAL_DST)."""
-    if sock.family == socket.AF_INET6:
-        raw = sock.getsockopt(SOL_IPV6, SO_ORIGINAL_DST, _SOCKADDR_IN6.size)
-        port, _flow, addr, _scope = _SOCKADDR_IN6.unpack_from(raw)
-        return socket.inet_ntop(socket.AF_INET6, addr), port
-    raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN.size)
+    """The destination the client asked for before REDIRECT rewrote it (SO_ORIGINAL_DST; the
+    eBPF backend's getsockopt program answers it too).  A connection that was never NATed (the
+    eBPF backend's sk_lookup hands it over unchanged; conntrack has no entry) is addressed to
+    where the client asked: its local address."""
+    try:
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(SOL_IPV6, SO_ORIGINAL_DST, _SOCKADDR_IN6.size)
+            port, _flow, addr, _scope = _SOCKADDR_IN6.unpack_from(raw)
+            return socket.inet_ntop(socket.AF_INET6, addr), port
+        raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN.size)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOPROTOOPT):
+            raise
+        host, port = sock.getsockname()[:2]
+        return host, port
     port, addr = _SOCKADDR_IN.unpack_from(raw)
     return socket.inet_ntop(socket.AF_INET, addr), port
 

@@ -83,6 +83,7 @@ from agent.proxy.policy_state import PolicyRejected, PolicyState
 from agent.proxy.ratelimit_store import SharedBuckets
 from agent.proxy.sockets import Listener, open_listeners
 from agent.proxy.workers import MakeMessage, WorkerPool
+from agent.redirect import ebpf_listeners
 from agent.workloads import Workload
 
 log = logging.getLogger("ferry.proxy")
@@ -226,6 +227,7 @@ class Supervisor:
             current = self.served.get(workload.uid)
             if current is not None and current.workload == workload and current.mode == mode:
                 os.close(netns_fd)  # already serving it (a snapshot after reconnect)
+                self._register(current)
                 return
             if current is not None:
                 self.remove(workload.uid)
@@ -240,8 +242,20 @@ class Supervisor:
             if errors:
                 self.remove(workload.uid)
                 raise ValueError("; ".join(errors))
+            self._register(served)
         log.info("serving %s (%s/%s): %d listener(s)", workload.name, workload.namespace,
                  workload.service_account, len(listeners))  # fmt: skip
+
+    def _register(self, served: Served) -> None:
+        """Put the inbound listeners where the eBPF backend's sk_lookup finds them, when its map
+        is pinned in the state dir (`agent.redirect.ebpf_listeners`; the agent may have made it
+        anew since the last time).  Without it inbound connections are refused (fail closed)."""
+        inbound = [lst.sock for lst in served.listeners if lst.direction == "inbound"]
+        try:
+            ebpf_listeners.register(self.state_dir, inbound)
+        except OSError as exc:
+            log.error("%s: inbound listeners not registered for eBPF redirection: %s",
+                      served.workload.name, exc)  # fmt: skip
 
     def remove(self, uid: str) -> None:
         with self.lock:

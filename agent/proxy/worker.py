@@ -209,6 +209,7 @@ class Worker:
         return on_accept
 
     def _outbound(self, wl: ServedWorkload, client: socket.socket, peer: Any) -> None:
+        peer = (decide.app_address(wl, peer[0]), peer[1])
         try:
             client.setblocking(False)
             dst: tuple[str, int] = original_dst(client)
