@@ -324,7 +324,7 @@ def _unenroll_offline(state_dir: Path, why: str, netns: str, config_path: Path |
         target = reach(workload, path, live)
         if target is not None:
             try:
-                _remove_redirection([target], config, strict=True)
+                _remove_redirection([target], config, state_dir, strict=True)
             except (ValueError, OSError) as exc:
                 raise click.ClickException(
                     f"forgot the enrollment of {netns}, but removing its redirection from "
@@ -371,7 +371,9 @@ def _all_netns() -> list[Path]:
     return list(seen.values())
 
 
-def _remove_redirection(paths: list[Path], config: Config, strict: bool = False) -> list[Path]:
+def _remove_redirection(
+    paths: list[Path], config: Config, state_dir: Path, strict: bool = False
+) -> list[Path]:
     """Remove every backend's redirection from `paths` (with `config`'s route table and marks);
     the ones that had some.  A namespace that goes away meanwhile (a process's, which exited) is
     skipped, unless `strict`; a failure in a namespace that is still there is raised."""
@@ -382,7 +384,7 @@ def _remove_redirection(paths: list[Path], config: Config, strict: bool = False)
     executor = NetnsExecutor()
     cleaned = []
     try:
-        backends = every_backend(config.redirection, executor)
+        backends = every_backend(config.redirection, executor, state_dir)
         for path in paths:
             try:
                 if any(backend.installed(path) for backend in backends):
@@ -410,9 +412,13 @@ def cleanup(state_dir: Path, config_path: Path | None) -> None:
     refusal = f"the agent is running on {state_dir}; stop it first (it would re-apply the rules)"
     with _one_line(), agent_stopped(state_dir, refusal):
         node = node_name_of(config)
-        cleaned = _remove_redirection(_all_netns(), config)
+        cleaned = _remove_redirection(_all_netns(), config, state_dir)
         for path in cleaned:
             click.echo(f"removed redirection from {path}")
+        from agent.redirect.ebpf import cleanup as ebpf_cleanup
+
+        if ebpf_cleanup(state_dir):
+            click.echo(f"removed pinned eBPF programs, maps and links under {state_dir}")
         store = EnrollmentStore(state_dir)
         directory = Path(config.mesh.directory or state_dir / "directory")
         from agent.policy_store import POLICY_STATE

@@ -119,7 +119,7 @@ class Agent:
 
             choice = select_backend(config.redirection, backend_origin)
             self.backend_choice = (choice.backend, choice.reason)
-            backend = make_backend(choice, config.redirection, self.executor)
+            backend = make_backend(choice, config.redirection, self.executor, state_dir)
         self.backend = backend
         self.certificates = Certificates(config.identity, state_dir)
         self.hub = ProxyHub(self._snapshot, self.state_lock)

@@ -85,14 +85,14 @@ def read_back(
 
 
 def _read_locally(
-    config: Config, choice: Choice, enrollments: dict[str, Workload]
+    config: Config, choice: Choice, enrollments: dict[str, Workload], state_dir: Path
 ) -> dict[str, Any]:
     from agent.netns import NetnsExecutor
     from agent.redirect.select import make_backend  # kernel libraries: only here
 
     executor = NetnsExecutor()
     try:
-        backend = make_backend(choice, config.redirection, executor)
+        backend = make_backend(choice, config.redirection, executor, state_dir, read_only=True)
         return {uid: read_back(w, backend, executor) for uid, w in enrollments.items()}
     finally:
         executor.shutdown()
@@ -129,7 +129,7 @@ def gather(state_dir: Path, load_config: Callable[[], Config]) -> dict[str, Any]
     kernel: dict[str, Any] = agent.pop("readback", None) or {}
     missing = {uid: w for uid, w in enrollments.items() if uid not in kernel}
     if missing:
-        kernel.update(_read_locally(config(), choice(), missing))
+        kernel.update(_read_locally(config(), choice(), missing, state_dir))
     identity = agent.get("identity") or {"trust_domain": config().identity.trust_domain}
     workloads = []
     for uid, w in sorted(enrollments.items(), key=lambda kv: kv[1].name):

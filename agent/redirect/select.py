@@ -13,14 +13,17 @@ them all, for `agent cleanup`, which removes every backend's rules.
 
 Whether each backend can run here: iptables always (python-iptables is a dependency);
 nftables when Debian's `python3-nftables` bindings import and the kernel answers a listing;
-eBPF when `ebpf_support()` says so.  `ebpf_support` is the seam for the eBPF backend
-(agent/redirect/ebpf.py): until that backend replaces it, it answers (False, why) and `auto`
-never picks eBPF.  The kernel libraries load only here, when a backend is built or detected.
+eBPF when `agent.redirect.ebpf.support()` says so (the kernel loads its program types, kernel
+headers and bcc are there; the reason names the headers, and warns when they are not the
+running kernel's, which `agent status` shows).  eBPF as another backend (not selected) only
+reads and removes what is pinned under the state dir: it never compiles or creates anything.
+The kernel libraries load only here, when a backend is built or detected.
 """
 
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from agent.config import ConfigError, RedirectionConfig
@@ -39,7 +42,9 @@ class Backend(RedirectionBackend, ForeignRules, Protocol):
 
 def ebpf_support() -> tuple[bool, str]:
     """Whether the eBPF backend can run on this node, and why (not)."""
-    return False, "eBPF backend not built yet"
+    from agent.redirect.ebpf import support
+
+    return support()
 
 
 def _nftables_probe() -> tuple[bool, str, str]:
@@ -95,10 +100,16 @@ def select_backend(cfg: RedirectionConfig, origin: str = "redirection.backend") 
     usable, why = _support(name)
     if not usable:
         raise ConfigError(f"{origin}: {name!r} cannot run on this node: {why}")
-    return Choice(name, f"{origin} is {name}")
+    return Choice(name, f"{origin} is {name}" + (f"; {why}" if name == "ebpf" else ""))
 
 
-def _build(name: BackendName, cfg: RedirectionConfig, executor: NetnsExecutor) -> Backend:
+def _build(
+    name: BackendName, cfg: RedirectionConfig, executor: NetnsExecutor, state_dir: Path, load: bool
+) -> Backend:
+    if name == "ebpf":
+        from agent.redirect.ebpf import EbpfRedirection
+
+        return EbpfRedirection(cfg, executor, state_dir, load=load)
     if name == "nftables":
         from agent.redirect.nftables import NftablesRedirection
 
@@ -107,21 +118,30 @@ def _build(name: BackendName, cfg: RedirectionConfig, executor: NetnsExecutor) -
         from agent.redirect.iptables import IptablesRedirection
 
         return IptablesRedirection(cfg, executor)
-    raise ConfigError(f"redirection.backend: {name!r} cannot run on this node: "
-                      f"{ebpf_support()[1]}")  # fmt: skip
 
 
-def every_backend(cfg: RedirectionConfig, executor: NetnsExecutor) -> list[Backend]:
-    """Every backend that can run on this node."""
+def every_backend(
+    cfg: RedirectionConfig, executor: NetnsExecutor, state_dir: Path, chosen: str = ""
+) -> list[Backend]:
+    """Every backend that can run on this node; only `chosen` loads (eBPF: its programs)."""
     names: tuple[BackendName, ...] = ("iptables", "nftables", "ebpf")
-    return [_build(name, cfg, executor) for name in names if _support(name)[0]]
+    return [
+        _build(name, cfg, executor, state_dir, name == chosen)
+        for name in names
+        if _support(name)[0]
+    ]
 
 
 def make_backend(
-    choice: Choice, cfg: RedirectionConfig, executor: NetnsExecutor
+    choice: Choice,
+    cfg: RedirectionConfig,
+    executor: NetnsExecutor,
+    state_dir: Path,
+    read_only: bool = False,
 ) -> SoleRedirection:
-    """The chosen backend, taking pods over from every other usable backend."""
-    backends = every_backend(cfg, executor)
+    """The chosen backend, taking pods over from every other usable backend; `read_only` (for
+    `agent status`): the eBPF backend reads what is pinned and loads nothing."""
+    backends = every_backend(cfg, executor, state_dir, "" if read_only else choice.backend)
     selected = [b for b in backends if b.name == choice.backend]
     if not selected:
         raise ConfigError(f"redirection.backend: {choice.backend!r} cannot run on this node")
