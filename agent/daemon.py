@@ -51,7 +51,7 @@ import signal
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.admin import (
@@ -75,7 +75,7 @@ from agent.jwks_fetch import JwksKeys
 from agent.netns import NetnsError, NetnsExecutor, pod_addresses
 from agent.netns_id import current_id
 from agent.policy_check import CheckRequest
-from agent.policy_source import DirectorySource
+from agent.policy_source import DirectorySource, PolicySource
 from agent.policy_store import PolicyStore
 from agent.proxy_hub import ProxyHub
 from agent.publishing import Publisher
@@ -91,6 +91,10 @@ from agent.reconcile import (
 from agent.redirect.backend import RedirectionBackend
 from agent.status import read_back
 from agent.workloads import Enrollments, EnrollmentStore, StoreError, Workload
+
+if TYPE_CHECKING:
+    from agent.kube.client import KubeClient
+    from agent.kube.controller import KubeController
 
 log = logging.getLogger("ferry.agent")
 
@@ -125,8 +129,18 @@ class Agent:
         self.hub = ProxyHub(self._snapshot, self.state_lock)
         self.publisher = Publisher(config, state_dir, self.hub)
         self.store = EnrollmentStore(state_dir)
+        source: PolicySource = DirectorySource(Path(config.policy.directory))
+        kube: KubeClient | None = None
+        if config.kubernetes.enabled:  # lightkube is loaded only then
+            from agent.kube.client import KubeClient, connect
+            from agent.kube.policy_source import KubernetesSource
+
+            kube = KubeClient(connect(config.kubernetes.kubeconfig), node_name_of(config),
+                              config.kubernetes.policies)  # fmt: skip
+            if config.kubernetes.policies:
+                source = KubernetesSource(kube.policies)
         self.policy = PolicyStore(
-            DirectorySource(Path(config.policy.directory)),
+            source,
             self.hub,
             self.state_lock,
             config.policy,
@@ -143,6 +157,13 @@ class Agent:
             config.mesh,
             self._addresses,
         )
+        self.kube: KubeController | None = None
+        if kube is not None:
+            from agent.kube.controller import KubeController, KubernetesDecider
+
+            self.kube = KubeController(config.kubernetes, node_name_of(config), kube,
+                                       self.enrollment, self.state_lock)  # fmt: skip
+            decider = decider or KubernetesDecider(self.kube)
         self.cni = CniService(
             self.enrollment, self.state_lock, backend, decider or StandaloneDecider(), state_dir
         )
@@ -225,6 +246,7 @@ class Agent:
             "modes": {uid: self.enrollment.mode(w) for uid, w in self.enrollments.items()},
             "directory": self.publisher.status(),
             "policy": self.policy.status(self.enrollments),
+            "kubernetes": self.kube.status() if self.kube is not None else None,
         }
         if readback:  # the kernel's view, read now, for `agent status`
             workloads = dict(self.enrollments)
@@ -367,6 +389,8 @@ class Agent:
             asyncio.create_task(self.policy.follow(), name="policy"),
             asyncio.create_task(self.policy.jwks_forever(), name="jwks"),
         ]
+        if self.kube is not None:
+            tasks.append(asyncio.create_task(self.kube.run(), name="kubernetes"))
         log.info(
             "agent %s on node %s: state dir %s, %d enrolled workload(s), backend %s (%s)",
             __version__,
@@ -387,6 +411,8 @@ class Agent:
         control.close()
         self.hub.close()
         self.policy.source.close()
+        if self.kube is not None:
+            await self.kube.client.close()
         for name in (AGENT_SOCKET, CNI_SOCKET, CONTROL_SOCKET):
             with contextlib.suppress(FileNotFoundError):
                 (self.state_dir / name).unlink()

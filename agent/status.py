@@ -19,6 +19,11 @@ documents that select it; the proxy reports, per worker, the version it enforces
 (`policy_version`) and per flow the connections denied by reason (`denied_by`).  Each workload
 row shows its labels, its documents and its denials by reason; a rejected change, a JWKS that
 failed, a proxy that refused a policy and a worker behind the agent's version are problems.
+
+Kubernetes (`kubernetes.enabled`): the agent reports the pods on its node, each with the rule that
+applied and its redirection state, and the health of its watches; `agent.kube.view` draws that
+section and names its problems (a watch not listed yet or failing, annotations failing, a pod
+that should be enrolled and is not).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.admin import AGENT_SOCKET, PROXY_SOCKET, AdminUnavailable, request
+from agent.kube import view as kubernetes_view
 
 if TYPE_CHECKING:
     from agent.config import Config
@@ -242,6 +248,8 @@ def assess(document: dict[str, Any]) -> list[str]:
         problems.append(f"mesh directory: {problem}")
     if agent["running"]:
         problems += policy_problems(agent)
+    if agent["running"] and agent.get("kubernetes"):
+        problems += kubernetes_view.problems(agent["kubernetes"])
     for w in document["workloads"]:
         label = f"{w['namespace']}/{w['name']}"
         if not w["netns_present"]:
@@ -381,6 +389,9 @@ def render(document: dict[str, Any]) -> str:
             )
         else:
             lines.append("Identity  none: no node credentials, traffic between nodes is plaintext")
+    kube = agent.get("kubernetes") if agent["running"] else None
+    if kube:
+        lines += kubernetes_view.lines(kube, now, _ago)
     lines.append("")
     header = (
         "WORKLOAD",

@@ -1,7 +1,8 @@
 """The agent's Kubernetes part: pods on this node enrolled by the rules, and the CNI decider.
 
 `KubeController` runs the pod and namespace reflectors (`agent.kube.client`) and reconciles
-whenever they change (and every `RESYNC` seconds): it reads the pods and namespaces with the
+whenever they change (and every `RESYNC` seconds, sooner while a pod waits for its netns or a
+failed enrollment is due again): it reads the pods and namespaces with the
 pure parsers, finds the network namespace of every pod it has none for (the CNI plugin reports
 new pods through `KubernetesDecider`; pods that ran before are found by `agent.kube.scan`, run
 in a thread, once for every pod it has not looked for yet and again every `scan_interval` while
@@ -135,9 +136,19 @@ class KubeController:
             for task in tasks:
                 task.cancel()
 
+    def _next_look(self) -> float:
+        """Seconds until the next reconcile without a change: soon while a selected pod waits
+        for its netns (the next scan) or a failed enrollment is due again."""
+        delay = RESYNC
+        if any(v.state == "pending" for v in self.views.values()):
+            delay = min(delay, self.config.scan_interval)
+        if self.failures:
+            delay = min(delay, pods.RETRY_FAILED)
+        return delay
+
     async def _changed(self) -> None:
         loop = asyncio.get_running_loop()
-        resync = loop.call_later(RESYNC, self._dirty.set)
+        resync = loop.call_later(self._next_look(), self._dirty.set)
         try:
             await self._dirty.wait()
         finally:

@@ -6,8 +6,8 @@ existed before it (or before Ferry was installed) are found here: every process 
 namespace at `/proc/<pid>/ns/net`.  A path that outlives the process is preferred: the runtime
 pins each sandbox's namespace under /var/run/netns (containerd: `cni-<uuid>`), so the pinned
 path with the same namespace identity is used when there is one.  Processes in the host's
-network namespace are skipped (a hostNetwork pod is never enrolled anyway).  The agent needs the
-host's PID namespace for this (the DaemonSet's `hostPID: true`).
+network namespace (PID 1's, or the agent's own) are skipped: a hostNetwork pod is never
+enrolled.  The agent needs the host's PID namespace for this (the DaemonSet's `hostPID: true`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import psutil
 
 from agent.kube.cgroups import pod_uid
 from agent.kube.pods import NetnsRef
+from agent.netns import host_namespaces
 from agent.netns_id import NetnsId, current_id
 
 PINNED_DIRS = (Path("/var/run/netns"), Path("/run/netns"))
@@ -41,7 +42,7 @@ def pinned_namespaces(dirs: Collection[Path] = PINNED_DIRS) -> dict[NetnsId, Pat
 
 def scan(wanted: Collection[str] | None = None, proc: Path = Path("/proc")) -> dict[str, NetnsRef]:
     """Pod UID -> where its network namespace is, for the pods in `wanted` (None: all)."""
-    host = current_id(proc / "1" / "ns" / "net")
+    host = set(host_namespaces())
     pinned: dict[NetnsId, Path] | None = None
     found: dict[str, NetnsRef] = {}
     for pid in psutil.pids():
@@ -53,7 +54,7 @@ def scan(wanted: Collection[str] | None = None, proc: Path = Path("/proc")) -> d
             continue
         path = proc / str(pid) / "ns" / "net"
         netns = current_id(path)
-        if netns is None or netns == host:
+        if netns is None or netns in host:
             continue
         if pinned is None:
             pinned = pinned_namespaces()

@@ -1,0 +1,193 @@
+"""A real `agent run` with `kubernetes.enabled`, against the stand-in API server.
+
+The agent runs in a throwaway node namespace (as in test_enrollment_safety); the stand-in API
+server (tests/kube_standin.py) listens on the node's loopback (its socket made inside the node's
+namespace, served by this process), and the agent reaches it through a kubeconfig with a
+bearer token.  Pods are `PodSandbox`es (tests/integration/kube_pods.py): a pinned netns, a
+cgroup named after the pod's UID and a process, so the agent finds their namespaces the way it
+does on a node for pods that ran before it (the process scan), and the same pods are objects of
+the API server.  What an operator would see is checked: which pods get redirection rules in
+their namespace, the annotations the agent writes, label flips, a watch that expired, the
+Kubernetes view of `agent status`, and policy objects from the API server in force.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agent.admin import request
+from agent.netns import NetnsExecutor
+from tests.integration.kube_pods import PodSandbox
+from tests.integration.test_enrollment_safety import Node, ferry_rules
+from tests.kube_standin import KubeStandin
+
+TOKEN = secrets.token_hex(24)
+NODE = "safety"  # what Node writes as node_name
+MESH = "ferry.dev/mesh"
+STATE = "ferry.dev/redirection"
+REASON = "ferry.dev/redirection-reason"
+
+
+class KubeNode(Node):
+    def __init__(self, workdir: Path) -> None:
+        self.kubeconfig = workdir / "kubeconfig"
+        self.sandboxes: dict[str, PodSandbox] = {}
+        self.api: KubeStandin | None = None
+        self.executor = NetnsExecutor()
+        super().__init__(workdir)
+        try:
+            sock = self.executor.call(
+                f"/var/run/netns/{self.netns}", lambda: socket.create_server(("127.0.0.1", 0))
+            )
+            self.api = KubeStandin(TOKEN, sock=sock, bookmark_interval=0.5)
+            self.kubeconfig.write_text(yaml.safe_dump({
+                "apiVersion": "v1", "kind": "Config", "current-context": "node",
+                "clusters": [{"name": "c", "cluster": {"server": self.api.url}}],
+                "users": [{"name": "agent", "user": {"token": TOKEN}}],
+                "contexts": [{"name": "node", "context": {"cluster": "c", "user": "agent"}}],
+            }))  # fmt: skip
+        except BaseException:
+            self.teardown()
+            raise
+
+    def configure(self, **settings: Any) -> None:
+        kube = {"enabled": True, "kubeconfig": str(self.kubeconfig), "scan_interval": 0.2}
+        settings.setdefault("kubernetes", kube)
+        super().configure(**settings)
+
+    @property
+    def server(self) -> KubeStandin:
+        assert self.api is not None
+        return self.api
+
+    def namespace(self, name: str, **labels: str) -> None:
+        self.server.apply("namespaces", {"metadata": {"name": name, "labels": labels}})
+
+    def k8s_pod(self, name: str, namespace: str = "shop", labels: dict[str, str] | None = None,
+                host_network: bool = False) -> PodSandbox:  # fmt: skip
+        sandbox = PodSandbox(host_network=host_network)
+        self.sandboxes[f"{namespace}/{name}"] = sandbox
+        self.label(name, namespace, labels, host_network)
+        return sandbox
+
+    def label(self, name: str, namespace: str = "shop", labels: dict[str, str] | None = None,
+              host_network: bool = False) -> None:  # fmt: skip
+        """Create or replace the pod object (same UID), with these labels."""
+        sandbox = self.sandboxes[f"{namespace}/{name}"]
+        self.server.apply("pods", {
+            "metadata": {"name": name, "namespace": namespace, "uid": sandbox.uid,
+                         "labels": labels or {}},
+            "spec": {"nodeName": NODE, "serviceAccountName": "web", "hostNetwork": host_network,
+                     "containers": [{"name": "app", "image": "app"}]},
+            "status": {"phase": "Running"},
+        })  # fmt: skip
+
+    def annotations(self, name: str, namespace: str = "shop") -> dict[str, str]:
+        found = self.server.get("pods", namespace, name)
+        assert found is not None
+        return {k: v for k, v in (found["metadata"].get("annotations") or {}).items()
+                if k.startswith("ferry.dev/")}  # fmt: skip
+
+    def kube_status(self) -> dict[str, Any]:
+        reply = request(self.state_dir / "agent.sock", {"op": "status"})
+        assert reply["ok"], reply
+        kube: dict[str, Any] = reply["kubernetes"]
+        return kube
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        finally:
+            for sandbox in self.sandboxes.values():
+                sandbox.remove()
+            if self.api is not None:
+                self.api.close()
+            self.executor.shutdown()
+
+
+@pytest.fixture
+def node(privileged: None, tmp_path: Path) -> Iterator[KubeNode]:
+    host_before = ferry_rules(None)
+    made = KubeNode(tmp_path)
+    try:
+        yield made
+    finally:
+        made.teardown()
+    assert ferry_rules(None) == host_before
+
+
+def test_pods_are_enrolled_by_their_labels_and_annotated(node: KubeNode) -> None:
+    node.namespace("shop", **{MESH: "enabled"})
+    node.namespace("plain")
+    web = node.k8s_pod("web", labels={"app": "web"})  # running before the agent: found by scan
+    off = node.k8s_pod("off", labels={MESH: "disabled"})
+    other = node.k8s_pod("other", "plain")
+    node.k8s_pod("hostnet", host_network=True)
+    node.start()
+    node.wait(lambda: node.enrolled() == ["web"], "web enrolled")
+    stored = json.loads(node.store())["workloads"][0]
+    assert (stored["namespace"], stored["service_account"], stored["labels"]) == (
+        "shop", "web", {"app": "web"})  # fmt: skip
+    assert stored["netns"] == web.netns_path
+    assert ferry_rules(web.netns) != []
+    assert ferry_rules(off.netns) == [] and ferry_rules(other.netns) == []
+    node.wait(
+        lambda: (
+            node.annotations("web")
+            == {STATE: "enabled", REASON: "namespace label ferry.dev/mesh=enabled"}
+        ),
+        "the annotation",
+    )
+    assert node.annotations("off") == {} and node.annotations("other", "plain") == {}
+
+    started = time.monotonic()  # a new pod with the label: from the watch event to its rules
+    api = node.k8s_pod("api", "plain", labels={MESH: "enabled"})
+    node.wait(lambda: ferry_rules(api.netns) != [], "api's redirection")
+    latency = time.monotonic() - started
+    assert latency < 2.0, latency
+    print(f"watch event to redirection in place: {latency * 1e3:.0f} ms")
+
+    node.label("web", labels={"app": "web", MESH: "disabled"})  # opts out: rules removed
+    node.wait(lambda: ferry_rules(web.netns) == [], "web unenrolled")
+    node.wait(lambda: node.annotations("web") == {}, "web's annotations removed")
+    assert node.enrolled() == ["api"]
+    node.label("web", labels={"app": "web"})  # back in, through its namespace again
+    node.wait(lambda: ferry_rules(web.netns) != [], "web enrolled again")
+
+    status = node.cli("status", "--json")
+    document = json.loads(status.stdout)
+    kube = document["agent"]["kubernetes"]
+    pods = {f"{p['namespace']}/{p['name']}": p for p in kube["pods"]}
+    assert (pods["shop/web"]["enrolled"], pods["shop/web"]["state"]) == (True, "enabled")
+    assert pods["shop/off"]["rule"] == "pod label ferry.dev/mesh=disabled"
+    assert pods["shop/hostnet"]["rule"].startswith("host network")
+    assert pods["plain/other"]["rule"].startswith("not selected")
+    assert kube["watches"]["pods"]["synced"] and kube["watches"]["pods"]["errors"] == 0
+    table = node.cli("status").stdout
+    assert "Kubernetes  node safety" in table, table
+    assert "shop/off" in table and "pod label ferry.dev/mesh=disabled" in table
+    assert TOKEN not in node.log.read_text()
+
+
+def test_a_watch_that_expired_relists_and_unenrolls_what_was_deleted(node: KubeNode) -> None:
+    node.namespace("shop", **{MESH: "enabled"})
+    web = node.k8s_pod("web")
+    api = node.k8s_pod("api")
+    node.start()
+    node.wait(lambda: node.enrolled() == ["api", "web"], "both enrolled")
+    node.wait(lambda: node.kube_status()["watches"]["pods"]["events"] >= 2, "annotation events")
+    node.server.expire(lambda: node.server.delete("pods", "shop", "web"))  # unseen by any watch
+    node.wait(lambda: node.enrolled() == ["api"], "web unenrolled after the relist")
+    assert ferry_rules(web.netns) == [] and ferry_rules(api.netns) != []
+    watches = node.kube_status()["watches"]["pods"]
+    assert watches["relists"] == 1, watches
+    assert "listing again" in node.log.read_text()
