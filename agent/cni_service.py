@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from agent.cni_enroll import (
@@ -134,6 +135,7 @@ class CniService:
 
     async def handle(self, data: bytes) -> bytes:
         """One invocation in, the plugin's reply frame out (never raises)."""
+        started = time.monotonic()
         try:
             invocation = parse_invocation(data)
         except CniError as exc:
@@ -158,6 +160,8 @@ class CniService:
                 f"{type(exc).__name__}: {exc}",
                 invocation.cni_version,
             )
+        log.info("CNI %s of %s answered in %.1f ms", invocation.command,
+                 pod_ref(invocation).describe(), (time.monotonic() - started) * 1e3)  # fmt: skip
         return ok_reply(invocation)
 
     async def _decide(self, pod: PodRef) -> Decision:
@@ -204,6 +208,7 @@ class CniService:
                         decision.mode,
                         decision.labels,
                         name=workload_name(pod),
+                        ips=tuple(sorted(pod.ips)),
                     )
                 except ValueError as exc:  # EnrollmentError, NetnsError: rolled back
                     raise CniError(

@@ -161,10 +161,12 @@ class Enrollment:
         mode: str | None = None,
         labels: Mapping[str, str] | None = None,
         name: str | None = None,
+        ips: tuple[str, ...] = (),
     ) -> Enrolled:
         """Enroll the namespace `netns` (a name or a path) as namespace/service_account, with
         `labels` for policy selectors; `name` is what status shows (default: the path's last
-        part; the CNI plugin gives the pod's name)."""
+        part; the CNI plugin gives the pod's name), `ips` its addresses when the caller knows
+        them (the CNI plugin: from prevResult; default: read in the namespace)."""
         started = time.monotonic()
         check_request(namespace, service_account, mode, labels)
         path, netns_id = self.resolve(netns)
@@ -174,7 +176,8 @@ class Enrollment:
         plan = plan_enroll(self.enrollments, workload, self.forbidden())
         for stale in plan.stale:
             await self.forget(stale, f"a new network namespace is enrolled at {stale.netns}")
-        ips = await asyncio.to_thread(self.addresses, path)
+        if not ips:
+            ips = await asyncio.to_thread(self.addresses, path)
         workload = replace(workload, ips=ips)
         before = dict(self.enrollments)
         after = {**before, workload.uid: workload}
