@@ -11,6 +11,8 @@ once it has acted on it, so the supervisor can pass a worker's failure back to t
     AddWorkload      fds = [netns, one listener per `listeners` entry]; re-adding a known uid
                      swaps its listeners and netns and keeps its open connections
     RemoveWorkload   stop accepting, reset its connections, close its fds
+    Relabel          a workload's new labels: its policy is compiled again and the
+                     connections it no longer allows are closed; the rest stays
     SetCertificate   the workload's chain and key (never logged: `repr` hides the key)
     SetTrust         the trust domain and the bundle of roots peers must chain to
     UpdateDirectory  one chunk of a versioned directory change (agent.directory)
@@ -76,6 +78,14 @@ class RemoveWorkload:
     OP: ClassVar[str] = "del"
     seq: int
     uid: str
+
+
+@dataclass(frozen=True)
+class Relabel:
+    OP: ClassVar[str] = "relabel"
+    seq: int
+    uid: str
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -198,6 +208,7 @@ class Stats:
 ToWorker = (
     AddWorkload
     | RemoveWorkload
+    | Relabel
     | SetCertificate
     | SetTrust
     | UpdateDirectory
@@ -212,6 +223,7 @@ _BY_OP: dict[str, type[Any]] = {
     for cls in (
         AddWorkload,
         RemoveWorkload,
+        Relabel,
         SetCertificate,
         SetTrust,
         UpdateDirectory,

@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ from agent.proxy.messages import (
     AddWorkload,
     ListenerSpec,
     Mode,
+    Relabel,
     RemoveWorkload,
     SetCertificate,
     SetTrust,
@@ -229,6 +230,10 @@ class Supervisor:
                 os.close(netns_fd)  # already serving it (a snapshot after reconnect)
                 self._register(current)
                 return
+            if current is not None and current.mode == mode and _relabelled(current, workload):
+                os.close(netns_fd)  # the same namespace: keep its listeners and connections
+                self._relabel(current, workload)
+                return
             if current is not None:
                 self.remove(workload.uid)
             try:
@@ -256,6 +261,18 @@ class Supervisor:
         except OSError as exc:
             log.error("%s: inbound listeners not registered for eBPF redirection: %s",
                       served.workload.name, exc)  # fmt: skip
+
+    def _relabel(self, served: Served, workload: Workload) -> None:
+        """New labels for a served workload, in place: every worker compiles its policy again
+        and closes the connections the new labels no longer allow."""
+        labels = dict(workload.labels)
+        with self.lock:
+            errors = self.pool.to_workers(lambda seq: Relabel(seq, workload.uid, labels))
+            if errors:
+                raise ValueError("; ".join(errors))
+            served.workload = workload
+        log.info("relabelled %s: %s", workload.name,
+                 ",".join(f"{k}={v}" for k, v in workload.labels) or "no labels")  # fmt: skip
 
     def remove(self, uid: str) -> None:
         with self.lock:
@@ -417,6 +434,12 @@ class Supervisor:
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / PROXY_SOCKET).unlink()
         log.info("proxy stopped")
+
+
+def _relabelled(served: Served, workload: Workload) -> bool:
+    """`workload` is the served one with other labels (or name) only."""
+    old = served.workload
+    return replace(old, labels=workload.labels, name=workload.name) == workload
 
 
 def _fds(served: Served) -> list[int]:

@@ -61,6 +61,7 @@ from agent.proxy.messages import (
     AddWorkload,
     Done,
     MessageError,
+    Relabel,
     RemoveWorkload,
     SetCertificate,
     SetTrust,
@@ -446,6 +447,8 @@ class Worker:
                     self._add(message, fds)  # empties `fds` once it owns them
                 case RemoveWorkload(uid=uid):
                     self._remove(uid)
+                case Relabel():
+                    self._revoke([self.registry.relabel(message)])
                 case SetCertificate():
                     self.registry.set_certificate(message)
                     self.tunnels.pool.retire(message.uid)  # open streams go on; new ones: new conn

@@ -33,6 +33,7 @@ from agent.proxy.messages import (
     Done,
     Message,
     MessageError,
+    Relabel,
     SetCertificate,
     SetTrust,
     Stats,
@@ -202,6 +203,16 @@ class Registry:
         self.policy.set_trust_domain(msg.trust_domain)
         self._recompile()
         return True
+
+    def relabel(self, msg: Relabel) -> ServedWorkload:
+        """New labels for a served workload: its policy compiled again (the caller then closes
+        what it no longer allows)."""
+        wl = self.workloads.get(msg.uid)
+        if wl is None:
+            raise ValueError(f"relabel of unknown workload {msg.uid!r}")
+        wl.labels = dict(msg.labels)
+        wl.policy = self.policy.for_workload(wl.namespace, wl.labels)
+        return wl
 
     def update_policy(self, msg: UpdatePolicy) -> bool:
         """Take one policy slice; True when a new version is in force (every workload's policy

@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import secrets
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -35,6 +37,7 @@ NODE = "safety"  # what Node writes as node_name
 MESH = "ferry.dev/mesh"
 STATE = "ferry.dev/redirection"
 REASON = "ferry.dev/redirection-reason"
+T = TypeVar("T")
 
 
 class KubeNode(Node):
@@ -43,6 +46,8 @@ class KubeNode(Node):
         self.sandboxes: dict[str, PodSandbox] = {}
         self.api: KubeStandin | None = None
         self.executor = NetnsExecutor()
+        self.workdir = workdir
+        self.proxy: subprocess.Popen[bytes] | None = None
         super().__init__(workdir)
         try:
             sock = self.executor.call(
@@ -97,6 +102,45 @@ class KubeNode(Node):
         return {k: v for k, v in (found["metadata"].get("annotations") or {}).items()
                 if k.startswith("ferry.dev/")}  # fmt: skip
 
+    def start_proxy(self) -> None:
+        with open(self.workdir / "proxy.log", "ab") as log:
+            self.proxy = subprocess.Popen(
+                ["ip", "netns", "exec", self.netns, *self.argv("proxy", "--config",
+                 str(self.config), "--workers", "1")],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.wait(lambda: self.proxy_status().get("agent_connected", False), "the proxy")
+
+    def proxy_status(self) -> dict[str, Any]:
+        try:
+            return request(self.state_dir / "proxy.sock", {"op": "status"}, timeout=5.0)
+        except OSError:
+            return {}
+
+    def proxy_log(self) -> str:
+        path = self.workdir / "proxy.log"
+        return path.read_text() if path.exists() else ""
+
+    def enforced(self) -> list[int]:
+        """The policy version every proxy worker enforces."""
+        return [a["policy_version"] for a in self.proxy_status().get("applied", [])]
+
+    def policy_status(self) -> dict[str, Any]:
+        reply = request(self.state_dir / "agent.sock", {"op": "status"})
+        policy: dict[str, Any] = reply["policy"]
+        return policy
+
+    def wait_for(self, attempt: Callable[[], T], what: str, timeout: float = 10.0) -> T:
+        """`attempt()`'s result once it stops raising OSError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return attempt()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"timed out waiting for {what}") from None
+                time.sleep(0.05)
+
     def kube_status(self) -> dict[str, Any]:
         reply = request(self.state_dir / "agent.sock", {"op": "status"})
         assert reply["ok"], reply
@@ -104,6 +148,9 @@ class KubeNode(Node):
         return kube
 
     def teardown(self) -> None:
+        if self.proxy is not None:
+            self.proxy.terminate()
+            self.proxy.wait(10)
         try:
             super().teardown()
         finally:
@@ -191,3 +238,104 @@ def test_a_watch_that_expired_relists_and_unenrolls_what_was_deleted(node: KubeN
     watches = node.kube_status()["watches"]["pods"]
     assert watches["relists"] == 1, watches
     assert "listing again" in node.log.read_text()
+
+
+ECHO = """
+import socket, sys, threading
+srv = socket.create_server(("0.0.0.0", 7007))
+def echo(conn):
+    with conn:
+        while data := conn.recv(4096):
+            conn.sendall(data)
+while True:
+    threading.Thread(target=echo, args=(srv.accept()[0],), daemon=True).start()
+"""
+WEB_IP, CLIENT_IP = "10.79.3.2", "10.79.3.1"
+DENY_BLOCKED = {
+    "metadata": {"name": "deny-blocked", "namespace": "shop"},
+    "spec": {"selector": {"matchLabels": {"tier": "blocked"}}, "action": "DENY", "rules": [{}]},
+}
+TYPO = {
+    "metadata": {"name": "typo", "namespace": "shop"},
+    "spec": {"rules": [{"from": [{"source": {"notPrinciple": ["x"]}}]}]},
+}
+
+
+class Wired:
+    """A client netns joined to a pod's netns by a veth, an echo server in the pod."""
+
+    def __init__(self, node: KubeNode, pod: PodSandbox, client: PodSandbox) -> None:
+        self.node, self.client = node, client
+        link = f"fk{secrets.token_hex(3)}"
+        for argv in (
+            ["ip", "link", "add", link, "netns", pod.netns, "type", "veth", "peer", "name",
+             link + "p", "netns", client.netns],
+            ["ip", "-n", pod.netns, "addr", "add", f"{WEB_IP}/30", "dev", link],
+            ["ip", "-n", client.netns, "addr", "add", f"{CLIENT_IP}/30", "dev", link + "p"],
+            ["ip", "-n", pod.netns, "link", "set", link, "up"],
+            ["ip", "-n", client.netns, "link", "set", link + "p", "up"],
+        ):  # fmt: skip
+            subprocess.run(argv, check=True)
+        self.server = subprocess.Popen(["ip", "netns", "exec", pod.netns, sys.executable, "-c",
+                                        ECHO])  # fmt: skip
+
+    def connect(self) -> socket.socket:
+        def dial() -> socket.socket:
+            return socket.create_connection((WEB_IP, 7007), timeout=5)
+
+        return self.node.executor.call(self.client.netns_path, dial)
+
+    def close(self) -> None:
+        self.server.kill()
+        self.server.wait(10)
+
+
+def echoes(conn: socket.socket) -> bool:
+    try:
+        conn.sendall(b"ping")
+        return conn.recv(16) == b"ping"
+    except OSError:
+        return False
+
+
+def test_policy_objects_are_enforced_and_labels_change_in_place(node: KubeNode) -> None:
+    node.namespace("shop", **{MESH: "enabled"})
+    node.namespace("plain")
+    web = node.k8s_pod("web", labels={"app": "web"})
+    client = node.k8s_pod("client", "plain")
+    wired = Wired(node, web, client)
+    try:
+        node.server.apply("authorizationpolicies", DENY_BLOCKED)
+        node.start()
+        node.start_proxy()
+        node.wait(lambda: node.enrolled() == ["web"], "web enrolled")
+        node.wait(lambda: node.enforced() == [1], "policy version 1 in the proxy worker")
+        conn = node.wait_for(wired.connect, "the echo server through the proxy")
+        assert echoes(conn)
+        check = ("policy", "check", "web", "--from-ip", CLIENT_IP, "--port", "7007")
+        assert node.cli(*check).returncode == 0
+
+        node.label("web", labels={"app": "web", "version": "v2"})  # in place: the conn stays
+        node.wait(lambda: json.loads(node.store())["workloads"][0]["labels"].get("version")
+                  == "v2", "the new labels")  # fmt: skip
+        assert echoes(conn), "a relabelled workload must keep its connections"
+        assert "stopped serving" not in node.proxy_log()
+
+        node.label("web", labels={"app": "web", "tier": "blocked"})  # now the DENY selects it
+        node.wait(lambda: not echoes(conn), "the connection closed by the DENY", timeout=5)
+        denied = node.cli(*check)
+        assert denied.returncode == 1 and "AuthorizationPolicy shop/deny-blocked" in denied.stdout
+
+        node.server.apply("authorizationpolicies", TYPO)  # rejected, naming the object's field
+        node.wait(lambda: node.policy_status()["rejected"] is not None, "the rejection")
+        [error] = node.policy_status()["rejected"]["errors"]
+        assert error.startswith("kubernetes: AuthorizationPolicy shop/typo: spec.rules[0].from[0]"
+                                ".source"), error  # fmt: skip
+        assert node.policy_status()["version"] == 1
+        node.server.delete("authorizationpolicies", "shop", "typo")
+        node.server.delete("authorizationpolicies", "shop", "deny-blocked")
+        node.wait(lambda: node.enforced() == [2], "policy version 2 (no policy) enforced")
+        assert node.cli(*check).returncode == 0
+        conn.close()
+    finally:
+        wired.close()
