@@ -28,7 +28,8 @@ then RemovePodSandbox.
 
 `stop()` removes everything, also after a failure: every pod sandbox it made, then containerd,
 then any shim still running for this containerd (found by its socket address on the command
-line), mounts left under the temporary directory, and the directory.  It is idempotent.
+line), pod netns mounts left behind, mounts under the temporary directory, and the directory.
+It is idempotent.
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ class Containerd:
         self.cni_conf_dir = cni_conf_dir
         self.process: subprocess.Popen[bytes] | None = None
         self.pods: dict[str, Any] = {}  # sandbox id -> its config (for CreateContainer)
+        self.netns: set[str] = set()  # the pod netns mounts seen, removed by stop() if left
         self._channel: Any = None
         self.pb: Any = None
         self.cri: Any = None
@@ -295,6 +297,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         )
         reply = self.cri.RunPodSandbox(self.pb.RunPodSandboxRequest(config=config), timeout=timeout)
         self.pods[reply.pod_sandbox_id] = config
+        self.pod_status(reply.pod_sandbox_id)  # notes its netns
         return str(reply.pod_sandbox_id)
 
     def pod_status(self, sandbox: str) -> tuple[str, str]:
@@ -304,8 +307,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         )
         info = json.loads(reply.info["info"])
         namespaces = info["runtimeSpec"]["linux"]["namespaces"]
-        netns = next(n["path"] for n in namespaces if n["type"] == "network")
-        return str(reply.status.network.ip), str(netns)
+        netns = str(next(n["path"] for n in namespaces if n["type"] == "network"))
+        self.netns.add(netns)
+        return str(reply.status.network.ip), netns
 
     def start_container(self, sandbox: str, name: str, command: list[str]) -> str:
         """Create and start container `name` running `command` in the sandbox; its id."""
@@ -377,6 +381,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                     os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(5)
         self._kill_shims()
+        for netns in self.netns:  # containerd removes them on StopPodSandbox; not if it died
+            if os.path.exists(netns):
+                subprocess.run(["umount", netns], capture_output=True, check=False)
+                with contextlib.suppress(OSError):
+                    os.unlink(netns)
         self._unmount()
         shutil.rmtree(self.dir, ignore_errors=True)
         if errors:

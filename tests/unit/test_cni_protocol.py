@@ -10,10 +10,13 @@ the identity CNI_ARGS and the plugin settings give; excluded namespaces are skip
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.cni_enroll import (
     Enroll,
@@ -195,3 +198,34 @@ def test_excluded_namespaces(namespace: str, config: dict[str, Any], skipped: bo
     assert (skip is not None) == skipped
     if skip is not None:
         assert isinstance(skip, Skip) and repr(namespace) in skip.reason
+
+
+HEAD = invocation().partition(b"\n\n")[0] + b"\n\n"
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=400))
+def test_any_bytes_are_parsed_or_refused_with_a_cni_error(data: bytes) -> None:
+    with contextlib.suppress(CniError):
+        parse_invocation(data)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.dictionaries(st.sampled_from(["cniVersion", "name", "prevResult", "state_dir",
+                                        "timeout", "exclude_namespaces", "namespace",
+                                        "service_account", "labels", "type"]), JSON))  # fmt: skip
+def test_any_config_is_parsed_or_refused_and_an_add_replies(config: dict[str, Any]) -> None:
+    try:
+        parsed = parse_invocation(HEAD + json.dumps(config).encode())
+    except CniError as exc:
+        assert 1 <= exc.code <= 11
+        return
+    code, _, stdout = ok_reply(parsed).partition(b"\n")
+    assert code == b"0" and isinstance(json.loads(stdout), dict)
