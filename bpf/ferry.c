@@ -9,9 +9,9 @@
 // SO_ORIGINAL_DST on that socket from the map, exactly like conntrack does after a REDIRECT.
 //
 // Inbound: `sk_lookup`, attached to each enrolled pod's netns (one copy per pod, see there), hands
-// every new TCP connection to the pod to the proxy's inbound listener of that netns and family,
-// held in `listeners` (the proxy puts it there); the proxy reads the original destination with
-// getsockname().  The tunnel port, excluded ports and the proxy's own deliveries to the app
+// every new TCP connection to the pod's addresses (not loopback) to the proxy's inbound listener
+// of that netns and family, held in `listeners` (the proxy puts it there); the proxy reads the
+// original destination with getsockname().  The tunnel port, excluded ports and the proxy's own deliveries to the app
 // (`deliveries`, by 4-tuple) are left alone.
 //
 // The proxy's own sockets carry `mark` (SO_MARK) and are never rewritten; its deliveries to the
@@ -366,6 +366,13 @@ int getsockopt(struct bpf_sockopt *ctx) {
     return 1;
 }
 
+static __always_inline int is_loopback(struct bpf_sk_lookup *ctx) {
+    if (ctx->family == AF_INET)
+        return (bpf_ntohl(ctx->local_ip4) >> 24) == 127;
+    return ctx->local_ip6[0] == 0 && ctx->local_ip6[1] == 0 && ctx->local_ip6[2] == 0 &&
+           ctx->local_ip6[3] == bpf_htonl(1);
+}
+
 int sk_lookup(struct bpf_sk_lookup *ctx) {
     if (ctx->protocol != IPPROTO_TCP)
         return SK_PASS;
@@ -378,6 +385,8 @@ int sk_lookup(struct bpf_sk_lookup *ctx) {
         return SK_PASS;
     if (ctx->family == AF_INET6 && !cfg->ipv6)
         return SK_PASS;
+    if (is_loopback(ctx))
+        return SK_PASS;  // inside the pod, the outbound listener included
     // sk_lookup programs cannot ask for their netns cookie: each pod gets its own copy of this
     // program, loaded with the cookie in place of NETNS_COOKIE (ebpf_object.NETNS_PLACEHOLDER).
     struct flow_key flow = {.netns = NETNS_COOKIE, .family = ctx->family};

@@ -4,9 +4,12 @@ Every namespace a test makes, SimNodes included, is named `ferry-t<run id>-...` 
 so two runs can share the machine and the session-end check can tell this run's leftovers from
 anyone else's.  That check fails the run when anything the tests made outlived them: network
 namespaces of this run, processes the tests started (the pytest process's descendants), and
-namespace or socket descriptors the pytest process opened and never closed; it cleans them up
-and names them.  A test that needs nodes but runs somewhere they cannot be built (not root, CNI
-plugins missing) fails with the reason; it is never skipped.
+namespace or socket descriptors the pytest process opened and never closed, and bpffs mounts
+under this run's directories (the eBPF backend's pins: unmounting detaches its programs); it
+cleans them up and names them.  The eBPF backend's compiled object is cached for the whole
+session in one directory (FERRY_BPF_CACHE_DIR), so it is compiled once per run, not per test.
+A test that needs nodes but runs somewhere they cannot be built (not root, CNI plugins missing)
+fails with the reason; it is never skipped.
 """
 
 from __future__ import annotations
@@ -15,15 +18,18 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psutil
 import pytest
 
 from sim.node import CNI_PATH, CNI_PLUGINS, NETNS_DIR, SimNode
-from tests.run_id import NAME_PREFIX, SIM_PREFIX
+from tests.run_id import NAME_PREFIX, RUN_ID, SIM_PREFIX
 
 _BASELINE_FDS: dict[int, str] = {}
+_BPF_CACHE = Path(tempfile.gettempdir()) / f"ferry-bpf-{RUN_ID}"
 
 
 def _missing_requirements() -> list[str]:
@@ -127,6 +133,22 @@ def _is_raw(fd: int) -> bool:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     _BASELINE_FDS.update(_fd_targets())
+    os.environ.setdefault("FERRY_BPF_CACHE_DIR", str(_BPF_CACHE))
+
+
+def _leaked_bpffs(session: pytest.Session) -> list[str]:
+    """bpffs mounts under this run's temporary directories (unmounted now)."""
+    ours = [str(session.config._tmp_path_factory.getbasetemp()), RUN_ID]  # type: ignore[attr-defined]
+    leaked = []
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields = line.split()
+            where, kind = fields[4], fields[fields.index("-") + 1]
+            if kind == "bpf" and any(mark in where for mark in ours):
+                leaked.append(where)
+    for where in reversed(leaked):
+        subprocess.run(["umount", where], check=False, capture_output=True)
+    return leaked
 
 
 def _leaked_netns() -> list[str]:
@@ -166,6 +188,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         problems.append(f"processes (now killed): {'; '.join(leaked)}")
     if leaked := _leaked_fds():
         problems.append(f"descriptors of the pytest process: {', '.join(leaked)}")
+    if leaked := _leaked_bpffs(session):
+        problems.append(f"bpffs mounts with eBPF pins (now unmounted): {', '.join(leaked)}")
+    shutil.rmtree(_BPF_CACHE, ignore_errors=True)
     if not problems:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

@@ -40,9 +40,10 @@ mounts there unless one already is): `maps/<name>`, `progs/<object key>/<name>`,
 `links/cgroup-<program>` and `links/netns-<cookie>`.  An agent restart finds them and reuses
 them (no compile, nothing detached, the proxy's listeners stay registered); a new object (other
 source or headers) replaces the programs under the same links with BPF_LINK_UPDATE, atomically.
-Programs are compiled once per boot in a child process and cached (`ebpf_object`); the agent
-itself never maps LLVM.  `inspect` reads back from the kernel which programs are attached to the
-cgroup root and to the pod's netns, the enrolled cookie, and the config and exclusion maps, so
+Programs are compiled once per boot in a child process and cached (`ebpf_object`; in the state
+dir, or in $FERRY_BPF_CACHE_DIR, which the test suite shares); the agent itself never maps LLVM.
+`inspect` reads back from the kernel which programs are attached to the cgroup root and to the
+pod's netns, the enrolled cookie, the config and exclusion maps, the routing and the sysctl, so
 a detached link (`bpftool link detach`) or an edited map is drift, which `apply` repairs.  When
 the last pod is removed the cgroup links go too; `cleanup(state_dir)` removes everything.
 """
@@ -58,13 +59,14 @@ import struct
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import TypeVar
 
 from agent.config import RedirectionConfig
 from agent.netns import NetnsExecutor
 from agent.redirect import bpf_syscall as sys_bpf
-from agent.redirect.ebpf_object import PROGRAMS, BpfObject, ObjectError, bcc_version
+from agent.redirect.ebpf_object import MAPS, PROGRAMS, BpfObject, ObjectError, bcc_version
 from agent.redirect.ebpf_object import load_or_compile as load_object
 from agent.redirect.kernel_headers import HeadersError, KernelHeaders, find_headers
 from agent.redirect.routing import apply_routing, desired_routing, read_routing, remove_routing
@@ -73,6 +75,7 @@ from agent.redirect.rules import RedirectionError, RedirectionReport, compare
 T = TypeVar("T")
 
 PIN_DIR = "bpf"
+CACHE_ENV = "FERRY_BPF_CACHE_DIR"  # where the compiled object is cached (default: the state dir)
 SO_NETNS_COOKIE = 71
 CGROUP_PROGRAMS = ("connect4", "connect6", "sockops", "getsockopt")
 KERNEL_NAMES = {
@@ -140,10 +143,15 @@ def support() -> tuple[bool, str]:
 class EbpfRedirection:
     """In-pod redirection with cgroup connect hooks (outbound) and sk_lookup (inbound).
 
-    Construction loads (or reuses) the pinned maps and programs and writes the configuration,
-    before any pod is enrolled: the proxy finds the listener map from then on.  Raises
-    `RedirectionError` (or `HeadersError`) naming what is missing.
+    With `load` (the node's selected backend), construction loads (or reuses) the pinned maps
+    and programs and writes the configuration, before any pod is enrolled: the proxy finds the
+    listener map from then on; it raises `RedirectionError` (or `HeadersError`) naming what is
+    missing.  Without it (another backend is selected, or `agent status` reads), it only reads
+    and removes what is pinned under the state dir, never compiling or creating anything until
+    `apply` needs it.
     """
+
+    name = "ebpf"
 
     def __init__(
         self,
@@ -153,25 +161,40 @@ class EbpfRedirection:
         *,
         cache_dir: Path | None = None,
         headers: KernelHeaders | None = None,
+        load: bool = True,
     ) -> None:
         self.cfg = cfg
         self.executor = executor
         self.routing = desired_routing(cfg)
         self.root = pin_root(state_dir)
-        self.headers = headers or find_headers()
-        self.warning = self.headers.warning
-        self.cgroup = cgroup2_root()
-        self.cgroup_id = os.stat(self.cgroup).st_ino
+        self.cache_dir = cache_dir or Path(os.environ.get(CACHE_ENV) or state_dir)
+        self.headers = headers
+        self.warning = ""
+        self.object: BpfObject | None = None
         self._lock = threading.Lock()
         self._maps: dict[str, int] = {}
         self._specs: dict[str, sys_bpf.MapSpec] = {}
         self._progs: dict[str, int] = {}
-        try:
-            self.object: BpfObject = load_object(cache_dir or state_dir, self.headers)
-            self._load()
-        except (OSError, ObjectError) as exc:
-            self.close()
-            raise RedirectionError(f"eBPF backend under {self.root}: {exc}") from exc
+        if load:
+            self.load()
+
+    def load(self) -> None:
+        """Compile (once, cached) or reuse the object, create or reuse the pinned maps and
+        programs, write the config, and move attached hooks to a new object's programs."""
+        headers = self.headers or find_headers()
+        self.headers, self.warning = headers, headers.warning
+        with self._lock:
+            self._close()
+            try:
+                self.object = load_object(self.cache_dir, headers)
+                self._load(self.object)
+            except (OSError, ObjectError) as exc:
+                self._close()
+                raise RedirectionError(f"eBPF backend under {self.root}: {exc}") from exc
+
+    @cached_property
+    def cgroup(self) -> Path:
+        return cgroup2_root()
 
     # --------------------------------------------------------------- protocol
     def apply(self, netns: Path) -> None:
@@ -183,6 +206,10 @@ class EbpfRedirection:
             _write_sysctl(FWMARK_ACCEPT, "1")
             return netns_cookie()
 
+        obj = self.object
+        if obj is None:
+            self.load()
+            obj = self._loaded()
         cookie = self._call(netns, inside)
         with self._errors(netns), self._lock:
             self._write_config()
@@ -190,23 +217,20 @@ class EbpfRedirection:
             sys_bpf.map_update(
                 self._maps["enrolled"], _U64.pack(cookie), _U32.pack(1), "enrolling netns"
             )
-            self._ensure_netns_link(netns, cookie)
+            self._ensure_netns_link(obj, netns, cookie)
 
     def remove(self, netns: Path) -> None:
-        """Forget `netns` (and detach the cgroup hooks when no pod is left); fine if absent."""
-        cookie = self._call(netns, netns_cookie)
+        """Forget `netns` (and detach the cgroup hooks when no pod is left), then its routing
+        and sysctl; fine if absent.  Not loaded (another backend selected): only a pod that
+        eBPF redirection still holds has anything removed."""
+        if self.object is None and not self.own_rules(netns):
+            return
+        self.remove_own_rules(netns)
         with self._errors(netns), self._lock:
-            sys_bpf.map_delete(self._maps["enrolled"], _U64.pack(cookie))
-            _drop_link(self._netns_link(cookie))
             if not sys_bpf.map_keys(self._maps["enrolled"], 8):
                 for name in CGROUP_PROGRAMS:
                     _drop_link(self._cgroup_link(name))
-
-        def inside() -> None:
-            remove_routing(self.cfg)
-            _write_sysctl(FWMARK_ACCEPT, "0")
-
-        self._call(netns, inside)
+        self._call(netns, lambda: remove_routing(self.cfg))
 
     def inspect(self, netns: Path) -> RedirectionReport:
         """Compare what the kernel holds for `netns` with what Ferry wants there."""
@@ -218,35 +242,79 @@ class EbpfRedirection:
             return netns_cookie(), lines
 
         cookie, pod = self._call(netns, inside)
+        desired = self.desired_lines(cookie)
+        if not self._opened():
+            return compare(desired, ())
         with self._errors(netns), self._lock:
-            desired = self.desired_lines(cookie)
             pod = self._observed_pod(netns, cookie) + pod
             observed = self._observed_global() + pod if pod else ()
             return compare(desired, observed)
 
     def own_rules(self, netns: Path) -> tuple[str, ...]:
-        """This pod's enrollment and sk_lookup link as lines (for another backend taking over;
-        the shared routing is not included)."""
-        cookie = self._call(netns, netns_cookie)
+        """This pod's enrollment, sk_lookup link and sysctl as lines (for another backend
+        taking over; the routing, shared with the other backends, is not included)."""
+        if not self._opened():
+            return ()
+
+        def inside() -> tuple[int, str]:
+            return netns_cookie(), _read_sysctl(FWMARK_ACCEPT)
+
+        cookie, accept = self._call(netns, inside)
         with self._errors(netns), self._lock:
-            return self._observed_pod(netns, cookie)
+            lines = self._observed_pod(netns, cookie)
+        return lines + ((SYSCTL_LINE,) if lines and accept == "1" else ())
 
     def remove_own_rules(self, netns: Path) -> None:
-        """Forget this pod here and detach its sk_lookup link, leaving the shared routing."""
-        cookie = self._call(netns, netns_cookie)
+        """Forget this pod here, detach its sk_lookup link and reset the sysctl, leaving the
+        shared routing."""
+        if not self._opened():
+            return
+
+        def inside() -> int:
+            _write_sysctl(FWMARK_ACCEPT, "0")
+            return netns_cookie()
+
+        cookie = self._call(netns, inside)
         with self._errors(netns), self._lock:
             sys_bpf.map_delete(self._maps["enrolled"], _U64.pack(cookie))
             _drop_link(self._netns_link(cookie))
 
     def installed(self, netns: Path) -> bool:
-        return self.inspect(netns).state != "missing"
+        """Whether this pod is enrolled here or holds an sk_lookup link of Ferry's."""
+        return bool(self.own_rules(netns))
 
     def close(self) -> None:
         """Close this process's fds on maps and programs; pins (and the kernel state) stay."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         for fd in (*self._maps.values(), *self._progs.values()):
             os.close(fd)
         self._maps.clear()
+        self._specs.clear()
         self._progs.clear()
+
+    def _loaded(self) -> BpfObject:
+        if self.object is None:
+            raise RedirectionError(f"the eBPF backend under {self.root} is not loaded")
+        return self.object
+
+    def _opened(self) -> bool:
+        """Whether the maps are open: loaded, or pinned by an earlier load (opened now)."""
+        with self._lock:
+            if self._maps:
+                return True
+            if not (self.root / "maps" / "enrolled").exists():
+                return False
+            try:
+                for name in MAPS:
+                    fd = sys_bpf.obj_get(self.root / "maps" / name)
+                    self._maps[name], self._specs[name] = fd, sys_bpf.map_info(fd)
+            except OSError as exc:
+                self._close()
+                raise RedirectionError(f"eBPF maps pinned under {self.root}: {exc}") from exc
+            return True
 
     # ----------------------------------------------------------------- desired
     def desired_lines(self, cookie: int) -> tuple[str, ...]:
@@ -288,8 +356,9 @@ class EbpfRedirection:
         try:
             for name in CGROUP_PROGRAMS:
                 attached = sys_bpf.prog_query(cgroup_fd, PROGRAMS[name][1])
-                if self._prog_id(name) in attached:
-                    lines.append(self._cgroup_line(name))
+                with _pinned(self._cgroup_link(name)) as link:
+                    if link is not None and sys_bpf.link_info(link).prog_id in attached:
+                        lines.append(self._cgroup_line(name))
         finally:
             os.close(cgroup_fd)
         config = sys_bpf.map_lookup(self._maps["config"], _U32.pack(0), _CONFIG.size)
@@ -311,24 +380,24 @@ class EbpfRedirection:
         return tuple(lines)
 
     # ----------------------------------------------------------------- loading
-    def _load(self) -> None:
+    def _load(self, obj: BpfObject) -> None:
         if not self.root.is_dir():
             self.root.mkdir(parents=True, mode=0o700)
         if not sys_bpf.is_bpffs(self.root):
             sys_bpf.mount_bpffs(self.root)
         for directory in ("maps", "progs", "links"):
             (self.root / directory).mkdir(exist_ok=True)
-        for spec in self.object.maps:
+        for spec in obj.maps:
             self._open_map(spec)
-        progs = self.root / "progs" / self.object.key
+        progs = self.root / "progs" / obj.key
         progs.mkdir(exist_ok=True)
         for name in CGROUP_PROGRAMS:
             path = progs / name
             try:
                 self._progs[name] = sys_bpf.obj_get(path)
             except FileNotFoundError:
-                program = self.object.program(name)
-                code = self.object.instructions(program, self._maps)
+                program = obj.program(name)
+                code = obj.instructions(program, self._maps)
                 fd = sys_bpf.prog_load(
                     KERNEL_NAMES[name], program.prog_type, program.attach_type, code
                 )
@@ -341,7 +410,7 @@ class EbpfRedirection:
         for name in CGROUP_PROGRAMS:  # a new object: the attached hooks run it from now on
             self._update_link(self._cgroup_link(name), name)
         for path in (self.root / "links").glob("netns-*"):
-            self._update_netns_link(path)
+            self._update_netns_link(obj, path)
 
     def _open_map(self, spec: sys_bpf.MapSpec) -> None:
         path = self.root / "maps" / spec.name
@@ -417,12 +486,12 @@ class EbpfRedirection:
             if link is not None and sys_bpf.link_info(link).prog_id != self._prog_id(name):
                 sys_bpf.link_update(link, self._progs[name], f"link {path}")
 
-    def _update_netns_link(self, path: Path) -> None:
+    def _update_netns_link(self, obj: BpfObject, path: Path) -> None:
         cookie = int(path.name.removeprefix("netns-"))
         with _pinned(path) as link:
             if link is None:
                 return
-            prog = self._load_sk_lookup(cookie)
+            prog = self._load_sk_lookup(obj, cookie)
             try:
                 sys_bpf.link_update(link, prog, f"link {path}")
             except OSError as exc:
@@ -431,9 +500,9 @@ class EbpfRedirection:
             finally:
                 os.close(prog)
 
-    def _load_sk_lookup(self, cookie: int) -> int:
-        program = self.object.program("sk_lookup")
-        code = self.object.instructions(program, self._maps, netns=cookie)
+    def _load_sk_lookup(self, obj: BpfObject, cookie: int) -> int:
+        program = obj.program("sk_lookup")
+        code = obj.instructions(program, self._maps, netns=cookie)
         name = KERNEL_NAMES["sk_lookup"]
         return sys_bpf.prog_load(name, program.prog_type, program.attach_type, code)
 
@@ -448,12 +517,12 @@ class EbpfRedirection:
         finally:
             os.close(fd)
 
-    def _ensure_netns_link(self, netns: Path, cookie: int) -> None:
+    def _ensure_netns_link(self, obj: BpfObject, netns: Path, cookie: int) -> None:
         if self._netns_link_attached(netns, cookie):
             return
         path = self._netns_link(cookie)
         _drop_link(path)
-        prog = self._load_sk_lookup(cookie)
+        prog = self._load_sk_lookup(obj, cookie)
         netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
         try:
             link = sys_bpf.link_create(
