@@ -57,8 +57,9 @@ policy:
   redis_on_failure: local        # default: local (count per node) | allow | deny, while Redis fails
   redis_timeout: 0.05            # default, seconds a rate-limit take may wait for Redis
 kubernetes:
-  enabled: false                 # default: true runs the agent as a Kubernetes node agent (pods on
-                                 # this node enrolled by their ferry.dev/mesh labels; docs/kubernetes.md)
+  enabled: false                 # default: true runs the agent as a Kubernetes node agent (pods
+                                 # on this node enrolled by their ferry.dev/mesh labels;
+                                 # docs/kubernetes.md)
   kubeconfig: ""                 # default: in-cluster (the pod's service account), else
                                  # $KUBECONFIG or ~/.kube/config; or a kubeconfig file's path
   system_namespace: ferry-system # default: Ferry's own namespace, whose pods are never enrolled
