@@ -39,8 +39,8 @@ unit: setup
 	$(PY) -m pytest $(PYTEST_ARGS) tests/unit
 
 lint: setup
-	.venv/bin/ruff check agent sim bench demo tests
-	.venv/bin/ruff format --check agent sim bench demo tests
+	.venv/bin/ruff check agent sim bench demo tests deploy
+	.venv/bin/ruff format --check agent sim bench demo tests deploy
 	.venv/bin/mypy
 	.venv/bin/lint-imports --no-cache
 

@@ -1,0 +1,1 @@
+"""Ferry's Kubernetes manifests; `generate` makes the CRDs from the policy schemas."""
