@@ -298,7 +298,6 @@ def test_config_loads_and_probes_match_it(kustomization: str) -> None:
         assert (get["host"], get["port"]) == ("127.0.0.1", _port(config.proxy.metrics_address))
     assert proxy["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert spec["terminationGracePeriodSeconds"] > config.proxy.drain_timeout
 
 
 @pytest.mark.parametrize("kustomization", ["overlays/iptables", "overlays/ebpf"])
