@@ -5,7 +5,10 @@
 `identity.node_credentials` or `<state-dir>/identity`) when the agent starts: that is the only
 place `cryptography` is imported (through `agent.identity.certs`), so the CLI's enroll, unenroll
 and status never load it.  Without credentials there is no signer: the mesh is plaintext and
-every method here is a no-op that returns None.
+every method here is a no-op that returns None.  With `identity.ca_url` (Kubernetes) the signer
+is `agent.identity.ca_client.CaClient`: the same folder then holds only `bundle.pem`, and every
+certificate is signed by the CA service from a CSR, for a pod of this node that `find_pod` names
+(set by the agent from its pod watch).
 
 `issue` mints a workload's certificate when it has none, when its current one is due (half its
 lifetime, `agent.identity.certs.renewal_due`) or when asked to renew; `due` lists the workloads
@@ -45,6 +48,24 @@ class Signer(Protocol):
     ) -> Minted: ...
 
 
+FindPod = Callable[[str, str], "tuple[str, str] | None"]
+
+
+def load_ca_client(identity: IdentityConfig, state_dir: Path, find_pod: FindPod | None) -> Signer:
+    """The CA service's client (`identity.ca_url`): no signing key on this node."""
+    from agent.identity.ca_client import CaClient  # cryptography: only in the running agent
+    from agent.identity.spiffe import IdentityError
+
+    if find_pod is None:
+        raise IdentityError(
+            f"identity.ca_url {identity.ca_url!r} needs kubernetes.enabled: true (the CA service "
+            "signs only for pods scheduled on this node)"
+        )
+    folder = Path(identity.node_credentials or state_dir / "identity")
+    return CaClient(identity.ca_url, folder / "bundle.pem", Path(identity.token_file),
+                    identity.trust_domain, find_pod)  # fmt: skip
+
+
 def load_node_signer(identity: IdentityConfig, state_dir: Path) -> Signer | None:
     """The node's signing credentials; None (plaintext mesh) when there are none at all."""
     folder = Path(identity.node_credentials or state_dir / "identity")
@@ -72,9 +93,13 @@ class Certificates:
         self.loader = loader
         self.signer: Signer | None = None
         self.current: dict[str, Minted] = {}
+        self.find_pod: FindPod | None = None
 
     def load(self) -> None:
-        self.signer = self.loader(self.identity, self.state_dir)
+        if self.identity.ca_url:
+            self.signer = load_ca_client(self.identity, self.state_dir, self.find_pod)
+        else:
+            self.signer = self.loader(self.identity, self.state_dir)
 
     def trust(self) -> TrustBundle | None:
         if self.signer is None:

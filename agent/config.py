@@ -36,7 +36,11 @@ agent:
 identity:
   trust_domain: cluster.local    # default: spiffe://<trust_domain>/ns/<namespace>/sa/<sa>
   node_credentials: ""           # default, meaning <state-dir>/identity: a dir with node.crt,
-                                 # node.key, bundle.pem (`agent ca issue-node`)
+                                 # node.key, bundle.pem (`agent ca issue-node`); with
+                                 # ca_url only bundle.pem
+  ca_url: ""                     # default: none (the node signs); https://... of `agent ca
+                                 # serve`: certificates by CSR, no key on the node (Kubernetes)
+  token_file: /var/run/secrets/kubernetes.io/serviceaccount/token  # default: sent to ca_url
   workload_cert_ttl: 86400.0     # default, seconds; renewed at half their lifetime
 mesh:
   directory: ""                  # default, meaning <state-dir>/directory (this node only): the
@@ -131,6 +135,8 @@ class IdentityConfig:
     trust_domain: str = "cluster.local"
     node_credentials: str = ""
     workload_cert_ttl: float = 86400.0
+    ca_url: str = ""
+    token_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
 EGRESS = ("passthrough", "refuse")
@@ -325,6 +331,10 @@ def _identity(raw: Any) -> IdentityConfig:
         raise ConfigError(f"identity.trust_domain: {exc}") from None
     if not isinstance(cfg.node_credentials, str):
         raise ConfigError(f"identity.node_credentials: {cfg.node_credentials!r} is not a path")
+    if not isinstance(cfg.ca_url, str) or (cfg.ca_url and not cfg.ca_url.startswith("https://")):
+        raise ConfigError(f"identity.ca_url: {cfg.ca_url!r} is not an https:// URL")
+    if not isinstance(cfg.token_file, str) or not cfg.token_file:
+        raise ConfigError(f"identity.token_file: {cfg.token_file!r} is not a path")
     ttl = _positive("identity.workload_cert_ttl", cfg.workload_cert_ttl)
     if ttl < 60:
         raise ConfigError(f"identity.workload_cert_ttl: {ttl!r} is below 60 seconds")

@@ -164,6 +164,7 @@ class Agent:
             self.kube = KubeController(config.kubernetes, node_name_of(config), kube,
                                        self.enrollment, self.state_lock)  # fmt: skip
             decider = decider or KubernetesDecider(self.kube)
+            self.certificates.find_pod = self.kube.pod_running_as  # identity.ca_url asks for it
         self.cni = CniService(
             self.enrollment, self.state_lock, backend, decider or StandaloneDecider(), state_dir
         )

@@ -19,6 +19,12 @@ paths Ferry uses, byte for byte where a client could tell the difference:
   moves an object into or out of a watch's selector reaches it as ADDED or DELETED.
 - `PATCH` with `application/merge-patch+json` (RFC 7386) on any object; other patch types get
   415.  A patch that changes nothing keeps the resourceVersion and makes no event.
+- `POST /apis/authentication.k8s.io/v1/tokenreviews` (TokenReview, what a CA service asks):
+  201 with the review in `status`: for a token made by `service_account_token`, `authenticated`,
+  `user.username` `system:serviceaccount:<ns>:<sa>`, its groups, and the pod-bound claims in
+  `user.extra` (`authentication.kubernetes.io/pod-name`, `-uid`, and `node-name` as 1.30+ gives
+  it; `node_claim=False` leaves the node out, as older servers do); for an expired token, one
+  for other audiences, or any other string, `authenticated: false` and the server's error text.
 - resourceVersions are one global counter (decimal strings, opaque to clients); every object gets
   `metadata.uid`, `resourceVersion` and `creationTimestamp`.
 
@@ -36,6 +42,7 @@ import copy
 import datetime as dt
 import http.server
 import json
+import secrets
 import socket
 import threading
 import time
@@ -46,6 +53,20 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 Object = dict[str, Any]
+TOKENREVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+
+
+@dataclass(frozen=True)
+class BoundToken:
+    """A service-account token bound to a pod, as the stand-in's TokenReview knows it."""
+
+    namespace: str
+    service_account: str
+    pod: str
+    node: str
+    expires: float
+    audiences: tuple[str, ...]
+    node_claim: bool
 
 
 @dataclass(frozen=True)
@@ -160,6 +181,7 @@ class KubeStandin:
         self.requests: list[Request] = []
         self.failures: list[tuple[int, str]] = []
         self.unserved: set[str] = set()  # resources answered 404, as without their CRD
+        self.tokens: dict[str, BoundToken] = {}  # what TokenReview knows
         self.changed = threading.Condition()
         self.closing = False
         if sock is None:
@@ -231,6 +253,56 @@ class KubeStandin:
         """Answer the next `count` requests with `code` (an `InternalError` Status)."""
         with self.changed:
             self.failures += [(code, "InternalError")] * count
+
+    def service_account_token(self, namespace: str, service_account: str, pod: str, node: str,
+                              expires_in: float = 3600.0, audiences: tuple[str, ...] = (),
+                              node_claim: bool = True) -> str:  # fmt: skip
+        """A projected token of `pod` (on `node`) that TokenReview authenticates until it
+        expires (`expires_in` may be negative: expired already)."""
+        token = f"sa.{secrets.token_urlsafe(24)}"
+        with self.changed:
+            self.tokens[token] = BoundToken(
+                namespace, service_account, pod, node, time.time() + expires_in,
+                audiences or ("https://kubernetes.default.svc",), node_claim,
+            )  # fmt: skip
+        return token
+
+    def review(self, body: Object) -> Object:
+        """The TokenReview the real server answers for `body` (a TokenReview)."""
+        spec = body.get("spec") or {}
+        token, wanted = spec.get("token", ""), spec.get("audiences") or []
+        with self.changed:
+            bound = self.tokens.get(token)
+        status: Object = {"user": {}}
+        if bound is None:
+            status["error"] = (
+                "[invalid bearer token, square/go-jose: error in cryptographic primitive]"
+            )
+        elif bound.expires <= time.time():
+            status["error"] = "[invalid bearer token, service account token has expired]"
+        elif wanted and not set(wanted) & set(bound.audiences):
+            status["error"] = (f"[invalid bearer token, token audiences {list(bound.audiences)} is "
+                               f"invalid for the target audiences {wanted}]")  # fmt: skip
+        else:
+            extra = {"authentication.kubernetes.io/pod-name": [bound.pod],
+                     "authentication.kubernetes.io/pod-uid": [str(uuid.uuid4())]}  # fmt: skip
+            if bound.node_claim:
+                extra["authentication.kubernetes.io/node-name"] = [bound.node]
+            status = {
+                "authenticated": True,
+                "user": {"username": f"system:serviceaccount:{bound.namespace}:"
+                                     f"{bound.service_account}",
+                         "uid": str(uuid.uuid4()),
+                         "groups": ["system:serviceaccounts",
+                                    f"system:serviceaccounts:{bound.namespace}",
+                                    "system:authenticated"],
+                         "extra": extra},
+                "audiences": wanted or list(bound.audiences),
+            }  # fmt: skip
+        return {
+            "kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": None}, "spec": spec, "status": status,
+        }  # fmt: skip
 
     def asked(self, method: str, path: str) -> list[Request]:
         with self.changed:
@@ -390,6 +462,9 @@ def _handler(standin: KubeStandin) -> type[http.server.BaseHTTPRequestHandler]:
         def do_PATCH(self) -> None:
             self._serve("PATCH")
 
+        def do_POST(self) -> None:
+            self._serve("POST")
+
         def _send_json(self, code: int, body: Object) -> None:
             data = json.dumps(body).encode()
             self.send_response(code)
@@ -411,6 +486,15 @@ def _handler(standin: KubeStandin) -> type[http.server.BaseHTTPRequestHandler]:
                     raise ApiError(401, "Unauthorized", "Unauthorized")
                 if failure is not None:
                     raise ApiError(failure[0], failure[1], "injected failure")
+                if method == "POST":
+                    if url.path != TOKENREVIEWS:
+                        raise ApiError(
+                            405,
+                            "MethodNotAllowed",
+                            f"the server does not allow this method on {url.path}",
+                        )
+                    self._send_json(201, standin.review(json.loads(body)))
+                    return
                 resource, namespace, name = _route(url.path)
                 if resource in standin.unserved:
                     raise ApiError(404, "NotFound", "the server could not find the requested "

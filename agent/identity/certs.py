@@ -186,38 +186,10 @@ class NodeSigner:
                 f"{self.not_after.isoformat()}; issue new node credentials"
             )
         key = new_key()
-        serial = x509.random_serial_number()
-        leaf = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(serial)
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                key_usage(digital_signature=True),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
-                critical=False,
-            )
-            .sign(self._key, hashes.SHA256())
+        leaf = workload_leaf(
+            self._key, self.cert.subject, key.public_key(), uri, not_before, not_after
         )
+        serial = leaf.serial_number
         return WorkloadCertificate(
             spiffe_id=uri,
             chain_pem=cert_pem(leaf) + self._cert_pem,
@@ -226,6 +198,44 @@ class NodeSigner:
             not_after=not_after,
             serial=serial,
         )
+
+
+def workload_leaf(
+    issuer_key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    uri: str,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> x509.Certificate:
+    """A workload leaf for `public_key`: one critical URI SAN `uri`, empty subject, signed by
+    `issuer_key` (a node intermediate here, the root in the CA service)."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(key_usage(digital_signature=True), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+        .sign(issuer_key, hashes.SHA256())
+    )
 
 
 def _issuing_root(cert: x509.Certificate, roots: list[x509.Certificate]) -> x509.Certificate | None:

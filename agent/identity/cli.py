@@ -156,3 +156,60 @@ def show_command(directory: Path) -> None:
             click.echo(f"{path}{suffix}")
             for line in _describe(cert):
                 click.echo(line)
+
+
+@ca.command("serve")
+@click.option(
+    "--ca-dir",
+    type=dir_type,
+    required=True,
+    help="The root CA (ca.key, ca.crt, bundle.pem): the mounted Secret.",
+)
+@click.option("--trust-domain", default="cluster.local", show_default=True)
+@click.option("--listen", default="0.0.0.0:15012", show_default=True, help="host:port (HTTPS).")
+@click.option(
+    "--server-name",
+    "server_names",
+    multiple=True,
+    default=(
+        "ferry-ca.ferry-system.svc",
+        "ferry-ca.ferry-system.svc.cluster.local",
+        "localhost",
+        "127.0.0.1",
+    ),
+    show_default=True,
+    help="DNS name or IP address in the server certificate (repeatable).",
+)
+@click.option(
+    "--agent-account",
+    "agent_accounts",
+    multiple=True,
+    default=("system:serviceaccount:ferry-system:ferry-agent",),
+    show_default=True,
+    help="Service account (user name) of the node agents (repeatable).",
+)
+@click.option("--kubeconfig", default="", help='API server config ("": in-cluster).')
+@click.option("--audience", default="", help="Audience the agents' tokens must carry.")
+@click.option(
+    "--max-ttl",
+    type=float,
+    default=86400.0,
+    show_default=True,
+    help="Longest workload certificate, in seconds.",
+)
+def serve_command(ca_dir: Path, trust_domain: str, listen: str, server_names: tuple[str, ...],
+                  agent_accounts: tuple[str, ...], kubeconfig: str, audience: str,
+                  max_ttl: float) -> None:  # fmt: skip
+    """Sign workload CSRs of node agents for pods on their own node (docs/identity.md)."""
+    import logging
+
+    from agent.identity.ca_server import serve  # lightkube: only in the CA service
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if max_ttl < 60:
+        raise click.ClickException(f"--max-ttl {max_ttl!r} is below 60 seconds")
+    try:
+        serve(ca_dir, trust_domain, listen, list(server_names), kubeconfig,
+              list(agent_accounts), max_ttl, audience)  # fmt: skip
+    except (IdentityError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc

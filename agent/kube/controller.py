@@ -113,6 +113,16 @@ class KubeController:
         found: list[Namespace] = self._parsed(self.client.namespaces, namespace_from)
         return {n.name: n for n in found}
 
+    def pod_running_as(self, namespace: str, service_account: str) -> tuple[str, str] | None:
+        """A pod of this node in `namespace` running as `service_account` (what the CA service
+        checks before it signs that identity for this node), or None."""
+        for pod in self.current_pods().values():
+            if (pod.namespace, pod.service_account) == (namespace, service_account) and (
+                pod.phase not in ("Succeeded", "Failed")
+            ):
+                return pod.namespace, pod.name
+        return None
+
     def note_netns(self, pod_uid: str, path: str, source: str) -> None:
         """The CNI plugin says where a pod's network namespace is."""
         netns = current_id(path)
