@@ -5,8 +5,11 @@ VENV_STAMP := .venv/.ferry-setup
 # The Debian packages setup installs: one list, also for the Vagrantfile and the Containerfile.
 DEB_PACKAGES_FILE := scripts/debian-packages.txt
 PYTEST_ARGS ?=
+# make fuzz: seconds per atheris target, and which targets (comma-separated; default all)
+FUZZ_SECONDS ?= 60
+TARGET ?=
 
-.PHONY: setup demo test unit lint bench clean fresh-check install
+.PHONY: setup demo test unit lint bench clean fresh-check fuzz fuzz-corpus
 
 CNI_PLUGIN := build/ferry-cni
 
@@ -28,13 +31,6 @@ $(CNI_PLUGIN): cni/ferry-cni.c
 fresh-check:
 	bash scripts/fresh-check.sh
 
-# Ferry as a service on a plain host (README: Plain Linux host; scripts/install.sh): PREFIX
-# (default /opt/ferry) with its own venv, the systemd units in UNITDIR (default
-# /etc/systemd/system), /etc/default/ferry and /etc/ferry/ferry.yaml when missing; DESTDIR stages
-# it all for a package; VENV=.venv runs the checkout's venv instead of making one.
-install:
-	PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" UNITDIR="$(UNITDIR)" VENV="$(VENV)" bash scripts/install.sh
-
 demo: setup
 	$(PY) -m demo.run
 
@@ -46,10 +42,19 @@ unit: setup
 	$(PY) -m pytest $(PYTEST_ARGS) tests/unit
 
 lint: setup
-	.venv/bin/ruff check agent sim bench demo tests deploy
-	.venv/bin/ruff format --check agent sim bench demo tests deploy
+	.venv/bin/ruff check agent sim bench demo tests fuzz deploy
+	.venv/bin/ruff format --check agent sim bench demo tests fuzz deploy
 	.venv/bin/mypy
 	.venv/bin/lint-imports --no-cache
+
+# Every parser of untrusted bytes under atheris, FUZZ_SECONDS each (fuzz/run.py; a table of
+# executions, crashes written to fuzz/crashes/); `make fuzz FUZZ_SECONDS=10 TARGET=http1`.
+fuzz: setup
+	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS) $(if $(TARGET),--target $(TARGET))
+
+# The seeds of every target (or TARGET's) written again into fuzz/corpus/ (kept in the repo).
+fuzz-corpus: setup
+	$(PY) -m fuzz.corpus $(if $(TARGET),--target $(TARGET))
 
 # Every table in one run; the exit status is the worst of them (a signal stops at once).
 bench: setup

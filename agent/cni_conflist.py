@@ -57,7 +57,7 @@ def plugin_entry(
 def _load(name: str, content: bytes) -> dict[str, Any]:
     try:
         document = json.loads(content)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise ConflistError(f"{name}: not JSON: {exc}") from None
     if not isinstance(document, dict):
         raise ConflistError(f"{name}: not a JSON object")
@@ -104,6 +104,8 @@ def with_plugin(name: str, content: bytes, entry: Mapping[str, Any]) -> tuple[st
     if name.endswith(".conf"):
         if not isinstance(document.get("type"), str):
             raise ConflistError(f"{name}: a .conf needs a 'type' (is it a conflist?)")
+        if is_ferry(document):
+            raise ConflistError(f"{name}: is {PLUGIN_TYPE} alone, not a network to chain it into")
         single = {k: v for k, v in document.items() if k != "cniVersion"}
         converted: dict[str, Any] = {
             "cniVersion": document.get("cniVersion", "0.3.1"),

@@ -183,7 +183,7 @@ def _environment(head: bytes) -> dict[str, str]:
 def _config(body: bytes) -> dict[str, Any]:
     try:
         config = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; nested deeply
         raise CniError(DECODING_FAILED, "the network config is not JSON", str(exc)) from None
     if not isinstance(config, dict):
         raise CniError(

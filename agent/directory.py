@@ -164,7 +164,7 @@ def parse_node_file(name: str, text: str) -> tuple[str, NodeFile]:
     unusable, bad entries are skipped and reported."""
     try:
         raw = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise ValueError(f"{name}: not JSON ({exc})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("entries"), list):
         raise ValueError(f"{name}: expected an object with an 'entries' list")

@@ -110,7 +110,7 @@ class Workload:
                 netns_dev=int(raw.get("netns_dev", 0)),
                 labels=checked_labels(raw.get("labels", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # Overflow: int(inf)
             raise EnrollmentError(f"malformed workload record {raw!r:.200}: {exc}") from exc
 
 
@@ -271,7 +271,7 @@ class EnrollmentStore:
             raw = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise StoreError(f"cannot read enrollments from {self.path}: {exc}") from exc
         version = raw.get("version") if isinstance(raw, dict) else None
         if version not in (1, STORE_VERSION):
@@ -279,7 +279,10 @@ class EnrollmentStore:
                 f"{self.path} has version {version!r}; this agent reads versions 1 and "
                 f"{STORE_VERSION}"
             )
-        workloads = [Workload.from_json(item) for item in raw.get("workloads", [])]
+        records = raw.get("workloads", [])
+        if not isinstance(records, list):
+            raise StoreError(f"{self.path}: workloads is {records!r:.80}, not a list")
+        workloads = [Workload.from_json(item) for item in records]
         if version == 1:
             return migrate_v1(workloads, nsfs_device())
         return {w.uid: w for w in workloads}

@@ -164,7 +164,7 @@ def encode(message: Message) -> bytes:
 def decode(data: bytes) -> Message:
     try:
         body = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise ProtocolError(f"not a JSON message: {data[:80]!r}") from exc
     if not isinstance(body, dict):
         raise ProtocolError(f"message is not an object: {data[:80]!r}")

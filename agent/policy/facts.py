@@ -110,8 +110,11 @@ def normalize_path(target: str) -> str | None:
     4. dot segments are removed (RFC 3986 5.2.4), after decoding, so `/a/%2e%2e/b` is `/b`.
 
     Slashes are not merged and case is kept.  Returns None (the inspector answers 400) for `%00`
-    anywhere or a target that is not an absolute path.  The proxy forwards the normalized
-    path, as Envoy does, so the backend sees what policy decided on.
+    anywhere, a target that is not an absolute path, or one whose decoding makes a new escape of
+    a "%" sent bare (`/%%36%31dmin` -> `/%61dmin`, `/%%300` -> `/%00`): a backend that decodes
+    the path again would serve `/admin`, which policy never saw.  The proxy forwards the
+    normalized path, as Envoy does, so the backend sees what policy decided on; a normalized
+    path normalizes to itself.
     """
     path = target.split("?", 1)[0]
     if "%00" in path:
@@ -121,6 +124,8 @@ def normalize_path(target: str) -> str | None:
         return None
     if "%" in path:
         path = _ESCAPE.sub(_decode_unreserved, path)
+        if "%00" in path or _ESCAPE.sub(_decode_unreserved, path) != path:
+            return None  # decoding made a new escape of a bare "%"
     if "/." in path:
         path = _remove_dot_segments(path)
     return path

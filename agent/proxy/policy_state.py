@@ -49,7 +49,7 @@ class PolicyState:
         whole, self._parts, self._collecting = "".join(self._parts), [], -1
         try:
             policy = PolicySet.from_json(json.loads(whole))
-        except (ValueError, InvalidPolicy) as exc:
+        except (ValueError, InvalidPolicy, RecursionError) as exc:  # RecursionError: too deep
             raise PolicyRejected(f"policy version {version} refused: {exc}") from None
         self.version, self.policy = version, policy
         self._compiled = {}
