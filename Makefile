@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 FUZZ_SECONDS ?= 60
 TARGET ?=
 
-.PHONY: setup demo test unit lint bench clean fresh-check fuzz fuzz-corpus
+.PHONY: setup demo test unit lint bench clean fresh-check fuzz fuzz-corpus install
 
 CNI_PLUGIN := build/ferry-cni
 
@@ -30,6 +30,13 @@ $(CNI_PLUGIN): cni/ferry-cni.c
 # KEEP=1 keeps the root, CACHE=1 reuses downloaded Debian packages (scripts/fresh-check.sh).
 fresh-check:
 	bash scripts/fresh-check.sh
+
+# Ferry as a service on a plain host (README: Plain Linux host; scripts/install.sh): PREFIX
+# (default /opt/ferry) with its own venv, the systemd units in UNITDIR (default
+# /etc/systemd/system), /etc/default/ferry and /etc/ferry/ferry.yaml when missing; DESTDIR stages
+# it all for a package; VENV=.venv runs the checkout's venv instead of making one.
+install:
+	PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" UNITDIR="$(UNITDIR)" VENV="$(VENV)" bash scripts/install.sh
 
 demo: setup
 	$(PY) -m demo.run

@@ -347,6 +347,38 @@ def status(state_dir: Path, config_path: Path | None, as_json: bool) -> None:
     sys.exit(0 if document["healthy"] else 1)
 
 
+@main.command()
+@config_option
+@click.option("--metrics-address", help="The proxy's host:port (default: proxy.metrics_address).")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between frames.")  # fmt: skip
+@click.option("--rows", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Rows per table.")  # fmt: skip
+@click.option("--once", is_flag=True, help="Print one frame (two samples an interval apart).")
+def top(
+    config_path: Path | None, metrics_address: str | None, interval: float, rows: int, once: bool
+) -> None:
+    """Live top talkers, error rates and recent denials of this node's proxy (Ctrl-C stops)."""
+    import shutil
+
+    from agent.top import ScrapeError, watch
+
+    address = metrics_address or _config(config_path).proxy.metrics_address
+    tty = sys.stdout.isatty()  # lines are cut to the terminal's width, never in a pipe or file
+    try:
+        watch(
+            address,
+            interval,
+            once,
+            rows,
+            lambda: shutil.get_terminal_size().columns if tty else 1000,
+        )
+    except ScrapeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        click.echo()
+
+
 def _all_netns() -> list[Path]:
     """Every network namespace on the host: named ones and those of running processes."""
     import os

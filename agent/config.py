@@ -31,6 +31,46 @@ proxy:
   connect_timeout: 5.0           # default, seconds
   idle_timeout: 3600.0           # default, seconds without bytes in either direction
   metrics_address: 127.0.0.1:15020  # default
+limits:
+  # What one peer or workload may make the proxy hold or do: past a bound, new work is refused
+  # and counted (ferry_proxy_shed_total, `agent status`), what is established goes on; see
+  # docs/limits.md.
+  connections_per_node: 65536    # default: relays, tunnel streams and tunnel connections open at
+                                 # once, each worker an equal share; also capped by the open-file
+                                 # limit (6 descriptors a plaintext relay)
+  connections_per_workload: 16384  # default: one workload's open connections, in and out (each
+                                 # worker an equal share)
+  connections_per_source: 4096   # default: connections one peer (source IP, or identity on a
+                                 # tunnel) holds open to the node's workloads (each worker a share)
+  handshakes_per_worker: 256     # default: tunnel TLS handshakes in progress (~50 KB each)
+  handshakes_per_source: 64      # default: ... of them from one source IP
+  streams_per_connection: 100    # default: concurrent streams on one tunnel or inspected HTTP/2
+                                 # connection (SETTINGS_MAX_CONCURRENT_STREAMS)
+  stream_window: 4194304         # default, bytes: a tunnel stream's flow-control window, all one
+                                 # stream can make us hold for an app that does not read
+  connection_window: 16777216    # default, bytes: a tunnel connection's window, the same for all
+                                 # of its streams together
+  buffered_per_worker: 268435456 # default, bytes held for apps that do not read, across a worker;
+                                 # past it, a stream that holds 64 KiB or more is reset
+  unread_replies: 1000           # default: PING/SETTINGS acks and resets queued for a peer that
+                                 # does not read them; past it GOAWAY ENHANCE_YOUR_CALM
+  ping_rate: 100                 # default: PING frames per second and connection (burst: one
+                                 # second's worth); past it GOAWAY ENHANCE_YOUR_CALM
+  settings_rate: 100             # default: SETTINGS frames per second and connection
+  reset_rate: 1000               # default: RST_STREAM frames per second and connection
+  empty_frame_rate: 1000         # default: frames that carry nothing (empty DATA, PRIORITY,
+                                 # unknown types, unasked PING acks) per second and connection
+  empty_frames_in_a_row: 100     # default: ... one after the other
+  rapid_reset_streams: 500       # default: a connection ends when half of max(this, the streams
+                                 # it opened) were reset by the peer before our answer
+  settings_entries: 32           # default: entries in one SETTINGS frame
+  header_block_bytes: 65536      # default: one HTTP/2 header block (tunnel, inspected HTTP/2)
+  header_block_frames: 8         # default: CONTINUATION frames in one header block
+  header_block_timeout: 10.0     # default, seconds a header block may stay incomplete
+  request_header_bytes: 65536    # default: an inspected HTTP/1.1 request head, or HTTP/2 header
+                                 # list; past it 400 (HTTP/2: the connection ends)
+  request_header_timeout: 10.0   # default, seconds from the first byte of an inspected request
+                                 # head to its end; past it 408 and the connection is closed
 agent:
   reconcile_interval: 10.0       # default, seconds between full drift checks
 identity:
@@ -126,6 +166,34 @@ class ProxyConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds on what one peer or workload may make the proxy hold or do (docs/limits.md)."""
+
+    connections_per_node: int = 65536
+    connections_per_workload: int = 16384
+    connections_per_source: int = 4096
+    handshakes_per_worker: int = 256
+    handshakes_per_source: int = 64
+    streams_per_connection: int = 100
+    stream_window: int = 4 << 20
+    connection_window: int = 16 << 20
+    buffered_per_worker: int = 256 << 20
+    unread_replies: int = 1000
+    ping_rate: int = 100
+    settings_rate: int = 100
+    reset_rate: int = 1000
+    empty_frame_rate: int = 1000
+    empty_frames_in_a_row: int = 100
+    rapid_reset_streams: int = 500
+    settings_entries: int = 32
+    header_block_bytes: int = 65536
+    header_block_frames: int = 8
+    header_block_timeout: float = 10.0
+    request_header_bytes: int = 65536
+    request_header_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     reconcile_interval: float = 10.0
 
@@ -194,6 +262,7 @@ class Config:
     node_name: str = field(default_factory=lambda: os.uname().nodename.lower())
     redirection: RedirectionConfig = RedirectionConfig()
     proxy: ProxyConfig = ProxyConfig()
+    limits: LimitsConfig = LimitsConfig()
     agent: AgentConfig = AgentConfig()
     identity: IdentityConfig = IdentityConfig()
     mesh: MeshConfig = MeshConfig()
@@ -315,6 +384,31 @@ def _proxy(raw: Any) -> ProxyConfig:
     _positive("proxy.idle_timeout", cfg.idle_timeout)
     parse_address("proxy.metrics_address", cfg.metrics_address)
     return cfg
+
+
+WINDOW_RANGE = (65535, (1 << 31) - 1)  # what HTTP/2 lets a flow-control window be
+HEADER_RANGE = (1024, 1 << 24)  # a header block must fit a request; HTTP/2 frame lengths are 24 bit
+
+
+def _count(key: str, value: Any, low: int = 1, high: int = 1 << 31) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{key}: {value!r} must be an integer from {low} to {high}")
+    return value
+
+
+def _limits(raw: Any) -> LimitsConfig:
+    cfg = replace(LimitsConfig(), **_section("limits", raw, LimitsConfig))
+    ranges = {"stream_window": WINDOW_RANGE, "connection_window": WINDOW_RANGE,
+              "header_block_bytes": HEADER_RANGE, "request_header_bytes": HEADER_RANGE,
+              "buffered_per_worker": (1 << 20, 1 << 40)}  # fmt: skip
+    values: dict[str, Any] = {}
+    for f in fields(LimitsConfig):
+        value = getattr(cfg, f.name)
+        if f.type == "float":
+            values[f.name] = _positive(f"limits.{f.name}", value)
+        else:
+            values[f.name] = _count(f"limits.{f.name}", value, *ranges.get(f.name, (1, 1 << 31)))
+    return LimitsConfig(**values)
 
 
 def _agent(raw: Any) -> AgentConfig:
@@ -459,6 +553,7 @@ def parse_config(raw: Any) -> Config:
         node_name=_node_name(values),
         redirection=_redirection(values.get("redirection")),
         proxy=_proxy(values.get("proxy")),
+        limits=_limits(values.get("limits")),
         agent=_agent(values.get("agent")),
         identity=_identity(values.get("identity")),
         mesh=_mesh(values.get("mesh")),

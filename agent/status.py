@@ -24,6 +24,11 @@ Kubernetes (`kubernetes.enabled`): the agent reports the pods on its node, each 
 applied and its redirection state, and the health of its watches; `agent.kube.view` draws that
 section and names its problems (a watch not listed yet or failing, annotations failing, a pod
 that should be enrolled and is not).
+
+Limits: the proxy reports, per workload, the work it refused (or cut off) at each bound of
+`limits:` (docs/limits.md) with the last peer that hit it and when (`shed`); each workload with
+some gets a line under the table, and a bound hit in the last SHED_RECENT seconds is a problem:
+the node is at a ceiling, and which workload and peer hit it is what an operator acts on.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ if TYPE_CHECKING:
     from agent.workloads import Workload
 
 SCHEMA = "ferry.status/v1"
+SHED_RECENT = 60.0  # seconds: a bound hit this recently makes the node unhealthy
 
 
 def _ask(path: Path, body: dict[str, Any]) -> dict[str, Any]:
@@ -155,6 +161,7 @@ def gather(state_dir: Path, load_config: Callable[[], Config]) -> dict[str, Any]
             "certificate": agent.get("identity", {}).get("certificates", {}).get(uid),
             "security": security_counts(flows),
             "denied_by": denials(flows),
+            "shed": served.get(uid, {}).get("shed", []),
             "policies": (agent.get("policy") or {}).get("workloads", {}).get(uid),
             "served_by_proxy": uid in served,
             "listeners": served.get(uid, {}).get("listeners", []),
@@ -260,6 +267,14 @@ def assess(document: dict[str, Any]) -> list[str]:
         cert = w.get("certificate")
         if cert and cert["not_after"] <= document["generated_at"]:
             problems.append(f"{label}: its certificate expired")
+        for shed in w.get("shed") or []:
+            ago = document["generated_at"] - shed["last_at"]
+            if ago < SHED_RECENT:
+                problems.append(
+                    f"{label}: work refused at limit {shed['limit']} ({shed['count']} time(s), "
+                    f"the last {_ago(ago)} ago from {shed['last_peer'] or 'an unknown peer'}; "
+                    f"limits.{shed['limit']}, docs/limits.md)"
+                )
         if proxy["running"] and not w["served_by_proxy"]:
             problems.append(f"{label}: the proxy has no listeners for it")
         elif any(not lst.get("listening") for lst in w["listeners"]):
@@ -439,7 +454,7 @@ def render(document: dict[str, Any]) -> str:
         for r in rows:
             lines.append("  ".join(str(c).ljust(widths[i]) for i, c in enumerate(r)).rstrip())
     for w in document["workloads"]:
-        lines += _workload_lines(w)
+        lines += _workload_lines(w, now)
     lines.append("")
     if document["problems"]:
         lines.append("Problems:")
@@ -478,8 +493,9 @@ def _policy_lines(policy: dict[str, Any], proxy: dict[str, Any], now: float) -> 
     return lines
 
 
-def _workload_lines(w: dict[str, Any]) -> list[str]:
-    """A workload's details under the table: rule differences, labels, policies, denials."""
+def _workload_lines(w: dict[str, Any], now: float) -> list[str]:
+    """A workload's details under the table: rule differences, labels, policies, denials, work
+    shed at a limit."""
     lines = [f"  {w['name']}: {diff}" for diff in w["differences"]]
     labels = w.get("labels") or {}
     if labels:
@@ -489,4 +505,10 @@ def _workload_lines(w: dict[str, Any]) -> list[str]:
     denied = w.get("denied_by") or {}
     if denied:
         lines.append(f"  {w['name']}: denied " + ", ".join(f"{r}={n}" for r, n in denied.items()))
+    shed = w.get("shed") or []
+    if shed:
+        lines.append(f"  {w['name']}: shed " + ", ".join(
+            f"{s['limit']}={s['count']} (last from {s['last_peer'] or 'unknown'}, "
+            f"{_ago(now - s['last_at'])} ago)" for s in shed
+        ))  # fmt: skip
     return lines

@@ -49,9 +49,9 @@ request ends are what request smuggling is made of, and any disagreement is a Pr
 On top of llhttp, requests are refused (400) for: versions other than 1.0/1.1, a request line
 with more than two spaces, HTTP/1.1 without exactly one Host, a Transfer-Encoding other than a
 single `chunked` or in HTTP/1.0, an Upgrade or CONNECT request with a body, a fragment or
-userinfo in the target, heads over MAX_HEAD bytes.  Responses are framed the same way, with the
-rules of RFC 9112 section 6.3 (HEAD, 1xx, 204, 304 have no body; no length means until the
-server closes); a malformed response ends the connection.
+userinfo in the target, heads over `max_head` bytes (limits.request_header_bytes).  Responses
+are framed the same way, with the rules of RFC 9112 section 6.3 (HEAD, 1xx, 204, 304 have no
+body; no length means until the server closes); a malformed response ends the connection.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ from typing import NamedTuple
 import httptools
 
 from agent.proxy.http1_framing import (
+    MAX_HEAD,
     Body,
     Callbacks,
     Head,
@@ -185,16 +186,17 @@ class _Request:
 
 
 class Http1Inspector:
-    """One inspected HTTP/1.1 connection (see the module docstring)."""
+    """One inspected HTTP/1.1 connection (see the module docstring); request heads of at most
+    `max_head` bytes."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_head: int = MAX_HEAD) -> None:
         self._next_id = 1
         self._queue: deque[_Request] = deque()  # undecided, in order
         self._opaque = False
         # client -> server
         self._req_cb = Callbacks()
         self._req_parser = httptools.HttpRequestParser(self._req_cb)
-        self._req_head = Head()
+        self._req_head = Head(max_head)
         self._reading: tuple[_Request, Body] | None = None  # a request body being read
         self._client_open = True  # False: drop what the client sends (denied, closing, error)
         self._held: bytearray | None = None  # what followed an Upgrade / CONNECT request
@@ -206,6 +208,11 @@ class Http1Inspector:
         self._outstanding: deque[tuple[bool, int]] = deque()  # allowed: (HEAD?, kind)
         self._reply: bytes | None = None  # a denial waiting for the responses before it
         self._server_open = True
+
+    @property
+    def head_pending(self) -> bool:
+        """Part of a request head came, not all of it (a slow client, or a slowloris)."""
+        return self._req_head.pending
 
     # -- client -> server -------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ and body but does not say where in the input a message ends, so the inspector fr
 itself with the scanners here and makes llhttp confirm every boundary:
 
 - `Head` collects one head across reads: it skips empty lines before a message and ends the head
-  at the first CRLF CRLF (llhttp accepts no other line ending), at most MAX_HEAD bytes;
+  at the first CRLF CRLF (llhttp accepts no other line ending), at most `most` bytes (MAX_HEAD
+  by default; limits.request_header_bytes for requests); `pending` while a head is incomplete;
 - `framing(content_length, transfer_encoding, request)` says how the body ends (RFC 9112
   section 6): None for no body, else a `Body` that counts Content-Length, scans chunked framing
   strictly (hex sizes of at most 16 digits, every line ending in CRLF and no other CR, a
@@ -119,14 +120,21 @@ def feed_body(
 class Head:
     """Collects one head across reads: skips empty lines before it, ends at CRLF CRLF."""
 
-    __slots__ = ("buf",)
+    __slots__ = ("buf", "most")
 
-    def __init__(self) -> None:
+    def __init__(self, most: int = MAX_HEAD) -> None:
         self.buf = bytearray()
+        self.most = most
+
+    @property
+    def pending(self) -> bool:
+        """Part of a head came, not all of it."""
+        return bool(self.buf)
 
     def take(self, data: bytes | bytearray, i: int) -> tuple[bytes | None, int]:
         """(the complete head or None, where the input continues); data[i:] is not empty."""
         buf = self.buf
+        most = self.most
         n = len(data)
         if not buf:
             if data[i] == 13 or data[i] == 10:  # empty lines before a message are ignored
@@ -134,19 +142,19 @@ class Head:
                 if first is None:
                     return None, n
                 i = first.start()
-            end = data.find(b"\r\n\r\n", i, i + MAX_HEAD)
+            end = data.find(b"\r\n\r\n", i, i + most)
             if end >= 0:
                 return bytes(data[i : end + 4]), end + 4
-            if n - i >= MAX_HEAD:
-                raise Malformed(f"head longer than {MAX_HEAD} bytes")
+            if n - i >= most:
+                raise Malformed(f"head longer than {most} bytes")
             buf += data[i:]
             return None, n
         had = len(buf)
-        buf += data[i : i + MAX_HEAD - had]
+        buf += data[i : i + most - had]
         end = buf.find(b"\r\n\r\n", max(0, had - 3))
         if end < 0:
-            if len(buf) >= MAX_HEAD:
-                raise Malformed(f"head longer than {MAX_HEAD} bytes")
+            if len(buf) >= most:
+                raise Malformed(f"head longer than {most} bytes")
             return None, n
         head = bytes(buf[: end + 4])
         buf.clear()

@@ -13,8 +13,8 @@ workload, and a table of streams between them.  The owner feeds what the client 
                      other request with 403 / 401 / 429 and a short body; see
                      `agent.proxy.responses`); other streams are not touched
     ConnectionEnded  the connection is over (a protocol error, a flood, a GOAWAY from either
-                     side): write out what `data_for_client()` / `data_for_server()` hold (the
-                     GOAWAYs), then close both sockets
+                     side, `expire()`): write out what `data_for_client()` /
+                     `data_for_server()` hold (the GOAWAYs), then close both sockets
 
 Between the two, an allowed stream's HEADERS, DATA, trailers, END_STREAM and RST_STREAM go across
 both ways as they come.  Flow control is end to end: DATA from one side is acknowledged to it
@@ -24,15 +24,17 @@ writer, and what the inspector holds for a connection is bounded by the windows 
 its DATA the same way; a denied stream's DATA is acknowledged and dropped, and once the reply went
 out a request still being sent is cut short with RST_STREAM NO_ERROR (RFC 9113 section 8.1).
 
-Limits towards the client: MAX_CONCURRENT_STREAMS streams, MAX_HEADER_LIST bytes of headers
-(enforced by `h2`: exceeding them ends the connection), and the flood bounds of the HBONE core
-(`agent.tunnel.floods`), counted by `_FloodGuard` on the client's frame headers before `h2`
-reads them: PING and SETTINGS replies the client does not read (until `client_drained()`),
-SETTINGS entries, CONTINUATION frames per header block, control frame sizes, frames in a row
-that carry nothing (empty DATA, PRIORITY, unknown types, unasked PING acks), and streams reset by
-the client before their response (Rapid Reset).  Past a bound the client gets GOAWAY
-ENHANCE_YOUR_CALM and the owner ConnectionEnded.  `pending_header_block` tells the owner, which
-has the clock, that a header block is waiting for CONTINUATION (floods.HEADER_BLOCK_TIMEOUT).
+Limits towards the client: `bounds.streams_per_connection` streams, `max_header_list` bytes of
+headers (enforced by `h2`: exceeding them ends the connection), and the flood bounds of the
+HBONE core (`agent.tunnel.floods.Bounds`), counted by `_FloodGuard` on the client's frame headers
+before `h2` reads them: PING and SETTINGS replies the client does not read (until
+`client_drained()`), PING, SETTINGS, RST_STREAM and empty frames faster than their rates (with
+the owner's `clock`), SETTINGS entries, CONTINUATION frames per header block, control frame
+sizes, frames in a row that carry nothing (empty DATA, PRIORITY, unknown types, unasked PING
+acks), and streams reset by the client before their response (Rapid Reset).  Past a bound the
+client gets GOAWAY ENHANCE_YOUR_CALM and the owner ConnectionEnded naming the bound (`limit`).
+`pending_header_block` tells the owner, which has the clock, that a header block is waiting for
+CONTINUATION (`bounds.header_block_timeout`).
 
 Why `h2` (python-hyper) and not the house core (`agent.tunnel.hbone`): HboneConnection speaks
 the CONNECT subset of HTTP/2 that HBONE needs (no request headers beyond :authority, no
@@ -47,7 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import h2.config
@@ -65,6 +67,7 @@ from agent.tunnel.frames import (
     DATA,
     END_HEADERS,
     END_STREAM,
+    ENHANCE_YOUR_CALM,
     HEADERS,
     INTERNAL_ERROR,
     NO_ERROR,
@@ -72,13 +75,13 @@ from agent.tunnel.frames import (
     PREFACE,
     PRIORITY,
     REFUSED_STREAM,
+    RST_STREAM,
     SETTINGS,
     ConnError,
     unpack_header,
 )
 
-MAX_CONCURRENT_STREAMS = 100
-MAX_HEADER_LIST = 64 * 1024
+MAX_HEADER_LIST = 64 * 1024  # default of `max_header_list` (limits.request_header_bytes)
 STREAM_WINDOW = 256 * 1024
 CONNECTION_WINDOW = 1024 * 1024
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
@@ -109,9 +112,11 @@ class StreamHead(NamedTuple):
 
 
 class ConnectionEnded(NamedTuple):
-    """The connection is over (`reason` says why): write out both sides' data, then close."""
+    """The connection is over (`reason` says why): write out both sides' data, then close.
+    `limit` names the flood bound the client passed, if that is why (a `limits:` key)."""
 
     reason: str
+    limit: str = ""
 
 
 Event = StreamHead | ConnectionEnded
@@ -157,12 +162,15 @@ class _Stream:
 
 
 class _FloodGuard:
-    """Counts the client's frames by their 9-byte headers (payloads skipped) against the bounds
-    of `agent.tunnel.floods`; raises ConnError(ENHANCE_YOUR_CALM) past one."""
+    """Counts the client's frames by their 9-byte headers (payloads skipped) against `bounds`
+    (`agent.tunnel.floods`); raises ConnError(ENHANCE_YOUR_CALM) past one."""
 
-    __slots__ = ("block", "continuations", "idle", "partial", "preface", "replies", "skip")
+    __slots__ = ("block", "bounds", "continuations", "idle", "partial", "preface", "rates",
+                 "replies", "skip")  # fmt: skip
 
-    def __init__(self) -> None:
+    def __init__(self, bounds: floods.Bounds, clock: Callable[[], float] | None) -> None:
+        self.bounds = bounds
+        self.rates = floods.Rates(bounds, clock)
         self.preface = len(PREFACE)  # preface bytes still to come (h2 checks them)
         self.partial = b""  # an incomplete frame header
         self.skip = 0  # payload bytes of the current frame still to come
@@ -172,6 +180,7 @@ class _FloodGuard:
         self.continuations = 0
 
     def scan(self, data: bytes) -> None:
+        self.rates.refill()
         n = len(data)
         i = min(self.preface, n)
         self.preface -= i
@@ -193,8 +202,9 @@ class _FloodGuard:
             self._frame(ftype, flags, self.skip)
 
     def _frame(self, ftype: int, flags: int, length: int) -> None:
+        bounds = self.bounds
         if ftype != DATA:
-            floods.check_control_frame(ftype, length)
+            bounds.check_control_frame(ftype, length)
         idle = False
         if ftype == HEADERS:
             self.block = not flags & END_HEADERS
@@ -202,31 +212,42 @@ class _FloodGuard:
         elif ftype == CONTINUATION:
             self.block = not flags & END_HEADERS
             self.continuations += 1
-            floods.check_continuations(self.continuations)
+            bounds.check_continuations(self.continuations)
         elif ftype in (SETTINGS, PING) and not flags & ACK:
             if ftype == SETTINGS:
-                floods.check_settings(length // 6)
+                self.rates.take(floods.SETTINGS)
+                bounds.check_settings(length // 6)
+            else:
+                self.rates.take(floods.PING)
             self.replies += 1
-            floods.check_replies(self.replies)
+            bounds.check_replies(self.replies)
         elif ftype in (PING, PRIORITY) or ftype > CONTINUATION:
             idle = True  # a PING ack (we send no PINGs), PRIORITY, an unknown type
         elif ftype == DATA and not length and not flags & END_STREAM:
             idle = True
-        self.idle = floods.idle_frame(self.idle, "frames that carry nothing") if idle else 0
+        elif ftype == RST_STREAM:
+            self.rates.take(floods.RESET)
+        if idle:
+            self.rates.take(floods.EMPTY)
+            self.idle = bounds.idle_frame(self.idle, "frames that carry nothing")
+        else:
+            self.idle = 0
 
 
 def _config(client_side: bool) -> h2.config.H2Configuration:
     return h2.config.H2Configuration(client_side=client_side, header_encoding=None)
 
 
-def _connection(client_side: bool) -> h2.connection.H2Connection:
+def _connection(
+    client_side: bool, streams: int, max_header_list: int
+) -> h2.connection.H2Connection:
     conn = h2.connection.H2Connection(_config(client_side))
     codes = h2.settings.SettingCodes
     conn.local_settings = h2.settings.Settings(
         client=client_side,
         initial_values={
-            codes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-            codes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+            codes.MAX_CONCURRENT_STREAMS: streams,
+            codes.MAX_HEADER_LIST_SIZE: max_header_list,
             codes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             codes.ENABLE_PUSH: 0,
         },
@@ -323,14 +344,22 @@ def _move(
 
 
 class Http2Inspector:
-    """One inspected HTTP/2 connection (see the module docstring)."""
+    """One inspected HTTP/2 connection (see the module docstring): within `bounds`, `clock`
+    (seconds, monotonic) for their rates, request headers of `max_header_list` bytes."""
 
-    def __init__(self) -> None:
-        self._client = _connection(client_side=False)  # faces the client
-        self._server = _connection(client_side=True)  # faces the workload
+    def __init__(
+        self,
+        bounds: floods.Bounds = floods.DEFAULT,
+        clock: Callable[[], float] | None = None,
+        max_header_list: int = MAX_HEADER_LIST,
+    ) -> None:
+        self.bounds = bounds
+        streams = bounds.streams_per_connection
+        self._client = _connection(False, streams, max_header_list)  # faces the client
+        self._server = _connection(True, streams, max_header_list)  # faces the workload
         self._streams: dict[int, _Stream] = {}  # by client stream id
         self._by_up: dict[int, _Stream] = {}  # by server stream id
-        self._guard = _FloodGuard()
+        self._guard = _FloodGuard(bounds, clock)
         self._opened = 0  # streams the client opened
         self._premature = 0  # ... and reset before their response
         self._ended = False
@@ -347,18 +376,27 @@ class Http2Inspector:
 
     def client_drained(self) -> None:
         """What `data_for_client()` returned reached the client's socket: the acks queued until
-        then no longer count as unread (floods.MAX_OUTBOUND_CONTROL)."""
+        then no longer count as unread (`bounds.unread_replies`)."""
         self._guard.replies = 0
 
     @property
     def pending_header_block(self) -> bool:
         """The client left a header block open (awaiting CONTINUATION): close the connection
-        if it stays so for floods.HEADER_BLOCK_TIMEOUT."""
+        if it stays so for `bounds.header_block_timeout`."""
         return self._guard.block
 
     @property
     def open_streams(self) -> int:
         return len(self._streams)
+
+    def expire(self, limit: str) -> list[Event]:
+        """The owner's clock says the client took too long (a header block left open): end the
+        connection with GOAWAY ENHANCE_YOUR_CALM, naming `limit`."""
+        events: list[Event] = []
+        if not self._ended:
+            self._end(f"{limit}: a header block stayed open", events,
+                      client_code=ENHANCE_YOUR_CALM, limit=limit)  # fmt: skip
+        return events
 
     # -- client -> server -------------------------------------------------------------------
 
@@ -372,7 +410,8 @@ class Http2Inspector:
             for ev in self._client.receive_data(data):
                 self._client_event(ev, events)
         except ConnError as exc:
-            self._end(f"HTTP/2 flood from the client: {exc}", events, client_code=exc.code)
+            self._end(f"HTTP/2 flood from the client: {exc}", events, client_code=exc.code,
+                      limit=exc.limit)  # fmt: skip
         except h2.exceptions.ProtocolError as exc:  # h2 queued the GOAWAY
             self._end(f"HTTP/2 protocol error from the client: {exc}", events)
         except _GoAway as exc:
@@ -418,7 +457,7 @@ class Http2Inspector:
         elif isinstance(ev, h2.events.StreamReset):
             if not st.responded:
                 self._premature += 1
-                floods.check_premature_resets(self._premature, self._opened)
+                self.bounds.check_premature_resets(self._premature, self._opened)
             if st.up:
                 self._reset(self._server, st.up, ev.error_code)
             self._forget(st)
@@ -605,6 +644,7 @@ class Http2Inspector:
         events: list[Event],
         client_code: int | None = None,
         server_code: int | None = NO_ERROR,
+        limit: str = "",
     ) -> None:
         """The end: GOAWAY with these codes to the sides that have not had one (None)."""
         self._ended = True
@@ -614,4 +654,4 @@ class Http2Inspector:
             self._server.close_connection(server_code)
         self._streams.clear()
         self._by_up.clear()
-        events.append(ConnectionEnded(reason))
+        events.append(ConnectionEnded(reason, limit))

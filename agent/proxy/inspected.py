@@ -25,6 +25,14 @@ What it does with the bytes, by state:
 Backpressure: a direction whose queue holds more than HIGH bytes stops reading its source until
 the queue drains, so memory per connection stays bounded by about 2 x (HIGH + one read).
 Half-close is kept (EOF becomes shutdown(SHUT_WR) once the queue is out); errors reset both ends.
+
+Slow heads (slowloris): `head_since` is when the client's bytes left a request head incomplete
+(the first bytes while sniffing, an HTTP/1 head, an HTTP/2 header block), 0 while none is; the
+worker's sweep calls `expire_head()` once that is limits.request_header_timeout ago: HTTP/1 (and
+sniffing) clients get 408 and the connection is closed, HTTP/2 clients GOAWAY
+ENHANCE_YOUR_CALM.  Heads are at most `max_head` bytes (limits.request_header_bytes), HTTP/2
+frames within `bounds` (`agent.tunnel.floods`).  A connection ended at a bound says which in
+`shed` (a `limits:` key) for the worker to count.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import collections
 import contextlib
 import select
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,8 +56,9 @@ from agent.proxy.http1 import (
 )
 from agent.proxy.http2 import ConnectionEnded, Http2Inspector, StreamHead
 from agent.proxy.request_policy import Allowed, Denied
-from agent.proxy.responses import http1_reply
+from agent.proxy.responses import REQUEST_TIMEOUT_REPLY, http1_reply
 from agent.proxy.sniff import looks_like_h2_preface, looks_like_http1
+from agent.tunnel.floods import DEFAULT, Bounds
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -113,7 +123,10 @@ class InspectedRelay:
         watch: WatchFn,
         done: Callable[[InspectedRelay], None],
         owner: Any = None,
+        bounds: Bounds = DEFAULT,
+        max_head: int = 65536,
     ) -> None:
+        self.bounds, self.max_head = bounds, max_head
         self.down, self.up = down, up
         self.fd_down, self.fd_up = down.fileno(), up.fileno()
         self.decide, self.l4_allowed = decide, l4_allowed
@@ -132,6 +145,8 @@ class InspectedRelay:
         self.started_at = 0.0
         self.idle_mark = -1
         self.idle_since = 0.0
+        self.head_since = 0.0  # when a request head was left incomplete (0: none is)
+        self.shed = ""  # the bound (a `limits:` key) it was ended at, if any
 
     # -- the worker's interface -------------------------------------------------------------
 
@@ -158,6 +173,22 @@ class InspectedRelay:
                     raise ConnectionResetError("client error")
                 if events & (EPOLLIN | EPOLLHUP) and not self.to_up.eof:
                     self._from_down()
+            self._update()
+        except OSError:
+            self.abort()
+
+    def expire_head(self) -> None:
+        """The client took limits.request_header_timeout for a head: 408 (HTTP/2: GOAWAY),
+        then close."""
+        if self.closed:
+            return
+        self.shed = "request_header_timeout"
+        self.head_since = 0.0
+        try:
+            if self.h2 is not None:
+                self._h2_events(self.h2.expire(self.shed))
+            else:
+                self._reply(REQUEST_TIMEOUT_REPLY)
             self._update()
         except OSError:
             self.abort()
@@ -202,10 +233,12 @@ class InspectedRelay:
             self.sniffed += data
             h2, http = looks_like_h2_preface(self.sniffed), looks_like_http1(self.sniffed)
             if h2:
-                self.state, self.h2 = H2, Http2Inspector()
+                self.state = H2
+                self.h2 = Http2Inspector(self.bounds, time.monotonic, self.max_head)
             elif http:
-                self.state, self.inspector = HTTP1, Http1Inspector()
+                self.state, self.inspector = HTTP1, Http1Inspector(self.max_head)
             elif h2 is None or http is None:
+                self._head_pending(True)
                 return  # more bytes needed to tell
             else:
                 self._opaque_if_allowed()
@@ -219,17 +252,29 @@ class InspectedRelay:
                     self.to_down.put(early)
         if self.state == OPAQUE:
             self.to_up.put(data)
+            self._head_pending(False)
         elif self.h2 is not None:
             self._h2_events(self.h2.client_data(data))
+            self._head_pending(self.h2.pending_header_block)
         else:
             assert self.inspector is not None
             self._handle(self.inspector.client_data(data))
+            inspector = self.inspector
+            self._head_pending(inspector is not None and inspector.head_pending)
+
+    def _head_pending(self, pending: bool) -> None:
+        """Start the request head clock at the first read that leaves a head incomplete."""
+        if not pending:
+            self.head_since = 0.0
+        elif not self.head_since:
+            self.head_since = time.monotonic()
 
     def _opaque_if_allowed(self) -> None:
         """Not HTTP/1 (or the server spoke first): the L4 decision, then raw bytes."""
         if not self.l4_allowed():
             raise ConnectionRefusedError("denied at L4")
         self.state = OPAQUE
+        self.head_since = 0.0
         self.to_up.put(self.sniffed)
         self.to_down.put(self.early)
         self.sniffed = self.early = b""
@@ -274,6 +319,7 @@ class InspectedRelay:
                              verdict.path)  # fmt: skip
             else:
                 self.closing = True  # write out the GOAWAYs, then close
+                self.shed = self.shed or event.limit
         self.to_up.put(h2.data_for_server())
         self.to_down.put(h2.data_for_client())
         if self.closing and not self.to_down.bytes:

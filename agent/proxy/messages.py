@@ -21,8 +21,9 @@ once it has acted on it, so the supervisor can pass a worker's failure back to t
 worker -> supervisor:
     Done             the outcome of one message (error None: applied)
     Stats            cumulative counters per workload and flow, what the worker has applied
-                     (directory version and size, certificate expiry per workload); also sent
-                     every second when something changed
+                     (directory version and size, certificate expiry per workload), the work
+                     it shed per workload and bound (`Shed`); also sent every second when
+                     something changed
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from agent.wire import WireError, from_json, to_json
 
 Direction = Literal["outbound", "inbound", "tunnel"]
 Mode = Literal["permissive", "strict"]
-WORKER_SECTIONS = ("proxy", "redirection", "identity", "policy")  # the config a worker gets
+# what a worker gets
+WORKER_SECTIONS = ("proxy", "limits", "redirection", "identity", "policy")
 COUNTERS = (
     "connections_opened",
     "connections_closed",
@@ -174,6 +176,16 @@ class TunnelCounters:
 
 
 @dataclass(frozen=True)
+class Shed:
+    """Work refused (or a connection cut off) for one workload at one bound (cumulative)."""
+
+    limit: str  # the `limits:` key that was reached (docs/limits.md)
+    count: int
+    last_peer: str  # who hit it last: a peer identity, or an IP
+    last_at: float  # unix time of the last one
+
+
+@dataclass(frozen=True)
 class Applied:
     """What a worker has applied, for `agent status` to compare with what the agent sent."""
 
@@ -194,6 +206,7 @@ class Stats:
     tunnel: TunnelCounters
     applied: Applied
     decisions: dict[str, tuple[Decision, ...]] = field(default_factory=dict)  # uid -> counts
+    shed: dict[str, tuple[Shed, ...]] = field(default_factory=dict)  # uid -> by bound
 
     def totals(self, uid: str, direction: str) -> dict[str, int]:
         """One workload's counters in one direction, summed over its flows."""

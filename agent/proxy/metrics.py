@@ -3,7 +3,9 @@
 Each worker reports cumulative `messages.Flow` records per workload (see `agent.proxy.workload`);
 `sum_flows` adds them up per (direction, security, peer identity), `totals` per direction, and
 `MetricsCollector` exposes them the way Istio labels its TCP metrics: per workload, direction,
-security (mtls or plaintext) and source/destination identity, with denials per reason.
+security (mtls or plaintext) and source/destination identity, with denials per reason.  Work
+shed at a bound (`messages.Shed`) is summed per workload and limit by `sum_shed` (the newest
+peer and time win) and exposed as `ferry_proxy_shed_total{limit}`.
 """
 
 from __future__ import annotations
@@ -53,6 +55,21 @@ def sum_decisions(per_worker: Iterable[Stats], uid: str) -> list[dict[str, Any]]
             summed[key] = summed.get(key, 0) + d.count
     return [{"policy": p, "action": a, "decision": d, "count": n}
             for (p, a, d), n in sorted(summed.items())]  # fmt: skip
+
+
+def sum_shed(per_worker: Iterable[Stats], uid: str) -> list[dict[str, Any]]:
+    """Work one workload had refused (or cut off), per limit, summed over workers: the count,
+    and the last peer and time among them."""
+    summed: dict[str, dict[str, Any]] = {}
+    for stats in per_worker:
+        for shed in stats.shed.get(uid, ()):
+            entry = summed.setdefault(
+                shed.limit, {"limit": shed.limit, "count": 0, "last_peer": "", "last_at": 0.0}
+            )
+            entry["count"] += shed.count
+            if shed.last_at >= entry["last_at"]:
+                entry["last_peer"], entry["last_at"] = shed.last_peer, shed.last_at
+    return [summed[limit] for limit in sorted(summed)]
 
 
 def totals(flows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
@@ -136,9 +153,17 @@ class MetricsCollector(Collector):
                 values = [workload.namespace, workload.name, d["policy"] or "none",
                           d["action"] or "none", d["decision"]]  # fmt: skip
                 decisions.add_metric(values, d["count"])
+        shed = CounterMetricFamily(
+            "ferry_proxy_shed", "work refused or cut off at a bound of limits:, by limit",
+            labels=["workload_namespace", "workload", "limit"],
+        )  # fmt: skip
+        for uid, workload in sorted(workloads.items()):
+            for entry in sum_shed(per_worker, uid):
+                shed.add_metric([workload.namespace, workload.name, entry["limit"]], entry["count"])
         yield from families.values()
         yield denied
         yield decisions
+        yield shed
         active = GaugeMetricFamily("ferry_proxy_active_connections", "open relayed connections")
         active.add_metric([], sum(s.active for s in per_worker))
         yield active

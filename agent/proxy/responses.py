@@ -12,6 +12,9 @@ Istio):
 |                        | retry-after, x-ratelimit-*      |                                   |
 | malformed request      | 400 "bad request" (HTTP/1.1)    | (HTTP/2: stream or connection     |
 |                        |                                 | errors instead)                   |
+| request head too slow  | 408 "request header timeout"    | (HTTP/2: GOAWAY instead)          |
+|                        | (HTTP/1.1, limits.request_      |                                   |
+|                        | header_timeout)                 |                                   |
 
 Every reply is `content-type: text/plain` (gRPC: `application/grpc`) and names the policy that
 decided in `x-ferry-denied-by: <ns>/<name>` when one did.  HTTP/1.1 replies say
@@ -36,6 +39,7 @@ FORBIDDEN = 403
 UNAUTHORIZED = 401
 TOO_MANY_REQUESTS = 429
 BAD_REQUEST = 400
+REQUEST_TIMEOUT = 408
 
 GRPC_PERMISSION_DENIED = 7
 GRPC_UNAUTHENTICATED = 16
@@ -50,6 +54,7 @@ DEFAULT_MESSAGE = {
     UNAUTHORIZED: "Jwt verification fails",
     TOO_MANY_REQUESTS: "local_rate_limited",
     BAD_REQUEST: "bad request",
+    REQUEST_TIMEOUT: "request header timeout",
 }
 _UNSAFE = frozenset(b"\r\n\x00")
 
@@ -66,7 +71,7 @@ class RateLimitHeaders:
 
 @dataclass(frozen=True, slots=True)
 class Denial:
-    """Why the proxy answers a request itself; `status` is 403, 401, 429 or 400."""
+    """Why the proxy answers a request itself; `status` is 403, 401, 429, 400 or 408."""
 
     status: int
     denied_by: str = ""  # "<ns>/<name>" of the deciding policy (of every ALLOW policy, comma-
@@ -120,6 +125,7 @@ def http1_reply(denial: Denial, *, head: bool = False) -> bytes:
 
 
 BAD_REQUEST_REPLY = http1_reply(Denial(BAD_REQUEST))
+REQUEST_TIMEOUT_REPLY = http1_reply(Denial(REQUEST_TIMEOUT))
 
 
 def grpc_message(text: str) -> str:

@@ -77,6 +77,7 @@ from agent.proxy.metrics import (
     MetricsCollector,
     sum_decisions,
     sum_flows,
+    sum_shed,
     totals,
     tunnel_totals,
 )
@@ -125,7 +126,9 @@ class Supervisor:
         self.policy_slices: list[PolicyChunk] = []  # of the version in force, for a new worker
         self._policy_pending: list[PolicyChunk] = []
         self.buckets, buckets_fd = SharedBuckets.create()  # rate limits, exact across workers
-        self.pool = WorkerPool(config, self.worker_count, buckets_fd, self.lock, self.stopping)
+        # Workers learn how many they are (limits: each takes an equal share of the node's).
+        counted = replace(config, proxy=replace(config.proxy, workers=self.worker_count))
+        self.pool = WorkerPool(counted, self.worker_count, buckets_fd, self.lock, self.stopping)
 
     def _state(self) -> list[tuple[MakeMessage, list[int]]]:
         """Everything a (new) worker needs: trust, directory, policy, workloads and certs."""
@@ -369,6 +372,7 @@ class Supervisor:
                 workloads[uid] = {
                     "policies": list(compiled.policies) if compiled is not None else [],
                     "decisions": sum_decisions(per_worker, uid),
+                    "shed": sum_shed(per_worker, uid),
                     "name": s.workload.name,
                     "namespace": s.workload.namespace,
                     "service_account": s.workload.service_account,

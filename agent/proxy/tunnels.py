@@ -20,6 +20,13 @@ worker that opens and accepts them:
 
 It shares the worker's epoll loop through the `Loop` protocol (handlers by fd, fds that went
 stale during the current batch, interest changes).
+
+Bounds (`limits:`, `agent.proxy.admission`): an accepted connection is reset before any TLS
+state exists when the worker holds its share of connections or too many handshakes are in
+progress (per worker, per source IP); a stream is refused (503) before any socket exists when
+the worker or the workload holds its share of connections.  Every connection and stream counts
+as one held connection until it ends.  Connections and streams cut off at a flood bound (their
+`shed`) are counted against the workload with the peer's identity (or IP).
 """
 
 from __future__ import annotations
@@ -33,10 +40,11 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from agent.config import RedirectionConfig
+from agent.config import LimitsConfig, RedirectionConfig
 from agent.linux import reset
 from agent.policy.facts import Facts
 from agent.proxy import decide
+from agent.proxy.admission import Admission, bounds_of
 from agent.proxy.enforce import Enforcer, Guarded
 from agent.proxy.messages import TunnelCounters
 from agent.proxy.sockets import upstream_socket
@@ -48,7 +56,6 @@ from agent.tunnel.stream import TunnelStream
 
 log = logging.getLogger("ferry.proxy.worker")
 
-STREAMS_PER_CONN = 100
 POOL_IDLE = 30.0
 
 Handler = Callable[[int, int], None]
@@ -61,8 +68,13 @@ class Loop(Protocol):
     def watch(self, fd: int, old: int, new: int) -> None: ...
 
     def inspect(
-        self, wl: ServedWorkload, stats: FlowStats, facts: Facts, up: socket.socket
-    ) -> socket.socket: ...
+        self,
+        wl: ServedWorkload,
+        stats: FlowStats,
+        facts: Facts,
+        up: socket.socket,
+        far: socket.socket,
+    ) -> None: ...
 
 
 class Tunnels:
@@ -74,17 +86,22 @@ class Tunnels:
         home_fd: int,
         enforcer: Enforcer,
         guarded: Guarded,
+        admission: Admission,
+        limits: LimitsConfig,
     ) -> None:
         self.loop = loop
+        self.admission = admission
+        self.bounds = bounds_of(limits)
         self.enforcer = enforcer
         self.guarded = guarded
         self.cfg = cfg
         self.own_ports = own_ports
         self.home_fd = home_fd
         self.trust_domain = ""
-        self.bufs = Buffers()
-        self.pool: TunnelPool[TunnelConn] = TunnelPool(STREAMS_PER_CONN)
+        self.bufs = Buffers(budget=limits.buffered_per_worker)
+        self.pool: TunnelPool[TunnelConn] = TunnelPool(limits.streams_per_connection)
         self.conns: set[TunnelConn] = set()
+        self.handshaking: dict[TunnelConn, str] = {}  # server side, until TLS is done: its IP
         self.handshakes = 0
         self.to_flush: list[TunnelConn] = []
 
@@ -110,6 +127,7 @@ class Tunnels:
         stream = TunnelStream(conn, client, owner=stats, now=now)
         self.loop.handlers[stream.fd] = stream.on_event
         stats.relays.add(stream)
+        self.admission.opened(stream, "")
         conn.add_stream(stream, format_authority(*dst))
 
     def _connect(self, wl: ServedWorkload, ip: str, expected: str, now: float) -> TunnelConn:
@@ -122,11 +140,13 @@ class Tunnels:
             raise OSError(err, os.strerror(err))
         return TunnelConn(
             self, self.bufs, sock, wl.client_ctx, client=True, trust_domain=self.trust_domain,
-            expected_identity=expected, owner=(wl, (wl.uid, ip)), now=now,
+            expected_identity=expected, owner=(wl, (wl.uid, ip)), now=now, bounds=self.bounds,
         )  # fmt: skip
 
-    def _track(self, conn: TunnelConn) -> None:
+    def _track(self, conn: TunnelConn, peer: str = "") -> None:
+        """`peer`: the source IP a server-side connection was admitted for."""
         self.conns.add(conn)
+        self.admission.opened(conn, peer)
         self.loop.handlers[conn.fd] = conn.on_event
         conn.start()
 
@@ -139,19 +159,30 @@ class Tunnels:
             reset(client)
             return
         assert wl.server_ctx is not None  # certified: both contexts are built together
+        ip = peer[0]
+        admission = self.admission
+        if not admission.admit(wl, ip, inbound=True) or not admission.handshake(wl, ip):
+            reset(client)
+            return
         try:
             client.setblocking(False)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = TunnelConn(
                 self, self.bufs, client, wl.server_ctx, client=False,
                 trust_domain=self.trust_domain, owner=(wl, None), now=time.monotonic(),
+                bounds=self.bounds,
             )  # fmt: skip
         except OSError as exc:
             log.debug("%s: tunnel accept: %s", wl.uid, exc)
+            admission.handshake_over(ip)
             wl.flow("inbound", "mtls").failures += 1
             reset(client)
             return
-        self._track(conn)
+        if conn.state == CLOSED:  # the peer was gone already
+            admission.handshake_over(ip)
+            return
+        self.handshaking[conn] = ip
+        self._track(conn, ip)
 
     def tunnel_request(self, conn: TunnelConn, stream_id: int, authority: str) -> None:
         wl: ServedWorkload = conn.owner[0]
@@ -169,36 +200,48 @@ class Tunnels:
         if not self.enforcer.admit_connection(wl, facts, stats, http=http):
             core.refuse(stream_id, 403)
             return
+        if not self.admission.admit(wl, conn.peer_identity, inbound=True):
+            core.refuse(stream_id, 503)
+            return
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         bind_to = (conn.peer_ip, 0) if (":" in conn.peer_ip) == (":" in ip) else None
-        try:
+        pair: tuple[socket.socket, socket.socket] | None = None
+        try:  # every descriptor first: a stream that cannot have them costs the app no connect
             up = upstream_socket(wl.netns_fd, family, self.cfg.mark, bind_to, home_fd=self.home_fd)
+            if http:  # requests are decided one by one between the stream and the app
+                try:
+                    pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                except OSError:
+                    up.close()
+                    raise
         except OSError as exc:
             log.debug("%s: cannot open upstream for %s: %s", wl.uid, authority, exc)
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.admission.shed(wl, "open_files", conn.peer_identity)
             stats.failures += 1
             core.refuse(stream_id, 503)
             return
         err = up.connect_ex((ip, port))
         if err and err != errno.EINPROGRESS:
             up.close()
+            if pair is not None:
+                pair[0].close()
+                pair[1].close()
             stats.failures += 1
             core.refuse(stream_id, 503)
             return
         app = up
-        if http:  # requests are decided one by one between the stream and the app
-            try:
-                app = self.loop.inspect(wl, stats, facts, up)  # "connects" at once
-            except OSError as exc:
-                log.debug("%s: cannot inspect %s: %s", wl.uid, authority, exc)
-                up.close()
-                stats.failures += 1
-                core.refuse(stream_id, 503)
-                return
+        if pair is not None:
+            app, far = pair
+            app.setblocking(False)
+            far.setblocking(False)
+            self.loop.inspect(wl, stats, facts, up, far)  # the stream "connects" at once
         stream = TunnelStream(
             conn, app, sid=stream_id, app_connecting=True, owner=stats, now=time.monotonic()
         )
         self.loop.handlers[stream.fd] = stream.on_event
         stats.relays.add(stream)
+        self.admission.opened(stream, conn.peer_identity)
         if not http:
             self.guarded.add(stream, wl, facts, spliced=True)
         stream.update()
@@ -213,6 +256,9 @@ class Tunnels:
 
     def tunnel_ready(self, conn: TunnelConn) -> None:
         self.handshakes += 1
+        ip = self.handshaking.pop(conn, None)
+        if ip is not None:
+            self.admission.handshake_over(ip)
 
     def tunnel_closed(self, conn: TunnelConn, reason: str) -> None:
         wl: ServedWorkload = conn.owner[0]
@@ -221,7 +267,14 @@ class Tunnels:
                   conn.peer_ip, reason)  # fmt: skip
         if conn.core is None and not conn.client:
             wl.flow("inbound", "mtls").deny(decide.Reason.UNKNOWN_PEER)  # never authenticated
-        self.conns.discard(conn)
+        ip = self.handshaking.pop(conn, None)
+        if ip is not None:
+            self.admission.handshake_over(ip)
+        if conn.shed:
+            self.admission.shed(wl, conn.shed, conn.peer_identity or conn.peer_ip)
+        if conn in self.conns:
+            self.conns.discard(conn)
+            self.admission.closed(conn)
         self.loop.handlers.pop(conn.fd, None)
         self.loop.stale.add(conn.fd)
         if key is not None:
@@ -232,6 +285,10 @@ class Tunnels:
         self.loop.handlers.pop(stream.fd, None)
         self.loop.stale.add(stream.fd)
         self.guarded.discard(stream)
+        self.admission.closed(stream)
+        if stream.shed:
+            conn = stream.conn
+            self.admission.shed(conn.owner[0], stream.shed, conn.peer_identity or conn.peer_ip)
         stats.relays.discard(stream)
         if stream.connect_failed:
             stats.failures += 1

@@ -26,6 +26,14 @@ acts on the answer; it never decides inline:
   certificate; each CONNECT -> `admit_stream` -> a transparent socket bound to the tunnel peer's
   IP (200 once connected, the decision's status when denied, 503 when the connect fails).
 
+Bounds (`limits:`, `agent.proxy.admission`): each new connection is admitted against the
+worker's share of the node's and the workload's connection bounds first, and a relay gets its
+pipes and upstream socket before it connects, so a client refused for want of room or
+descriptors never becomes a connect to the app; past the open-file limit a spare descriptor
+accepts the waiting client to reset it (counted, not left to spin the loop).  Inspected
+connections are held to request head size and time limits (slowloris: 408).  What is refused
+is counted per workload and bound (`Stats.shed`) and logged at a bounded rate.
+
 A failed or timed-out connect resets the client and counts a connect failure; a denial counts
 under its reason.  The connect timeout covers TCP, TLS and CONNECT; idle connections are closed
 after `idle_timeout`, idle pooled tunnels after POOL_IDLE.  A tunnel connection that queued frames
@@ -54,6 +62,7 @@ from agent.linux import open_thread_netns, reset, set_pdeathsig
 from agent.policy.facts import Facts
 from agent.policy.ratelimit import BucketStore
 from agent.proxy import decide
+from agent.proxy.admission import Admission, bounds_of, open_file_limit
 from agent.proxy.enforce import DenialLog, Enforcer, Guarded
 from agent.proxy.inspected import InspectedRelay
 from agent.proxy.messages import (
@@ -113,6 +122,12 @@ class Worker:
         self.guarded = Guarded()
         self.requests = RequestChecker(self.enforcer)
         self.pipes = PipePool()
+        self.limits = limits = config.limits
+        self.bounds = bounds_of(limits)
+        workers = config.proxy.workers or os.cpu_count() or 1
+        self.admission = Admission(limits, workers, open_file_limit())
+        self.spare_fd = _spare()  # given up to refuse a client when descriptors run out
+        self.inspected: set[InspectedRelay] = set()  # for their request head deadlines
         self.home_fd = open_thread_netns()
         self.running = True
         self.last_stats: Stats | None = None
@@ -121,7 +136,7 @@ class Worker:
              redirection_cfg.tunnel_port)
         )  # fmt: skip
         self.tunnels = Tunnels(self, redirection_cfg, self.own_ports, self.home_fd,
-                               self.enforcer, self.guarded)  # fmt: skip
+                               self.enforcer, self.guarded, self.admission, limits)  # fmt: skip
         self.ep.register(self.channel.fd, EPOLLIN)
         self.handlers[self.channel.fd] = self._on_control
 
@@ -132,9 +147,11 @@ class Worker:
         handlers = self.handlers
         stale = self.stale
         tunnels = self.tunnels
-        sweep_every = max(
-            0.05, min(1.0, self.proxy_cfg.connect_timeout / 4, self.proxy_cfg.idle_timeout / 4)
-        )
+        limits = self.limits
+        sweep_every = max(0.05, min(
+            1.0, self.proxy_cfg.connect_timeout / 4, self.proxy_cfg.idle_timeout / 4,
+            limits.request_header_timeout / 4, limits.header_block_timeout / 4,
+        ))  # fmt: skip
         monotonic = time.monotonic
         next_sweep = monotonic() + sweep_every
         next_stats = monotonic() + STATS_INTERVAL
@@ -175,6 +192,7 @@ class Worker:
         self.pipes.close()
         self.ep.close()
         os.close(self.home_fd)
+        os.close(self.spare_fd)
 
     def watch(self, fd: int, old: int, new: int) -> None:
         if new == 0:
@@ -203,14 +221,36 @@ class Worker:
                 except OSError as exc:
                     if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
                         continue
+                    if exc.errno in (errno.EMFILE, errno.ENFILE) and self._refuse_one(wl, lst):
+                        continue
                     log.warning("accept on %s %s: %s", wl.uid, lst.direction, exc)
                     return
                 on_client(wl, client, peer)
 
         return on_accept
 
+    def _refuse_one(self, wl: ServedWorkload, lst: Listening) -> bool:
+        """Out of descriptors: accept one waiting client with the spare one and reset it (a
+        refusal, counted), rather than leave the listener readable for the loop to spin on."""
+        os.close(self.spare_fd)
+        try:
+            client, peer = lst.sock.accept()
+        except OSError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                self.spare_fd = _spare()
+        self.admission.shed(wl, "open_files", peer[0])
+        reset(client)
+        if self.spare_fd == client.fileno() or self.spare_fd < 0:
+            self.spare_fd = _spare()
+        return True
+
     def _outbound(self, wl: ServedWorkload, client: socket.socket, peer: Any) -> None:
         peer = (decide.app_address(wl, peer[0]), peer[1])
+        if not self.admission.admit(wl, peer[0], inbound=False):
+            reset(client)
+            return
         try:
             client.setblocking(False)
             dst: tuple[str, int] = original_dst(client)
@@ -236,17 +276,24 @@ class Worker:
                     dst_wl.flow("inbound", security, wl.identity if secure else ""),
                 )
                 facts = Facts(wl.identity if secure else "", peer[0], dst[0], dst[1])
+                if not self.admission.admit(dst_wl, wl.identity or peer[0], inbound=True):
+                    reset(client)
+                    return
                 http = dst_wl.policy is not None and dst_wl.policy.needs_http(dst[1])
                 if not self.enforcer.admit_connection(dst_wl, facts, owners[1], http=http):
                     reset(client)
                     return
-                self._relay(dst_wl, owners, client, peer[0], dst, facts, http)
+                self._relay(dst_wl, owners, client, peer[0], dst, facts, http,
+                            wl.identity or peer[0])  # fmt: skip
             case decide.Refuse(reason=reason, at_destination=at_destination):
                 owner = reg.local[dst[0]] if at_destination else wl
                 owner.flow("inbound" if at_destination else "outbound", "plaintext").deny(reason)
                 reset(client)
 
     def _inbound(self, wl: ServedWorkload, client: socket.socket, peer: Any) -> None:
+        if not self.admission.admit(wl, peer[0], inbound=True):
+            reset(client)
+            return
         stats = wl.flow("inbound", "plaintext")
         try:
             client.setblocking(False)
@@ -266,7 +313,7 @@ class Worker:
         if not self.enforcer.admit_connection(wl, facts, stats, http=http):
             reset(client)
             return
-        self._relay(wl, (stats,), client, peer[0], dst, facts, http)
+        self._relay(wl, (stats,), client, peer[0], dst, facts, http, peer[0])
 
     def _relay(
         self,
@@ -277,11 +324,14 @@ class Worker:
         dst: tuple[str, int],
         facts: Facts | None = None,
         http: bool = False,
+        inbound_peer: str = "",
     ) -> None:
         """Relay `client` to `dst` from inside `wl`'s netns (bound to `source_ip` when given, so
         the app sees its real peer); `counted` count it; `facts`: what an inbound connection was
         admitted with (re-checked when the policy changes); `http`: its requests are decided
-        one by one (`InspectedRelay`) instead of spliced."""
+        one by one (`InspectedRelay`) instead of spliced; `inbound_peer`: who it was admitted
+        for (`Admission.admit`; "" outbound).  The upstream socket and the pipes
+        come first: a client that cannot have them costs the app no connect."""
         try:
             up = upstream_socket(
                 wl.netns_fd,
@@ -291,13 +341,7 @@ class Worker:
                 home_fd=self.home_fd,
             )
         except OSError as exc:
-            log.debug("%s: cannot open upstream for %s: %s", wl.uid, dst, exc)
-            _failed(counted, client)
-            return
-        err = up.connect_ex(dst)
-        if err and err != errno.EINPROGRESS:
-            up.close()
-            _failed(counted, client)
+            self._no_room(wl, counted, client, facts, exc)
             return
         try:
             relay: Relay | InspectedRelay
@@ -307,9 +351,8 @@ class Worker:
                 relay = Relay(client, up, connecting=True, watch=self.watch,
                               done=self._relay_done, pool=self.pipes, owner=counted)  # fmt: skip
         except OSError as exc:  # out of pipes / fds
-            log.warning("%s: cannot relay: %s", wl.uid, exc)
             up.close()
-            _failed(counted, client)
+            self._no_room(wl, counted, client, facts, exc)
             return
         relay.started_at = time.monotonic()
         on_event = relay.on_event
@@ -317,9 +360,32 @@ class Worker:
         self.handlers[relay.fd_up] = on_event
         for stats in counted:
             stats.relays.add(relay)
+        self.admission.opened(relay, inbound_peer)
+        err = up.connect_ex(dst)
+        if err and err != errno.EINPROGRESS:
+            relay.connect_failed = True
+            relay.abort()  # `_relay_done` counts the failure; the client gets a reset
+            return
         if facts is not None and not http:
             self.guarded.add(relay, wl, facts, spliced=True)
         relay.start()
+
+    def _no_room(
+        self,
+        wl: ServedWorkload,
+        counted: tuple[FlowStats, ...],
+        client: socket.socket,
+        facts: Facts | None,
+        exc: OSError,
+    ) -> None:
+        """No upstream socket or pipes for a client: reset it, count it (shed when the worker
+        is out of descriptors)."""
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            peer = wl.identity if facts is None else facts.source_principal or facts.source_ip
+            self.admission.shed(wl, "open_files", peer)
+        else:
+            log.debug("%s: cannot relay: %s", wl.uid, exc)
+        _failed(counted, client)
 
     def _inspected(
         self,
@@ -347,27 +413,38 @@ class Worker:
             self.guarded.add(relay, wl, facts)  # not HTTP: its L4 decision is re-checked
             return True
 
+        finish = self._relay_done if done is None else done
+
+        def finished(ended: InspectedRelay) -> None:
+            self.inspected.discard(ended)
+            if ended.shed:  # a slow head or a flood: counted against the workload
+                self.admission.shed(wl, ended.shed, facts.source_principal or facts.source_ip)
+            finish(ended)
+
         relay = InspectedRelay(client, up, decide=decide, l4_allowed=l4_allowed,
-                               connecting=True, watch=self.watch,
-                               done=self._relay_done if done is None else done,
-                               owner=counted)  # fmt: skip
+                               connecting=True, watch=self.watch, done=finished, owner=counted,
+                               bounds=self.bounds,
+                               max_head=self.limits.request_header_bytes)  # fmt: skip
+        self.inspected.add(relay)
         return relay
 
     def inspect(
-        self, wl: ServedWorkload, stats: FlowStats, facts: Facts, up: socket.socket
-    ) -> socket.socket:
-        """HTTP inspection for a tunnel stream: returns the socket the stream writes to; an
-        `InspectedRelay` carries what comes out of it to `up` (the app, connecting), deciding
-        each request.  The stream counts the bytes; the relay only decides."""
-        near, far = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        near.setblocking(False)
-        far.setblocking(False)
+        self,
+        wl: ServedWorkload,
+        stats: FlowStats,
+        facts: Facts,
+        up: socket.socket,
+        far: socket.socket,
+    ) -> None:
+        """HTTP inspection for a tunnel stream, which writes into the other end of the
+        socketpair `far` is one end of: an `InspectedRelay` carries what comes out of `far` to
+        `up` (the app, connecting), deciding each request.  The stream counts the bytes; the
+        relay only decides."""
         relay = self._inspected(wl, (stats,), far, up, facts, done=self._inner_done)
         self.handlers[relay.fd_down] = relay.on_event
         self.handlers[relay.fd_up] = relay.on_event
         relay.started_at = time.monotonic()
         relay.start()
-        return near
 
     def _inner_done(self, relay: InspectedRelay) -> None:
         for fd in (relay.fd_down, relay.fd_up):
@@ -383,6 +460,7 @@ class Worker:
         self.stale.add(relay.fd_down)
         self.stale.add(relay.fd_up)
         self.guarded.discard(relay)
+        self.admission.closed(relay)
         for stats in counted:
             stats.relays.discard(relay)
             if relay.connect_failed:
@@ -417,7 +495,12 @@ class Worker:
                         r.close()
                         if isinstance(r, TunnelStream):
                             r.conn.flush()
+        head_timeout = self.limits.request_header_timeout
+        for inspected in [r for r in self.inspected if r.head_since]:
+            if now - inspected.head_since >= head_timeout:
+                inspected.expire_head()  # slowloris: 408 (HTTP/2: GOAWAY), closed
         self.tunnels.sweep(now, connect_timeout, idle_timeout)
+        self.admission.sweep(self.tunnels.bufs.held)
 
     # -- control ----------------------------------------------------------------------------
 
@@ -536,6 +619,7 @@ class Worker:
             tunnel=self.tunnels.counters(),
             applied=self.registry.applied(),
             decisions={uid: wl.decision_records() for uid, wl in workloads.items()},
+            shed={uid: wl.shed_records() for uid, wl in workloads.items() if wl.shed},
         )
 
     def _send_stats(self, only_if_changed: bool) -> None:
@@ -551,6 +635,10 @@ class Worker:
 
 def _ignore_done(relay: Relay) -> None:
     pass
+
+
+def _spare() -> int:
+    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _failed(counted: tuple[FlowStats, ...], client: socket.socket) -> None:

@@ -10,7 +10,8 @@ connections were opened and closed, failed to connect, or were denied (by reason
 of ended connections; the open ones sit in `relays` (splice `Relay`s and `TunnelStream`s alike:
 both say whether they are still `connecting` and how many bytes went `bytes_up`, client -> server,
 and `bytes_down`).  `flows()` turns them into cumulative `messages.Flow` records, open connections
-included.
+included.  `shed` counts the work refused for the workload per bound it hit (`limits:` key),
+with the last peer and when (`agent.proxy.admission`); `shed_records()` reports them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import ssl
 from typing import Any, Literal
 
 from agent.policy.compile import WorkloadPolicy
-from agent.proxy.messages import Decision, Direction, Flow
+from agent.proxy.messages import Decision, Direction, Flow, Shed
 
 Security = Literal["mtls", "plaintext"]
 FlowKey = tuple[Literal["outbound", "inbound"], Security, str]
@@ -90,6 +91,7 @@ class ServedWorkload:
         "not_after",
         "policy",
         "server_ctx",
+        "shed",
         "uid",
     )
 
@@ -110,6 +112,7 @@ class ServedWorkload:
         self.labels: dict[str, str] = {}
         self.policy: WorkloadPolicy | None = None  # None: no document selects it
         self.decisions: dict[tuple[str, str, str], int] = {}  # (policy, action, decision) -> n
+        self.shed: dict[str, Shed] = {}  # limit -> what was refused at it
 
     @property
     def certified(self) -> bool:
@@ -134,6 +137,9 @@ class ServedWorkload:
 
     def decision_records(self) -> tuple[Decision, ...]:
         return tuple(Decision(p, a, d, n) for (p, a, d), n in sorted(self.decisions.items()))
+
+    def shed_records(self) -> tuple[Shed, ...]:
+        return tuple(self.shed[limit] for limit in sorted(self.shed))
 
     def records(self) -> tuple[Flow, ...]:
         return tuple(st.record(key) for key, st in sorted(self.flows.items()))

@@ -226,10 +226,6 @@ class EbpfRedirection:
         if self.object is None and not self.own_rules(netns):
             return
         self.remove_own_rules(netns)
-        with self._errors(netns), self._lock:
-            if not sys_bpf.map_keys(self._maps["enrolled"], 8):
-                for name in CGROUP_PROGRAMS:
-                    _drop_link(self._cgroup_link(name))
         self._call(netns, lambda: remove_routing(self.cfg))
 
     def inspect(self, netns: Path) -> RedirectionReport:
@@ -266,7 +262,8 @@ class EbpfRedirection:
 
     def remove_own_rules(self, netns: Path) -> None:
         """Forget this pod here, detach its sk_lookup link and reset the sysctl, leaving the
-        shared routing."""
+        shared routing; the last pod gone (removed, or taken over by another backend), detach
+        the cgroup hooks too."""
         if not self._opened():
             return
 
@@ -278,6 +275,9 @@ class EbpfRedirection:
         with self._errors(netns), self._lock:
             sys_bpf.map_delete(self._maps["enrolled"], _U64.pack(cookie))
             _drop_link(self._netns_link(cookie))
+            if not sys_bpf.map_keys(self._maps["enrolled"], 8):
+                for name in CGROUP_PROGRAMS:
+                    _drop_link(self._cgroup_link(name))
 
     def installed(self, netns: Path) -> bool:
         """Whether this pod is enrolled here or holds an sk_lookup link of Ferry's."""

@@ -23,12 +23,17 @@ whatever `out` held, so the order is kept).  While more than OUT_HIGH bytes of c
 the socket the connection is congested and its streams stop reading their app sockets; they
 resume when it drains.
 
-Floods: what the core bounds itself is in `agent.tunnel.floods`; this side adds the two parts
-that need I/O or a clock.  Each flush tells the core when the peer has read what was sent
+Floods: what the core bounds itself is in `agent.tunnel.floods` (the connection's `Bounds`);
+this side adds the parts that need I/O or a clock.  The core gets the monotonic clock for its
+frame rates.  Each flush tells the core when the peer has read what was sent
 (`TlsBio.delivered` -> `HboneConnection.drained`), so replies a non-reading peer provokes are
-bounded; and a header block the peer leaves open for HEADER_BLOCK_TIMEOUT (measured from the read
-that left it pending) ends the connection with GOAWAY ENHANCE_YOUR_CALM when the host calls
-`sweep(now)`.
+bounded; and a header block the peer leaves open for `header_block_timeout` (measured from the
+read that left it pending) ends the connection with GOAWAY ENHANCE_YOUR_CALM when the host calls
+`sweep(now)`.  A connection ended for passing a bound says which in `shed` (a `limits:` key).
+Streams the peer asks for are opened (`Host.tunnel_request`) once the whole read was handled,
+and only those the peer did not reset in it: HEADERS + RST_STREAM pairs (Rapid Reset) cost no
+connect to the app.  Bytes streams hold for apps that do not read count in `Buffers.held`
+against `Buffers.budget` (`agent.tunnel.stream`).
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from agent.tunnel.events import (
     TunnelProtocolError,
     WindowOpened,
 )
-from agent.tunnel.floods import HEADER_BLOCK_TIMEOUT
+from agent.tunnel.floods import DEFAULT, Bounds
 from agent.tunnel.frames import ENHANCE_YOUR_CALM, NO_ERROR
 from agent.tunnel.hbone import HboneConnection
 from agent.tunnel.tls import TunnelTLSError, peer_identity
@@ -87,9 +92,12 @@ class Host(Protocol):
 
 class Buffers:
     """Per-process scratch buffers (one thread): ciphertext reads, plaintext (decrypted) and app
-    reads."""
+    reads; and the count of bytes the process's streams hold for apps that do not take them
+    (`held`), against `budget` (limits.buffered_per_worker)."""
 
-    def __init__(self, size: int = READ_CHUNK) -> None:
+    def __init__(self, size: int = READ_CHUNK, budget: int = 256 << 20) -> None:
+        self.held = 0
+        self.budget = budget
         self.rx = bytearray(size)
         self.rx_view = memoryview(self.rx)
         self.tls = bytearray(size)
@@ -113,8 +121,10 @@ class TunnelConn:
         expected_identity: str = "",
         owner: Any = None,
         now: float = 0.0,
+        bounds: Bounds = DEFAULT,
     ) -> None:
         self.host = host
+        self.bounds = bounds
         self.bufs = bufs
         self.sock: socket.socket = sock
         self.fd = sock.fileno()
@@ -138,6 +148,8 @@ class TunnelConn:
         self.started_at = now
         self.idle_since = now
         self.header_block_since = 0.0  # when the core's pending header block was first seen
+        self.shed = ""  # the bound (a `limits:` key) the peer passed, when it ended for that
+        self._requested: list[tuple[int, str]] = []  # (stream, authority) asked for, not opened
         if not client:
             self._wrap()
 
@@ -237,9 +249,10 @@ class TunnelConn:
 
     def sweep(self, now: float) -> None:
         """Time limits the core cannot keep (it has no clock); the host calls this now and then.
-        A header block left open for HEADER_BLOCK_TIMEOUT ends the connection."""
+        A header block left open for `header_block_timeout` ends the connection."""
         since = self.header_block_since
-        if since and now - since >= HEADER_BLOCK_TIMEOUT:
+        if since and now - since >= self.bounds.header_block_timeout:
+            self.shed = "header_block_timeout"
             self.close(f"header block open for {now - since:.0f} s", ENHANCE_YOUR_CALM)
 
     def close(self, reason: str = "closed", error_code: int = NO_ERROR) -> None:
@@ -322,7 +335,7 @@ class TunnelConn:
             return
         self.peer_identity = identity
         self.state = OPEN
-        self.core = HboneConnection(client=self.client)
+        self.core = HboneConnection(self.client, self.bounds, time.monotonic)
         self.host.tunnel_ready(self)
         if self.state != OPEN:
             return
@@ -373,6 +386,7 @@ class TunnelConn:
                     try:
                         events = core.receive(view[:pos])
                     except TunnelProtocolError as exc:
+                        self.shed = exc.limit
                         self.flush()
                         self.fail(str(exc))
                         return
@@ -399,6 +413,9 @@ class TunnelConn:
         for ev in events:
             if isinstance(ev, Data):
                 s = streams.get(ev.stream_id)
+                if s is None and self._requested:  # early data: open what was asked first
+                    self._open_requested()
+                    s = streams.get(ev.stream_id)
                 if s is not None:
                     s.deliver(ev.data)
             elif isinstance(ev, WindowOpened):
@@ -426,8 +443,10 @@ class TunnelConn:
                 if s is not None:
                     s.abort(reset_peer=False)
             elif isinstance(ev, StreamRequested):
-                self.host.tunnel_request(self, ev.stream_id, ev.authority)
+                self._requested.append((ev.stream_id, ev.authority))
             elif isinstance(ev, ConnectionEnded):
+                if self._requested:  # asked for before the GOAWAY: they are served
+                    self._open_requested()
                 self.retired = True
                 for sid, s in list(streams.items()):
                     if sid > ev.last_stream_id:
@@ -439,6 +458,16 @@ class TunnelConn:
                     return
             if self.state == CLOSED:
                 return
+        if self._requested:
+            self._open_requested()
+
+    def _open_requested(self) -> None:
+        """Ask the host to open the streams requested so far that the peer did not reset."""
+        requested, self._requested = self._requested, []
+        core = self.core
+        for sid, authority in requested:
+            if self.state != CLOSED and core is not None and core.is_open(sid):
+                self.host.tunnel_request(self, sid, authority)
 
     def _wake(self) -> None:
         blocked, self.blocked = self.blocked, set()

@@ -15,11 +15,12 @@ class TunnelProtocolError(Exception):
     """The peer broke HTTP/2 or the HBONE rules, or flooded us; the connection is unusable.
 
     `code` is the HTTP/2 error code of the GOAWAY queued for the peer (0xb ENHANCE_YOUR_CALM for
-    a flood)."""
+    a flood); `limit` names the bound a flood passed (a `limits:` key), else it is ""."""
 
-    def __init__(self, msg: str, code: int) -> None:
+    def __init__(self, msg: str, code: int, limit: str = "") -> None:
         super().__init__(msg)
         self.code = code
+        self.limit = limit
 
 
 class LocalProtocolError(Exception):

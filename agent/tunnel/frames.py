@@ -59,11 +59,13 @@ _SHAPES: dict[int, tuple[str, bool | None, int | None]] = {
 
 
 class ConnError(Exception):
-    """A connection error (RFC 9113 section 5.4.1): GOAWAY with `code`, the message says why."""
+    """A connection error (RFC 9113 section 5.4.1): GOAWAY with `code`, the message says why;
+    `limit` names the flood bound that was passed (`agent.tunnel.floods`), if that is why."""
 
-    def __init__(self, code: int, msg: str) -> None:
+    def __init__(self, code: int, msg: str, limit: str = "") -> None:
         super().__init__(msg)
         self.code = code
+        self.limit = limit
 
 
 def check_shape(ftype: int, sid: int, length: int) -> None:

@@ -37,12 +37,17 @@ GOAWAY, `send_data` / `data_header` beyond the send window or after `end_stream`
 raises `LocalProtocolError` and changes nothing: the peer never sees a negative window.
 
 Floods: replies the peer does not read, frames that carry nothing, streams reset before we
-answered them and endless header blocks are counted here and bounded in `agent.tunnel.floods`;
-the owner reports sent bytes (`drained()`) and times `pending_header_block`.
+answered them, PINGs, SETTINGS, resets and empty frames faster than their rates, and endless
+header blocks are counted here and bounded by the `floods.Bounds` the core is made with (its
+windows and stream limit too); the owner gives it a clock for the rates (`clock`), reports sent
+bytes (`drained()`) and times `pending_header_block`.  A stream the peer resets in the same read
+that opened it is reported (StreamRequested, then StreamReset) but `is_open` says it is gone, so
+the owner can skip the work of opening it (Rapid Reset).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NoReturn
 
 import hpack
@@ -50,22 +55,24 @@ import hpack
 from agent.tunnel import events, floods, frames, headers
 from agent.tunnel.events import Data, Event, LocalProtocolError, TunnelProtocolError
 from agent.tunnel.frames import DATA, END_STREAM, PADDED, ConnError, pack_header, unpack_header
-from agent.tunnel.windows import (
-    CONNECTION_WINDOW,
-    MAX_CONCURRENT_STREAMS,
-    MAX_FRAME_SIZE,
-    MAX_HEADER_LIST_SIZE,
-    SETTINGS,
-    STREAM_WINDOW,
-    StreamState,
-)
+from agent.tunnel.windows import MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, StreamState, settings
 
 
 class HboneConnection:
-    """One HBONE connection, client (`client=True`, opens streams) or server (accepts them)."""
+    """One HBONE connection, client (`client=True`, opens streams) or server (accepts them),
+    within `bounds`; `clock` (seconds, monotonic) enables the frame rates of `bounds`."""
 
-    def __init__(self, client: bool) -> None:
+    def __init__(
+        self,
+        client: bool,
+        bounds: floods.Bounds = floods.DEFAULT,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.client = client
+        self.bounds = bounds
+        self._rates = floods.Rates(bounds, clock)
+        self._stream_window = bounds.stream_window
+        self._connection_window = bounds.connection_window
         self.ended = False  # GOAWAY sent or received, or a protocol error: no new streams
         self.out = bytearray()  # bytes for the peer; send from the front, `del out[:n]`
         self._streams: dict[int, StreamState] = {}
@@ -80,7 +87,7 @@ class HboneConnection:
         self._peer_max_streams = 1 << 31
         # connection windows
         self._send_conn_window = frames.DEFAULT_WINDOW
-        self._recv_conn_window = CONNECTION_WINDOW
+        self._recv_conn_window = bounds.connection_window
         self._conn_unacked = 0
         # input state
         self._preface_left = 0 if client else len(frames.PREFACE)
@@ -89,7 +96,7 @@ class HboneConnection:
         self._data_sid = 0
         self._data_stream: StreamState | None = None
         self._data_end = False
-        self._block = headers.HeaderBlock()  # a header block waiting for CONTINUATION
+        self._block = headers.HeaderBlock(bounds)  # a header block waiting for CONTINUATION
         # flood accounting (bounds in agent.tunnel.floods)
         self._replies = 0  # control frames queued in reply to the peer since `drained()`
         self._idle_frames = 0  # frames in a row that carried nothing
@@ -97,8 +104,9 @@ class HboneConnection:
         self._premature = 0  # ... and reset before we answered
         if client:
             self.out += frames.PREFACE
-        self.out += frames.settings_frame(SETTINGS)
-        self.out += frames.window_update(0, CONNECTION_WINDOW - frames.DEFAULT_WINDOW)
+        self.out += frames.settings_frame(settings(bounds))
+        if bounds.connection_window > frames.DEFAULT_WINDOW:
+            self.out += frames.window_update(0, bounds.connection_window - frames.DEFAULT_WINDOW)
 
     # -- input ------------------------------------------------------------------------------
 
@@ -107,13 +115,16 @@ class HboneConnection:
         if self._broken:
             raise TunnelProtocolError("the connection already failed", frames.PROTOCOL_ERROR)
         out: list[Event] = []
+        self._rates.refill()
         try:
             self._feed(memoryview(data).cast("B"), out)
         except ConnError as exc:
             self._broken = True
             self._goaway(exc.code)
             what = "flood" if exc.code == frames.ENHANCE_YOUR_CALM else "protocol error"
-            raise TunnelProtocolError(f"HTTP/2 {what} from the peer: {exc}", exc.code) from None
+            raise TunnelProtocolError(
+                f"HTTP/2 {what} from the peer: {exc}", exc.code, exc.limit
+            ) from None
         return out
 
     def _feed(self, mv: memoryview, out: list[Event]) -> None:
@@ -178,7 +189,7 @@ class HboneConnection:
         hi, lo, ftype, flags, sid = unpack_header(buf, i)
         length = hi << 8 | lo
         if ftype != DATA:
-            floods.check_control_frame(ftype, length)  # before any of it is buffered
+            self.bounds.check_control_frame(ftype, length)  # before any of it is buffered
             return False
         if length > MAX_FRAME_SIZE:
             raise ConnError(frames.FRAME_SIZE_ERROR, f"DATA frame of {length} bytes")
@@ -194,7 +205,7 @@ class HboneConnection:
             self._idle_frames = 0
         else:
             if not end:
-                self._idle_frames = floods.idle_frame(self._idle_frames, "empty DATA frames")
+                self._idle_frames = self._idle(self._idle_frames, "empty DATA frames")
             self._data_done(out)
         return True
 
@@ -256,7 +267,7 @@ class HboneConnection:
                 if flags & END_STREAM:
                     self._remote_end(sid, st, out)
             if not payload and not flags & END_STREAM:
-                self._idle_frames = floods.idle_frame(idle, "empty DATA frames")
+                self._idle_frames = self._idle(idle, "empty DATA frames")
         elif ftype in (frames.HEADERS, frames.CONTINUATION):
             if ftype == frames.HEADERS:
                 block.start(sid, flags, body)
@@ -272,27 +283,34 @@ class HboneConnection:
             self._window_update(sid, body, out)
         elif ftype == frames.PING:
             if flags & frames.ACK:
-                self._idle_frames = floods.idle_frame(idle, "PING acks")  # we send no PINGs
+                self._idle_frames = self._idle(idle, "PING acks")  # we send no PINGs
             else:
+                self._rates.take(floods.PING)
                 self._reply(frames.ping_ack(body))
         elif ftype == frames.RST_STREAM:
+            self._rates.take(floods.RESET)
             self._rst_stream(sid, frames.U32.unpack_from(body)[0], out)
         elif ftype == frames.GOAWAY:
             last, code = frames.parse_goaway(body)
             self.ended = True
             out.append(events.ConnectionEnded(code, last))
         elif ftype == frames.PRIORITY:
-            self._idle_frames = floods.idle_frame(idle, "PRIORITY frames")
+            self._idle_frames = self._idle(idle, "PRIORITY frames")
         elif ftype == frames.PUSH_PROMISE:
             raise ConnError(frames.PROTOCOL_ERROR, "PUSH_PROMISE although push is disabled")
         else:  # unknown frame types are ignored (RFC 9113 section 4.1)
-            self._idle_frames = floods.idle_frame(idle, "frames of unknown types")
+            self._idle_frames = self._idle(idle, "frames of unknown types")
+
+    def _idle(self, before: int, what: str) -> int:
+        """One more frame that carried nothing: counted in a row and against its rate."""
+        self._rates.take(floods.EMPTY)
+        return self.bounds.idle_frame(before, what)
 
     def _reply(self, frame: bytes) -> None:
         """Queue a control frame the peer's frames caused; too many unread ones are a flood."""
         self.out += frame
         self._replies += 1
-        floods.check_replies(self._replies)
+        self.bounds.check_replies(self._replies)
 
     def _is_idle(self, sid: int) -> bool:
         if (sid & 1) == self.client:  # ours
@@ -308,7 +326,7 @@ class HboneConnection:
         out.append(events.StreamReset(sid, code))
         if not self.client and not st.responded:  # opened and reset before we answered
             self._premature += 1
-            floods.check_premature_resets(self._premature, self._peer_opened)
+            self.bounds.check_premature_resets(self._premature, self._peer_opened)
 
     def _end_block(self, out: list[Event], idle: int) -> None:
         block = self._block
@@ -318,7 +336,7 @@ class HboneConnection:
         if st is None:
             if (sid & 1) == self.client or not self._is_idle(sid):
                 # trailers or a response on a stream that is already gone
-                self._idle_frames = floods.idle_frame(idle, "header blocks for closed streams")
+                self._idle_frames = self._idle(idle, "header blocks for closed streams")
                 return
             self._request(sid, fields, end_stream, out)
         elif self.client and not st.responded:
@@ -332,16 +350,16 @@ class HboneConnection:
             raise ConnError(frames.PROTOCOL_ERROR, "server-initiated stream")
         self._last_peer_sid = sid
         self._peer_opened += 1
-        floods.check_replies(self._replies)  # refusals by the owner count too
-        if self.ended or len(self._streams) >= MAX_CONCURRENT_STREAMS:
+        self.bounds.check_replies(self._replies)  # refusals by the owner count too
+        if self.ended or len(self._streams) >= self.bounds.streams_per_connection:
             self._reply(frames.rst_stream(sid, frames.REFUSED_STREAM))
             return
-        st = self._streams[sid] = StreamState(self._peer_initial_window)
+        st = self._streams[sid] = StreamState(self._peer_initial_window, self._stream_window)
         st.remote_closed = ended
         status = headers.request_refusal(fields, ended)
         if status:
             self.refuse(sid, status)
-            floods.check_replies(self._replies)
+            self.bounds.check_replies(self._replies)
         else:
             out.append(events.StreamRequested(sid, fields[":authority"]))
 
@@ -374,7 +392,8 @@ class HboneConnection:
             if body:
                 raise ConnError(frames.FRAME_SIZE_ERROR, "SETTINGS ack with a payload")
             return
-        floods.check_settings(len(body) // 6)
+        self._rates.take(floods.SETTINGS)
+        self.bounds.check_settings(len(body) // 6)
         settings = frames.parse_settings(body)
         window = settings.get(frames.S_INITIAL_WINDOW_SIZE, self._peer_initial_window)
         delta, self._peer_initial_window = window - self._peer_initial_window, window
@@ -422,7 +441,7 @@ class HboneConnection:
     @property
     def pending_header_block(self) -> bool:
         """A header block waits for CONTINUATION, blocking the connection: the owner (with the
-        clock) closes it after `floods.HEADER_BLOCK_TIMEOUT`."""
+        clock) closes it after `bounds.header_block_timeout`."""
         return self._block.sid != 0
 
     # -- output -----------------------------------------------------------------------------
@@ -435,7 +454,7 @@ class HboneConnection:
 
     def drained(self) -> None:
         """What was taken from `out` reached the peer's socket: the replies queued until then no
-        longer count against `floods.MAX_OUTBOUND_CONTROL`."""
+        longer count against `bounds.unread_replies`."""
         self._replies = 0
 
     def _goaway(self, code: int) -> None:
@@ -457,7 +476,7 @@ class HboneConnection:
         if sid > 0x7FFFFFFF:
             raise LocalProtocolError("stream ids are used up: open another connection")
         self._next_sid += 2
-        self._streams[sid] = StreamState(self._peer_initial_window)
+        self._streams[sid] = StreamState(self._peer_initial_window, self._stream_window)
         self._send_headers(sid, [(":method", "CONNECT"), (":authority", authority)], 0)
         return sid
 
@@ -568,7 +587,7 @@ class HboneConnection:
 
     def _credit(self, n: int, stream_id: int | None) -> None:
         self._conn_unacked += n
-        if self._conn_unacked >= CONNECTION_WINDOW // 2:
+        if self._conn_unacked >= self._connection_window >> 2:
             self.out += frames.window_update(0, self._conn_unacked)
             self._recv_conn_window += self._conn_unacked
             self._conn_unacked = 0
@@ -578,7 +597,7 @@ class HboneConnection:
         if st is None or st.remote_closed:
             return  # nothing more will come on it: no point reopening its window
         st.unacked += n
-        if st.unacked >= STREAM_WINDOW // 2:
+        if st.unacked >= self._stream_window >> 1:
             self.out += frames.window_update(stream_id, st.unacked)
             st.recv_window += st.unacked
             st.unacked = 0
@@ -591,6 +610,10 @@ class HboneConnection:
     @property
     def open_streams(self) -> int:
         return len(self._streams)
+
+    def is_open(self, stream_id: int) -> bool:
+        """The stream is live (not reset, refused or done both ways)."""
+        return stream_id in self._streams
 
     @property
     def can_open(self) -> bool:

@@ -1,11 +1,11 @@
 """HBONE header blocks: reassembly, HPACK-decoded fields and the rules of the CONNECT exchange.
 
 `HeaderBlock` collects a HEADERS frame and its CONTINUATION frames (nothing else may come in
-between, RFC 9113 section 6.10), bounded in bytes and in frames (`floods.MAX_HEADER_BLOCK`,
-`floods.MAX_CONTINUATIONS`: empty CONTINUATION frames cost nothing to send and something to
-handle).  The complete block is decoded with `hpack` into one dict, the first value of each name;
-a pseudo-header that comes twice is recorded under `:invalid` so that the request is refused
-rather than half-read.
+between, RFC 9113 section 6.10), bounded in bytes and in frames (`Bounds.header_block_bytes`,
+`Bounds.header_block_frames` of `agent.tunnel.floods`: empty CONTINUATION frames cost nothing
+to send and something to handle).  The complete block is decoded with `hpack` into one dict,
+the first value of each name; a pseudo-header that comes twice is recorded under `:invalid` so
+that the request is refused rather than half-read.
 
 A request opens a tunnel when it is an HTTP/2 CONNECT (RFC 9113 section 8.5): `:method CONNECT`
 and an `:authority`, lowercase names, no `:protocol` (extended CONNECT is not HBONE) and no
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hpack
 
-from agent.tunnel.floods import MAX_HEADER_BLOCK, check_continuations
+from agent.tunnel.floods import DEFAULT, Bounds
 from agent.tunnel.frames import (
     COMPRESSION_ERROR,
     END_STREAM,
@@ -33,9 +33,10 @@ from agent.tunnel.frames import (
 class HeaderBlock:
     """The header block being received; `sid` is 0 while there is none."""
 
-    __slots__ = ("buf", "end_stream", "frames", "sid")
+    __slots__ = ("bounds", "buf", "end_stream", "frames", "sid")
 
-    def __init__(self) -> None:
+    def __init__(self, bounds: Bounds = DEFAULT) -> None:
+        self.bounds = bounds
         self.sid = 0
         self.end_stream = False  # the HEADERS frame carried END_STREAM
         self.frames = 0  # CONTINUATION frames so far
@@ -61,13 +62,14 @@ class HeaderBlock:
         if not self.sid or sid != self.sid:
             raise ConnError(PROTOCOL_ERROR, f"CONTINUATION on stream {sid} without HEADERS")
         self.frames += 1
-        check_continuations(self.frames)
+        self.bounds.check_continuations(self.frames)
         self._add(body)
 
     def _add(self, fragment: memoryview) -> None:
         self.buf += fragment
-        if len(self.buf) > MAX_HEADER_BLOCK:
-            raise ConnError(PROTOCOL_ERROR, f"header block over {MAX_HEADER_BLOCK} bytes")
+        most = self.bounds.header_block_bytes
+        if len(self.buf) > most:
+            raise ConnError(PROTOCOL_ERROR, f"header block over {most} bytes", "header_block_bytes")
 
     def take(self) -> bytes:
         """The complete block (END_HEADERS came); `sid` is 0 again."""

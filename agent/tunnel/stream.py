@@ -14,6 +14,12 @@ bytes (so a slow app stops the sender).  EOF becomes END_STREAM and END_STREAM b
 shutdown(SHUT_WR) once pending bytes are out: half-close both ways.  An app reset becomes
 RST_STREAM and an RST_STREAM an app reset (SO_LINGER 0).
 
+What a stream keeps for its app is bounded by its window (`Bounds.stream_window`: the peer may
+send no more until the app took some), and counted in `held` and in the process's
+`Buffers.held`; while that is over `Buffers.budget` (limits.buffered_per_worker), a stream that
+holds SHED_HELD bytes or more and gets more is reset (RST_STREAM ENHANCE_YOUR_CALM, `shed` says
+why), so apps that do not read cannot take a worker past its budget whatever the peers send.
+
 Server side, a stream starts with a non-blocking connect to the app (`app_connecting`): connected,
 it accepts the CONNECT (200); failed, it refuses it (503).  Client side, it waits for the peer's
 answer (`accepted_by_peer` / `refused`).
@@ -36,8 +42,10 @@ from agent.tunnel.connection import (
     OUT_HIGH,
     TunnelConn,
 )
+from agent.tunnel.frames import ENHANCE_YOUR_CALM
 
 SMALL_WRITE = 16384  # app reads below this are framed into `out` (batched with other streams)
+SHED_HELD = 64 * 1024  # a stream holding this much for its app is reset when over the budget
 
 
 class TunnelStream:
@@ -54,6 +62,7 @@ class TunnelStream:
         "conn",
         "connect_failed",
         "fd",
+        "held",
         "idle_mark",
         "idle_since",
         "in_eof",
@@ -63,6 +72,7 @@ class TunnelStream:
         "pending",
         "refused_status",
         "reset",
+        "shed",
         "sid",
         "started_at",
         "to_app",
@@ -91,6 +101,8 @@ class TunnelStream:
         self.in_eof = False  # END_STREAM received
         self.app_shut = False  # ... and passed on as shutdown(SHUT_WR)
         self.pending: collections.deque[memoryview] = collections.deque()
+        self.held = 0  # bytes in `pending`
+        self.shed = ""  # the bound (a `limits:` key) it was reset for, if any
         self.mask = 0
         self.closed = False
         self.reset = False
@@ -172,8 +184,7 @@ class TunnelStream:
         if self.closed:
             return
         if self.pending or self.app_connecting:
-            self.pending.append(memoryview(bytes(data)))
-            self.update()
+            self._hold(bytes(data))
             return
         try:
             n = self.app.send(data)
@@ -188,8 +199,24 @@ class TunnelStream:
             if core is not None:
                 core.consumed(self.sid, n)
         if n < len(data):
-            self.pending.append(memoryview(bytes(data[n:])))
-            self.update()
+            self._hold(bytes(data[n:]))
+
+    def _hold(self, data: bytes) -> None:
+        """Keep what the app did not take yet; reset the stream instead when the process holds
+        more than its budget and this stream a good part of it."""
+        n = len(data)
+        bufs = self.bufs
+        if bufs.held + n > bufs.budget and self.held + n >= SHED_HELD:
+            self.shed = "buffered_per_worker"
+            core = self.conn.core
+            if core is not None:
+                core.reset(self.sid, ENHANCE_YOUR_CALM)
+            self._finish(abort=True)
+            return
+        self.pending.append(memoryview(data))
+        self.held += n
+        bufs.held += n
+        self.update()
 
     def peer_ended(self) -> None:
         self.in_eof = True
@@ -290,6 +317,8 @@ class TunnelStream:
             except BlockingIOError:
                 break
             self.to_app += n
+            self.held -= n
+            self.bufs.held -= n
             if core is not None:
                 core.consumed(self.sid, n)
             if n < len(chunk):
@@ -320,6 +349,8 @@ class TunnelStream:
                 self.app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         self.app.close()
         self.pending.clear()
+        self.bufs.held -= self.held
+        self.held = 0
         conn = self.conn
         conn.forget(self)
         conn.host.stream_done(self)

@@ -16,8 +16,9 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import yaml
 from sim.ferry import FerryNode, Mesh
 from sim.node import Pod, SimNode
 from tests.e2e.test_datapath import wait_until
+from tests.run_id import SIM_PREFIX
 
 DASHBOARDS = Path(__file__).parents[2] / "deploy" / "grafana"
 PROMETHEUS = "127.0.0.1:9090"
@@ -144,46 +146,59 @@ def status_code(pod: Pod, url: str) -> str:
     return str(pod.curl(url, 5.0, ["-o", "/dev/null", "-w", "%{http_code}"]).stdout)
 
 
-@pytest.fixture
-def node_with_traffic(sim_node: SimNode, tmp_path: Path) -> Iterator[SimNode]:
+@dataclass
+class Observed:
+    """The node under observation and a round of its traffic (the status codes it got)."""
+
+    node: SimNode
+    ferry: FerryNode
+    traffic: Callable[[], list[str]]
+
+
+@pytest.fixture(scope="module")
+def observed(sim_environment: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
     assert shutil.which("prometheus"), "Debian package prometheus (scripts/debian-packages.txt)"
-    prometheus = start_prometheus(sim_node)
-    mesh = Mesh(tmp_path)
-    mesh.policies.mkdir()
-    (mesh.policies / "shop.yaml").write_text(yaml.safe_dump_all(policies()))
-    ferry: FerryNode = mesh.add(sim_node, workers=2)
-    client, server, outsider = (sim_node.add_pod(n) for n in ("client", "server", "outsider"))
-    server.start_http_server(8080)
-    ferry.start()
-    ferry.enroll(client, "shop", "client")
-    ferry.enroll(server, "shop", "server", API)
-    mesh.wait_directory(entries=4)
-    url = f"http://{server.ip4}:8080"
-    # The agent pushes the policy folder within a second; until then /admin/ is allowed.
-    wait_until(lambda: status_code(client, f"{url}/admin/x") == "403", "the DENY is enforced")
-
-    def traffic() -> list[str]:
-        paths = [(client, "/ok"), (client, "/admin/y"), (client, "/limited/1"), (outsider, "/ok")]
-        return [status_code(pod, f"{url}{path}") for pod, path in paths]
-
-    assert traffic() == ["200", "403", "200", "200"]
-    # Counters Prometheus first sees already counting do not increase: traffic flows on.
-    wait_until(lambda: bool(series(sim_node, "ferry_policy_decisions_total")), "a scrape", 15)
-    assert traffic() == ["200", "403", "429", "200"]
+    node = SimNode(SIM_PREFIX)
     try:
-        yield sim_node
-    except BaseException:
-        print(ferry.log_text(), (sim_node.tmpdir / "prometheus" / "prometheus.log").read_text())
-        raise
-    finally:
+        prometheus = start_prometheus(node)
+        mesh = Mesh(tmp_path_factory.mktemp("dashboards"))
+        mesh.policies.mkdir()
+        (mesh.policies / "shop.yaml").write_text(yaml.safe_dump_all(policies()))
+        ferry = mesh.add(node, workers=2)
+        client, server, outsider = (node.add_pod(n) for n in ("client", "server", "outsider"))
+        server.start_http_server(8080)
+        ferry.start()
+        ferry.enroll(client, "shop", "client")
+        ferry.enroll(server, "shop", "server", API)
+        mesh.wait_directory(entries=4)
+        url = f"http://{server.ip4}:8080"
+        # The agent pushes the policy folder within a second; until then /admin/ is allowed.
+        wait_until(lambda: status_code(client, f"{url}/admin/x") == "403", "the DENY is enforced")
+
+        def traffic() -> list[str]:
+            paths = [(client, "/ok"), (client, "/admin/y"), (client, "/limited/1"),
+                     (outsider, "/ok")]  # fmt: skip
+            return [status_code(pod, f"{url}{path}") for pod, path in paths]
+
+        assert traffic() == ["200", "403", "200", "200"]
+        # Counters Prometheus first sees already counting do not increase: traffic flows on.
+        wait_until(lambda: bool(series(node, "ferry_policy_decisions_total")), "a scrape", 15)
+        assert traffic() == ["200", "403", "429", "200"]
+        yield Observed(node, ferry, traffic)
         prometheus.terminate()
         prometheus.wait(10)
+    except BaseException:
+        for log in sorted(node.tmpdir.glob("*/*.log")):  # Ferry's, the servers', Prometheus'
+            print(f"--- {log}\n{log.read_text(errors='replace')[-20000:]}")
+        raise
+    finally:
+        node.teardown()
 
 
 def test_every_dashboard_query_parses_and_returns_series_on_a_real_prometheus(
-    node_with_traffic: SimNode,
+    observed: Observed,
 ) -> None:
-    node = node_with_traffic
+    node = observed.node
     queries = panel_queries()
     assert len(dashboards()) == 4 and len(queries) >= 20
     empty: list[Query] = []
@@ -204,3 +219,30 @@ def test_every_dashboard_query_parses_and_returns_series_on_a_real_prometheus(
         selector, label = match.groups()
         answer = prometheus_api(node, f"/api/v1/label/{label}/values", **{"match[]": selector})
         assert answer["status"] == "success" and answer["data"], f"{query}: {answer}"
+
+
+def test_agent_top_once_shows_talkers_errors_and_denials_of_the_live_node(
+    observed: Observed,
+) -> None:
+    top = observed.node.popen(
+        [sys.executable, "-m", "agent", "top", "--once", "--interval", "1",
+         "--config", str(observed.ferry.config_path)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    while top.poll() is None:  # traffic flows while it samples
+        observed.traffic()
+    out, err = top.communicate(timeout=10)
+    assert top.returncode == 0, err
+    client, server = (observed.node.pods[name].netns for name in ("client", "server"))
+    rows = [line.split() for line in out.split("TOP TALKERS\n")[1].split("\n\n")[0].splitlines()]
+    assert [f"shop/{server}", "in", "mtls", "spiffe://cluster.local/ns/shop/sa/client"] in [
+        row[:4] for row in rows
+    ], out
+    assert [f"shop/{server}", "in", "plaintext", "unknown"] in [row[:4] for row in rows], out
+    assert [f"shop/{client}", "out", "mtls", "spiffe://cluster.local/ns/shop/sa/server"] in [
+        row[:4] for row in rows
+    ], out
+    denials = out.split("RECENT DENIALS\n")[1]
+    assert "policy_denied" in denials and "rate_limited" in denials, out
+    assert "shop/no-admin" in denials and "shop/one-a-day" in denials, out
+    assert "\x1b[" not in out  # --once draws no escape sequences

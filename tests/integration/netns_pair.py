@@ -27,7 +27,7 @@ from typing import Any, Self
 
 import pytest
 
-from agent.config import PolicyConfig, ProxyConfig, RedirectionConfig
+from agent.config import LimitsConfig, PolicyConfig, ProxyConfig, RedirectionConfig
 from agent.control.protocol import policy_chunks
 from agent.netns import NetnsExecutor, entered, open_netns
 from agent.policy.compile import PolicySet
@@ -153,28 +153,41 @@ class NetnsPair:
         wait_port(self.netns_fds[1], (self.ips[1], HTTP_PORT), self.redirection.mark)
 
     def start_worker(
-        self, *args: str, env: dict[str, str] | None = None, policy: PolicyConfig | None = None
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        policy: PolicyConfig | None = None,
+        limits: LimitsConfig | None = None,
+        nofile: int = 0,
+        log: Path | None = None,
     ) -> socket.socket:
-        """A worker process with self.proxy, self.redirection and `policy` (default: the
-        default policy section); returns its control socket."""
+        """A worker process with self.proxy, self.redirection, `policy` and `limits` (default:
+        the default sections), at most `nofile` open files (0: ours), its output in `log`
+        (default: ours); returns its control socket."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.controls.append(ours)
         settings = {"proxy": asdict(self.proxy), "redirection": asdict(self.redirection),
-                    "policy": asdict(policy or PolicyConfig())}  # fmt: skip
+                    "policy": asdict(policy or PolicyConfig()),
+                    "limits": asdict(limits or LimitsConfig())}  # fmt: skip
         buckets, buckets_fd = SharedBuckets.create(1024)  # as the supervisor shares them
         buckets.close()
+        prefix = ["prlimit", f"--nofile={nofile}:{nofile}", "--"] if nofile else []
+        output = open(log, "ab") if log is not None else None  # noqa: SIM115 - the child's
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.proxy.worker", "--control-fd",
+                [*prefix, sys.executable, "-m", "agent.proxy.worker", "--control-fd",
                  str(theirs.fileno()), *args, "--config-json", json.dumps(settings),
                  "--buckets-fd", str(buckets_fd)],
                 pass_fds=[theirs.fileno(), buckets_fd],
                 cwd=REPO,
                 env=env,
+                stderr=output,
             )  # fmt: skip
         finally:
             theirs.close()
             os.close(buckets_fd)
+            if output is not None:
+                output.close()
         self.procs.append(proc)
         return ours
 

@@ -41,7 +41,7 @@ from agent.netns import entered
 from agent.proxy.messages import COUNTERS, SetCertificate, SetTrust, Stats, UpdateDirectory
 from agent.tunnel.connection import EPOLLIN, EPOLLOUT, Buffers, TunnelConn
 from agent.tunnel.events import ConnectionEnded, Data, StreamAccepted, TunnelProtocolError
-from agent.tunnel.floods import HEADER_BLOCK_TIMEOUT
+from agent.tunnel.floods import DEFAULT
 from agent.tunnel.frames import (
     CONTINUATION,
     END_HEADERS,
@@ -626,7 +626,7 @@ def _goaway_code(tls: ssl.SSLSocket) -> int | None:
 
 def test_a_peer_that_floods_pings_without_reading_is_cut_off(tmp_path: Path) -> None:
     """Issue 8: PINGs whose acks are never read grew the send queue to 144 MB.  Now the acks
-    the peer leaves unread are bounded (`floods.MAX_OUTBOUND_CONTROL`, counted until the socket
+    the peer leaves unread are bounded (`floods.DEFAULT.unread_replies`, counted until the socket
     took them), the connection ends, and little ciphertext ever waits in the queue.  The PINGs
     come 500 at a time, each batch read before the next: only the unread acks add up."""
     conn, host, tls = _served(tmp_path)
@@ -649,7 +649,7 @@ def test_a_peer_that_floods_pings_without_reading_is_cut_off(tmp_path: Path) -> 
 
 def test_a_header_block_left_open_ends_the_connection(tmp_path: Path) -> None:
     """Issue 8: a header block that never completes blocked the connection forever.  The core
-    says it is pending; `TunnelConn.sweep` ends the connection after HEADER_BLOCK_TIMEOUT with
+    says it is pending; `TunnelConn.sweep` ends the connection after header_block_timeout with
     GOAWAY ENHANCE_YOUR_CALM."""
     conn, host, tls = _served(tmp_path)
     block = bytes(hpack.Encoder().encode([(":method", "CONNECT"), (":authority", "10.0.0.9:80")]))
@@ -668,14 +668,14 @@ def test_a_header_block_left_open_ends_the_connection(tmp_path: Path) -> None:
     rest = frame_header(len(block) - 3, CONTINUATION, END_HEADERS, 1) + block[3:]
     send_and_wait(rest, lambda: host.requests)
     assert host.requests == [1] and not conn.header_block_since
-    conn.sweep(since + HEADER_BLOCK_TIMEOUT)
+    conn.sweep(since + DEFAULT.header_block_timeout)
     assert not host.closed
     # ... one left open is not.
     send_and_wait(frame_header(3, HEADERS, 0, 3) + block[:3], lambda: conn.header_block_since)
     since = conn.header_block_since
-    conn.sweep(since + HEADER_BLOCK_TIMEOUT - 1)
+    conn.sweep(since + DEFAULT.header_block_timeout - 1)
     assert not host.closed
-    conn.sweep(since + HEADER_BLOCK_TIMEOUT)
+    conn.sweep(since + DEFAULT.header_block_timeout)
     assert host.closed and "header block" in host.closed[0]
     assert _goaway_code(tls) == ENHANCE_YOUR_CALM
 

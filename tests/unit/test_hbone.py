@@ -23,8 +23,9 @@ from agent.tunnel.events import (
     TunnelProtocolError,
     WindowOpened,
 )
+from agent.tunnel.floods import DEFAULT
 from agent.tunnel.hbone import HboneConnection
-from agent.tunnel.windows import MAX_FRAME_SIZE, STREAM_WINDOW
+from agent.tunnel.windows import MAX_FRAME_SIZE
 
 
 class Pair:
@@ -130,7 +131,7 @@ def test_refused(status: int) -> None:
 
 def test_many_streams_interleaved() -> None:
     p = Pair()
-    sids = [p.open(f"10.0.0.2:{1000 + i}") for i in range(150)]
+    sids = [p.open(f"10.0.0.2:{1000 + i}") for i in range(DEFAULT.streams_per_connection)]
     for sid in sids:
         p.client.send_data(sid, str(sid).encode())
     _, at_server = p.pump()
@@ -141,7 +142,7 @@ def test_many_streams_interleaved() -> None:
 def test_large_frames_are_used() -> None:
     p = Pair()
     sid = p.open()
-    assert p.client.send_window(sid) == STREAM_WINDOW
+    assert p.client.send_window(sid) == DEFAULT.stream_window
     blob = bytes(range(256)) * 8192  # 2 MiB
     p.client.send_data(sid, blob)
     wire = p.client.data_to_send()
@@ -159,7 +160,7 @@ def test_data_header_is_send_data_without_the_copy() -> None:
     p.client.send_data(sid, b"first")  # queued in `out`: must go before the direct frame
     header = p.client.data_header(sid, len(blob))
     assert len(header) == 9
-    assert p.client.send_window(sid) == STREAM_WINDOW - 5 - len(blob)
+    assert p.client.send_window(sid) == DEFAULT.stream_window - 5 - len(blob)
     wire = p.client.data_to_send() + header + blob
     events = p.server.receive(wire)
     assert payload(events, sid) == b"first" + blob
@@ -179,7 +180,7 @@ def test_window_exhaustion_and_reopening_after_consumed() -> None:
     assert p.client.send_window(sid) == 0  # the server app has not taken the bytes yet
     # Another stream is not blocked by this one (the connection window is large).
     other = p.open("10.0.0.2:81")
-    assert p.client.send_window(other) == STREAM_WINDOW
+    assert p.client.send_window(other) == DEFAULT.stream_window
     p.server.consumed(sid, 512)
     at_client, _ = p.pump()
     assert p.client.send_window(sid) == 0  # no window update for every few bytes

@@ -133,17 +133,21 @@ def closed_stream_trailers(n: int) -> bytes:
 
 FLOODS: list[tuple[str, Callable[[int], bytes], int]] = [
     # (name, bytes for n frames, n that stays within the bound)
-    ("PING, replies never read", ping_flood, floods.MAX_OUTBOUND_CONTROL),
-    ("SETTINGS, acks never read", settings_flood, floods.MAX_OUTBOUND_CONTROL),
-    ("SETTINGS with too many entries", many_settings, floods.MAX_SETTINGS_ENTRIES),
-    ("refused streams, refusals never read", refused_streams, floods.MAX_OUTBOUND_CONTROL),
-    ("Rapid Reset", rapid_reset, floods.PREMATURE_RESET_STREAMS // 2 - 1),
-    ("empty CONTINUATION", continuation_flood, floods.MAX_CONTINUATIONS),
-    ("empty DATA", empty_data, floods.MAX_IDLE_FRAMES),
-    ("PRIORITY", priority_flood, floods.MAX_IDLE_FRAMES),
-    ("unknown frame types", unknown_flood, floods.MAX_IDLE_FRAMES),
-    ("unsolicited PING acks", ping_ack_flood, floods.MAX_IDLE_FRAMES),
-    ("header blocks for a closed stream", closed_stream_trailers, floods.MAX_IDLE_FRAMES),
+    ("PING, replies never read", ping_flood, floods.DEFAULT.unread_replies),
+    ("SETTINGS, acks never read", settings_flood, floods.DEFAULT.unread_replies),
+    ("SETTINGS with too many entries", many_settings, floods.DEFAULT.settings_entries),
+    ("refused streams, refusals never read", refused_streams, floods.DEFAULT.unread_replies),
+    ("Rapid Reset", rapid_reset, floods.DEFAULT.rapid_reset_streams // 2 - 1),
+    ("empty CONTINUATION", continuation_flood, floods.DEFAULT.header_block_frames),
+    ("empty DATA", empty_data, floods.DEFAULT.empty_frames_in_a_row),
+    ("PRIORITY", priority_flood, floods.DEFAULT.empty_frames_in_a_row),
+    ("unknown frame types", unknown_flood, floods.DEFAULT.empty_frames_in_a_row),
+    ("unsolicited PING acks", ping_ack_flood, floods.DEFAULT.empty_frames_in_a_row),
+    (
+        "header blocks for a closed stream",
+        closed_stream_trailers,
+        floods.DEFAULT.empty_frames_in_a_row,
+    ),
 ]
 
 
@@ -202,25 +206,25 @@ def test_rapid_reset_stops_the_app_connects() -> None:
         for i in range(20_000):
             requested += len(core.receive(request(1 + 2 * i)))
             core.receive(rst_stream(1 + 2 * i, 8))
-    assert requested == floods.PREMATURE_RESET_STREAMS // 2
+    assert requested == floods.DEFAULT.rapid_reset_streams // 2
 
 
 def test_replies_are_bounded_only_while_the_peer_does_not_read() -> None:
     core = server()
     for _ in range(20):  # 10x the bound in all, but the peer reads what is sent
-        core.receive(ping_flood(floods.MAX_OUTBOUND_CONTROL // 2))
+        core.receive(ping_flood(floods.DEFAULT.unread_replies // 2))
         core.data_to_send()
         core.drained()
     with pytest.raises(TunnelProtocolError):  # now it stops reading
         for _ in range(3):
-            core.receive(ping_flood(floods.MAX_OUTBOUND_CONTROL // 2))
+            core.receive(ping_flood(floods.DEFAULT.unread_replies // 2))
 
 
 def test_refusals_by_the_owner_count_as_replies() -> None:
     core = server()
     sid = 1
     with pytest.raises(TunnelProtocolError) as err:
-        for _ in range(floods.MAX_OUTBOUND_CONTROL + 2):
+        for _ in range(floods.DEFAULT.unread_replies + 2):
             for ev in core.receive(request(sid)):
                 assert isinstance(ev, StreamRequested)
                 core.refuse(ev.stream_id, 403)  # the worker's policy says no
@@ -247,14 +251,14 @@ def test_idle_frames_count_only_in_a_row() -> None:
     core.receive(request(1))
     useful = frame(DATA, 0, 1, b"x")
     for _ in range(10):
-        core.receive(frame(DATA, 0, 1) * floods.MAX_IDLE_FRAMES + useful)
-        core.receive(priority_flood(floods.MAX_IDLE_FRAMES) + useful)
+        core.receive(frame(DATA, 0, 1) * floods.DEFAULT.empty_frames_in_a_row + useful)
+        core.receive(priority_flood(floods.DEFAULT.empty_frames_in_a_row) + useful)
 
 
 def test_a_huge_control_frame_is_refused_from_its_header() -> None:
     core = server()
     with pytest.raises(TunnelProtocolError) as err:
-        core.receive(frame_header(floods.MAX_CONTROL_FRAME + 1, 0x42, 0, 0))
+        core.receive(frame_header(floods.DEFAULT.max_control_frame + 1, 0x42, 0, 0))
     assert err.value.code == CALM  # from the header alone: no payload is waited for
 
 
@@ -274,7 +278,7 @@ def test_h2_reads_the_goaway_of_a_flood() -> None:
     core = HboneConnection(client=False)
     core.receive(peer.data_to_send())
     with pytest.raises(TunnelProtocolError):
-        for _ in range(floods.MAX_OUTBOUND_CONTROL + 1):
+        for _ in range(floods.DEFAULT.unread_replies + 1):
             peer.ping(b"12345678")
             core.receive(peer.data_to_send())
     got = peer.receive_data(core.data_to_send())

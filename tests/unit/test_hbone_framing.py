@@ -25,6 +25,7 @@ from agent.tunnel.events import (
     StreamRequested,
     TunnelProtocolError,
 )
+from agent.tunnel.floods import DEFAULT
 from agent.tunnel.frames import (
     CONTINUATION,
     DATA,
@@ -45,7 +46,7 @@ from agent.tunnel.frames import (
     window_update,
 )
 from agent.tunnel.hbone import HboneConnection
-from agent.tunnel.windows import MAX_FRAME_SIZE, STREAM_WINDOW
+from agent.tunnel.windows import MAX_FRAME_SIZE
 
 AUTHORITY = "10.0.0.2:80"
 
@@ -236,7 +237,7 @@ def test_padding_is_flow_controlled_and_credited() -> None:
     frames = frame(DATA, PADDED, 1, padded(pad, chunk)) * 3  # 3 MiB against a 4 MiB window
     events, _, code = feed(server, [frames])
     assert code is None
-    assert 3 * MAX_FRAME_SIZE >= STREAM_WINDOW // 2  # enough for a WINDOW_UPDATE
+    assert DEFAULT.stream_window // 2 <= 3 * MAX_FRAME_SIZE  # enough for a WINDOW_UPDATE
     server.consumed(1, sum(len(e.data) for e in events if isinstance(e, Data)))
     assert server.data_to_send() == window_update(1, 3 * MAX_FRAME_SIZE)  # padding included
 

@@ -14,7 +14,6 @@ import hpack
 import pytest
 
 from agent.proxy.http2 import (
-    MAX_CONCURRENT_STREAMS,
     MAX_HEADER_LIST,
     ConnectionEnded,
     Event,
@@ -40,6 +39,8 @@ from agent.tunnel.frames import (
     rst_stream,
     settings_frame,
 )
+
+STREAMS = floods.DEFAULT.streams_per_connection
 
 
 def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
@@ -122,15 +123,15 @@ def ping_ack_flood(n: int) -> bytes:
 
 
 FLOODS: list[tuple[str, Callable[[int], bytes], int]] = [
-    ("PING, replies never read", ping_flood, floods.MAX_OUTBOUND_CONTROL),
-    ("SETTINGS, acks never read", settings_flood, floods.MAX_OUTBOUND_CONTROL),
-    ("SETTINGS with too many entries", many_settings, floods.MAX_SETTINGS_ENTRIES),
-    ("Rapid Reset", rapid_reset, floods.PREMATURE_RESET_STREAMS // 2 - 1),
-    ("CONTINUATION", continuation_flood, floods.MAX_CONTINUATIONS),
-    ("empty DATA", empty_data, floods.MAX_IDLE_FRAMES),
-    ("PRIORITY", priority_flood, floods.MAX_IDLE_FRAMES),
-    ("unknown frame types", unknown_flood, floods.MAX_IDLE_FRAMES),
-    ("PING acks never asked for", ping_ack_flood, floods.MAX_IDLE_FRAMES),
+    ("PING, replies never read", ping_flood, floods.DEFAULT.unread_replies),
+    ("SETTINGS, acks never read", settings_flood, floods.DEFAULT.unread_replies),
+    ("SETTINGS with too many entries", many_settings, floods.DEFAULT.settings_entries),
+    ("Rapid Reset", rapid_reset, floods.DEFAULT.rapid_reset_streams // 2 - 1),
+    ("CONTINUATION", continuation_flood, floods.DEFAULT.header_block_frames),
+    ("empty DATA", empty_data, floods.DEFAULT.empty_frames_in_a_row),
+    ("PRIORITY", priority_flood, floods.DEFAULT.empty_frames_in_a_row),
+    ("unknown frame types", unknown_flood, floods.DEFAULT.empty_frames_in_a_row),
+    ("PING acks never asked for", ping_ack_flood, floods.DEFAULT.empty_frames_in_a_row),
 ]
 
 
@@ -179,14 +180,14 @@ def test_flood_bounds(name: str, make: Callable[[int], bytes], within: int, spli
 def test_replies_the_owner_drained_do_not_count() -> None:
     core = inspector()
     for _ in range(5):
-        assert core.client_data(ping_flood(floods.MAX_OUTBOUND_CONTROL)) == []
+        assert core.client_data(ping_flood(floods.DEFAULT.unread_replies)) == []
         core.data_for_client()
         core.client_drained()
 
 
 def test_huge_control_frame_is_refused_from_its_header() -> None:
     core = inspector()
-    (ended,) = core.client_data(frame_header(floods.MAX_CONTROL_FRAME + 1, HEADERS, 0, 1))
+    (ended,) = core.client_data(frame_header(floods.DEFAULT.max_control_frame + 1, HEADERS, 0, 1))
     assert isinstance(ended, ConnectionEnded) and "flood" in ended.reason
     assert goaway_code(core.data_for_client()) == ENHANCE_YOUR_CALM
 
@@ -204,11 +205,11 @@ def test_pending_header_block() -> None:
 def test_concurrent_stream_limit() -> None:
     core = inspector()
     r = Requests()
-    requests = b"".join(r.request(1 + 2 * i) for i in range(MAX_CONCURRENT_STREAMS))
+    requests = b"".join(r.request(1 + 2 * i) for i in range(STREAMS))
     opened = feed(core, requests, "whole")
-    assert len(opened) == MAX_CONCURRENT_STREAMS and core.open_streams == MAX_CONCURRENT_STREAMS
+    assert len(opened) == STREAMS and core.open_streams == STREAMS
     core.data_for_client()
-    (ended,) = core.client_data(r.request(1 + 2 * MAX_CONCURRENT_STREAMS))
+    (ended,) = core.client_data(r.request(1 + 2 * STREAMS))
     assert isinstance(ended, ConnectionEnded) and "protocol error" in ended.reason
     assert goaway_code(core.data_for_client()) == PROTOCOL_ERROR
 

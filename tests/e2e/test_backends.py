@@ -1,0 +1,277 @@
+"""End to end per redirection backend, and a node switching backends under live pods.
+
+A simulated node (CNI pods, real `agent run` and `agent proxy`, curl against echo servers), as
+in test_datapath.py, which runs the iptables backend through every scenario; here the nftables
+and eBPF backends each go through the ones where backends differ: interception both ways with
+the client's address kept (the return path), the original destination, an excluded port, IPv6,
+an agent restart (traffic goes on, nothing reapplied) and a proxy killed and restarted (fail
+closed, then served), drift repair after someone flushes the pod's ruleset or deletes Ferry's
+table (nftables) or detaches its programs (eBPF), and `agent cleanup` without residue (nft
+tables, iptables chains, routing, the sysctl, bpffs pins, attached links and loaded programs).
+Then one node moves its enrolled pods from iptables to nftables, to eBPF and back by restarting
+the agent with `--backend`, with traffic checked after each switch and none of the old
+backend's rules left.
+
+`ip netns exec` gives each process a private mount namespace with a fresh /sys, where no cgroup
+v2 hierarchy is mounted and a bpffs mounted by the agent is invisible to the proxy; `BpfNode`
+runs Ferry in the node's netns but in the test's own mount namespace (as a DaemonSet with the
+host's /sys/fs mounted does), so the eBPF backend runs there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from agent.redirect import bpf_syscall as bpf
+from agent.redirect import ebpf
+from agent.redirect.ebpf_object import load_or_compile
+from sim.ferry import FerryNode
+from sim.node import Pod, SimNode
+from tests.e2e.test_datapath import save, wait_until
+
+
+def nft(pod: Pod) -> str:
+    """The pod's whole nftables ruleset, as `nft list ruleset` prints it."""
+    return str(pod.exec(["nft", "list", "ruleset"], check=True).stdout)
+
+
+def routing(pod: Pod) -> str:
+    """The pod's policy rules and Ferry's route table (`ip route` fails when it is empty)."""
+    return "".join(
+        pod.exec(["ip", *args]).stdout
+        for args in (["-4", "rule"], ["-6", "rule"], ["route", "show", "table", "100"])
+    )
+
+
+def relayed(ferry: FerryNode, client: Pod, server: Pod) -> tuple[int, int]:
+    """Connections the proxy relayed, from its metrics (no CLI start per look): the client's
+    outbound and the server's inbound."""
+    metrics = ferry.node.exec(["curl", "-sS", "http://127.0.0.1:15020/metrics"]).stdout
+
+    def opened(pod: Pod, direction: str) -> int:
+        labels = (f'direction="{direction}"', f'workload="{pod.netns}"')
+        return sum(
+            int(float(line.rsplit(" ", 1)[1]))
+            for line in metrics.splitlines()
+            if line.startswith("ferry_proxy_connections_opened_total{")
+            and all(label in line for label in labels)
+        )
+
+    return opened(client, "outbound"), opened(server, "inbound")
+
+
+def through_proxy(ferry: FerryNode, client: Pod, server: Pod) -> None:
+    """A request from client to server passes the proxy both ways and the app sees the client."""
+    out, inb = relayed(ferry, client, server)
+    assert client.fetch_json(f"http://{server.ip4}:8080/")["peer"] == client.ip4
+    assert relayed(ferry, client, server) == (out + 1, inb + 1)
+
+
+class BpfNode(FerryNode):
+    """Ferry in the node's netns, in the test process's mount namespace (see the module doc)."""
+
+    def _argv(self, *args: str) -> list[str]:
+        return ["nsenter", f"--mount=/proc/{os.getpid()}/ns/mnt", "--", *super()._argv(*args)]
+
+
+@pytest.fixture(scope="module")
+def bpf_object() -> None:
+    """The eBPF object compiled (once per session, cached) before an agent needs it."""
+    load_or_compile(Path(os.environ[ebpf.CACHE_ENV]))
+
+
+@pytest.fixture
+def node(sim_node: SimNode) -> Iterator[tuple[SimNode, Pod, Pod]]:
+    server = sim_node.add_pod("server")
+    client = sim_node.add_pod("client")
+    server.start_http_server(8080)
+    server.start_http_server(8081)
+    server.start_http_server(9090)
+    yield sim_node, client, server
+
+
+def residue(pod: Pod) -> tuple[str, ...]:
+    """Everything a backend may leave in a pod: nft ruleset, iptables chains, routing, sysctl."""
+    fwmark = pod.exec(["sysctl", "-n", "net.ipv4.tcp_fwmark_accept"], check=True).stdout
+    return nft(pod), save(pod, 4), save(pod, 6), routing(pod), fwmark
+
+
+def links(ferry: FerryNode) -> dict[str, bpf.LinkInfo]:
+    """The eBPF backend's pinned links by pin name, as the kernel describes them."""
+    found = {}
+    for path in sorted((ebpf.pin_root(ferry.state_dir) / "links").glob("*")):
+        fd = bpf.obj_get(path)
+        try:
+            found[path.name] = bpf.link_info(fd)
+        finally:
+            os.close(fd)
+    return found
+
+
+def gone(kind: str, ident: int) -> Callable[[], bool]:
+    """Whether the kernel no longer has the BPF `kind` (link, prog) with this id."""
+    argv = ["bpftool", kind, "show", "id", str(ident)]
+    return lambda: subprocess.run(argv, capture_output=True).returncode != 0
+
+
+def attached(ferry: FerryNode, name: str) -> bool:
+    return links(ferry)[name].target != 0
+
+
+def vandalise(backend: str, ferry: FerryNode, pod: Pod) -> Iterator[str]:
+    """Break the pod's redirection the ways an operator or another tool might, one at a time,
+    yielding what was done once the agent has repaired it."""
+    if backend == "nftables":
+        installed = nft(pod)
+        for vandalism in (["flush", "ruleset"], ["delete", "table", "inet", "ferry"]):
+            pod.exec(["nft", *vandalism], check=True)
+            wait_until(lambda: nft(pod) == installed, f"the agent repaired `nft {vandalism}`")
+            yield f"nft {vandalism}"
+        return
+    for name in ("cgroup-connect4", *[n for n in links(ferry) if n.startswith("netns-")]):
+        fd = bpf.obj_get(ebpf.pin_root(ferry.state_dir) / "links" / name)
+        try:
+            bpf.link_detach(fd, name)  # what `bpftool link detach` does
+        finally:
+            os.close(fd)
+        wait_until(partial(attached, ferry, name), f"the agent reattached {name}")
+        yield f"detached {name}"
+
+
+@pytest.mark.usefixtures("bpf_object")
+@pytest.mark.parametrize("backend", ["nftables", "ebpf"])
+def test_backend_end_to_end(backend: str, node: tuple[SimNode, Pod, Pod]) -> None:
+    sim_node, client, server = node
+    fresh = residue(client), residue(server)
+    ferry = BpfNode(
+        sim_node,
+        config={
+            "redirection": {"backend": backend, "exclude_outbound_ports": [8081]},
+            "agent": {"reconcile_interval": 0.5},
+        },
+    )
+    ferry.start()
+    try:
+        ferry.enroll(client, "shop", "client")
+        ferry.enroll(server, "shop", "server")
+        status = ferry.status()
+        assert status["healthy"], status["problems"]
+        assert status["backend"] == backend
+        assert status["backend_reason"].startswith(f"redirection.backend is {backend}")
+        assert "FERRY" not in save(client)
+        assert ("table inet ferry" in nft(client)) == (backend == "nftables")
+
+        through_proxy(ferry, client, server)
+        out, inb = relayed(ferry, client, server)
+        assert client.fetch_json(f"http://{server.ip4}:9090/")["port"] == 9090
+        assert client.fetch_json(f"http://[{server.ip6}]:8080/")["peer"] == client.ip6
+        assert client.fetch_json(f"http://{server.ip4}:8081/")["port"] == 8081
+        # 8081 is excluded from the client's outbound only: the server's inbound still takes it
+        assert relayed(ferry, client, server) == (out + 2, inb + 3)
+
+        installed = residue(client), residue(server)
+        ferry.stop(ferry.agent)  # the proxy serves on with the agent down; nothing is undone
+        through_proxy(ferry, client, server)
+        ferry.start_agent()
+        wait_until(lambda: ferry.status()["healthy"], "the restarted agent is healthy")
+        assert (residue(client), residue(server)) == installed
+        through_proxy(ferry, client, server)
+
+        ferry.stop(ferry.proxy, kill=True)
+        refused = client.curl(f"http://{server.ip4}:8080/", timeout=3)
+        assert refused.returncode == 7, refused.stderr  # fail closed: refused, never bypassed
+        ferry.start_proxy()
+        wait_until(lambda: ferry.status()["healthy"], "the restarted proxy serves")
+        through_proxy(ferry, client, server)
+
+        for _done in vandalise(backend, ferry, client):
+            through_proxy(ferry, client, server)
+
+        pinned = links(ferry)
+        ferry.stop(ferry.agent)
+        result = ferry.cli("cleanup", "--config", str(ferry.config_path))
+        assert result.returncode == 0, result.stderr
+        assert (residue(client), residue(server)) == fresh
+        assert not ebpf.pin_root(ferry.state_dir).exists()
+        for link in pinned.values():
+            wait_until(gone("link", link.id), f"link {link.id} is gone")
+            wait_until(gone("prog", link.prog_id), f"program {link.prog_id} is gone")
+        assert client.fetch_json(f"http://{server.ip4}:8080/")["peer"] == client.ip4
+    except BaseException:
+        print(ferry.log_text())
+        raise
+    finally:
+        ferry.stop(ferry.agent)
+        ferry.stop(ferry.proxy)
+        ebpf.cleanup(ferry.state_dir)
+
+
+@pytest.mark.usefixtures("bpf_object")
+def test_switching_backends_migrates_every_pod(node: tuple[SimNode, Pod, Pod]) -> None:
+    sim_node, client, server = node
+    fresh = residue(client), residue(server)
+    ferry = BpfNode(sim_node, workers=2, config={"agent": {"reconcile_interval": 0.5}})
+    ferry.start_agent("--backend", "iptables")
+    ferry.start_proxy()
+    ferry.wait_connected()
+    try:
+        ferry.enroll(client, "shop", "client")
+        ferry.enroll(server, "shop", "server")
+        assert "FERRY_OUTPUT" in save(client) and nft(client) == fresh[0][0]
+        through_proxy(ferry, client, server)
+
+        for backend in ("nftables", "ebpf", "iptables"):
+            ferry.stop(ferry.agent)  # the proxy keeps serving; the rules stay in place
+            ferry.start_agent("--backend", backend)
+
+            def migrated(want: str = backend) -> bool:
+                """Both pods hold the rules of `want` and of no other backend."""
+                for pod in (client, server):
+                    fwmark = pod.exec(["sysctl", "-n", "net.ipv4.tcp_fwmark_accept"]).stdout
+                    holds = {
+                        "iptables": "FERRY_OUTPUT" in save(pod),
+                        "nftables": "inet ferry" in nft(pod),
+                        "ebpf": fwmark == "1\n",
+                    }
+                    if [name for name, there in holds.items() if there] != [want]:
+                        return False
+                return bool(ferry.status()["healthy"])
+
+            wait_until(migrated, f"both pods were moved to {backend}")
+            status = ferry.status()
+            assert status["backend"] == backend
+            assert status["backend_reason"].startswith(f"--backend is {backend}")
+            assert [w["redirection"] for w in status["workloads"]] == ["ok", "ok"]
+            assert f"backend {backend} (--backend is {backend}" in ferry.cli("status").stdout
+            pinned = sorted(name.split("-")[0] for name in links(ferry))
+            assert pinned == (["cgroup"] * 4 + ["netns"] * 2 if backend == "ebpf" else []), pinned
+            through_proxy(ferry, client, server)
+
+        ferry.cli("unenroll", client.netns, check=True)
+        assert residue(client) == fresh[0]
+    except BaseException:
+        print(ferry.log_text())
+        print(json.dumps(ferry.status(), indent=1)[:4000])
+        raise
+    finally:
+        ferry.stop(ferry.agent)
+        ferry.stop(ferry.proxy)
+        ebpf.cleanup(ferry.state_dir)
+
+
+def test_a_backend_that_cannot_run_stops_the_agent_with_why(sim_node: SimNode) -> None:
+    """The agent runs under `ip netns exec`, whose mount namespace shows no cgroup v2
+    hierarchy, so eBPF cannot run there."""
+    ferry = FerryNode(sim_node)
+    result = ferry.cli("run", "--backend", "ebpf")
+    assert result.returncode != 0
+    assert "agent: --backend: 'ebpf' cannot run on this node: " in result.stderr
+    bad = ferry.cli("run", "--backend", "pf")
+    assert bad.returncode == 2 and "'pf' is not one of auto, iptables, nftables, ebpf" in bad.stderr
