@@ -33,10 +33,12 @@ fresh-check:
 
 # Ferry as a service on a plain host (README: Plain Linux host; scripts/install.sh): PREFIX
 # (default /opt/ferry) with its own venv, the systemd units in UNITDIR (default
-# /etc/systemd/system), /etc/default/ferry and /etc/ferry/ferry.yaml when missing; DESTDIR stages
-# it all for a package; VENV=.venv runs the checkout's venv instead of making one.
+# /etc/systemd/system), `agent` in BINDIR (default /usr/local/bin), /etc/default/ferry and
+# /etc/ferry/ferry.yaml when missing; DESTDIR stages it all for a package; VENV=.venv runs the
+# checkout's venv instead of making one.
 install:
-	PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" UNITDIR="$(UNITDIR)" VENV="$(VENV)" bash scripts/install.sh
+	PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" UNITDIR="$(UNITDIR)" BINDIR="$(BINDIR)" VENV="$(VENV)" \
+		bash scripts/install.sh
 
 demo: setup
 	$(PY) -m demo.run

@@ -8,6 +8,7 @@
 #   DESTDIR  (default: none)       a staging root for a package: every file lands under it, while
 #            the units and the venv name the final paths (the venv's scripts are rewritten)
 #   UNITDIR  (default /etc/systemd/system)
+#   BINDIR   (default /usr/local/bin)  `agent` there, a link to the venv's, so it is on PATH
 #   VENV     (default: none)       an existing venv with Ferry installed (e.g. the checkout's
 #            .venv from `make setup`) that the units run instead: no PREFIX/.venv is made
 # The Debian packages come from `make setup` (scripts/debian-packages.txt). Run as root;
@@ -17,11 +18,13 @@ cd "$(dirname "$0")/.."
 PREFIX=${PREFIX:-/opt/ferry}
 DESTDIR=${DESTDIR:-}
 UNITDIR=${UNITDIR:-/etc/systemd/system}
+BINDIR=${BINDIR:-/usr/local/bin}
 VENV=${VENV:-}
 
 fail() { echo "install: $*" >&2; exit 1; }
 case "$PREFIX" in /*) ;; *) fail "PREFIX must be an absolute path, not '$PREFIX'" ;; esac
 case "$UNITDIR" in /*) ;; *) fail "UNITDIR must be an absolute path, not '$UNITDIR'" ;; esac
+case "$BINDIR" in /*) ;; *) fail "BINDIR must be an absolute path, not '$BINDIR'" ;; esac
 if [ -n "$VENV" ]; then
   [ -x "$VENV/bin/agent" ] || fail "VENV=$VENV has no bin/agent (make setup builds .venv)"
   VENV=$(cd "$VENV" && pwd)
@@ -58,6 +61,8 @@ if [ -z "$VENV" ]; then
   agent="$PREFIX/.venv/bin/agent"
 fi
 install -D -m 0644 README.md "$root/README.md"
+mkdir -p "$DESTDIR$BINDIR"
+ln -sfn "$agent" "$DESTDIR$BINDIR/agent"
 
 # The units, naming this install's paths (systemd/ has the defaults, /opt/ferry).
 mkdir -p "$DESTDIR$UNITDIR"

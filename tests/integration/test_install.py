@@ -51,6 +51,7 @@ def test_make_install_writes_units_naming_the_prefix_and_the_venv(installed: Pat
         assert "Documentation=file:///opt/ferry-test/README.md" in text
         assert str(installed) not in text and "/opt/ferry/" not in text
     assert (installed / "opt" / "ferry-test" / "README.md").is_file()
+    assert (installed / "usr" / "local" / "bin" / "agent").readlink() == agent
     assert "FERRY_CONFIG=/etc/ferry/ferry.yaml" in (installed / "etc/default/ferry").read_text()
     config = (installed / "etc" / "ferry" / "ferry.yaml").read_text()
     assert "node_credentials: /var/lib/ferry/identity" in config
@@ -70,6 +71,7 @@ def test_make_install_keeps_an_edited_config(installed: Path, tmp_path: Path) ->
     [
         ({"PREFIX": "opt/ferry"}, "PREFIX must be an absolute path, not 'opt/ferry'"),
         ({"VENV": "/nonexistent"}, "VENV=/nonexistent has no bin/agent"),
+        ({"BINDIR": "bin"}, "BINDIR must be an absolute path, not 'bin'"),
     ],
 )
 def test_make_install_refuses_bad_variables_naming_them(
