@@ -113,6 +113,23 @@ kubernetes:
   annotate: true                 # default: write ferry.dev/redirection(-reason) on every pod
   scan_interval: 5.0             # default, seconds between process scans while a selected pod
                                  # has no known network namespace
+  probe_snat: true               # default: the node's own connections to enrolled pods (kubelet
+                                 # probes) come from 169.254.7.127, which pods let in without
+                                 # mTLS (docs/kubernetes.md, "Health probes")
+telemetry:
+  access_log: ""                 # default: off; "-" is the proxy's stdout, a path a file
+                                 # (appended to, reopened on SIGHUP: logrotate-friendly)
+  access_log_sample: 1.0         # default: the share of allowed connections and requests logged
+                                 # (denied ones always are)
+  access_log_queue: 8192         # default: lines waiting for the writer thread; past it a line
+                                 # is dropped and counted (ferry_access_log_dropped_total)
+  otlp_endpoint: ""              # default: no traces; an OTLP/HTTP traces URL, for example
+                                 # http://127.0.0.1:4318/v1/traces
+  trace_sample: 1.0              # default: the share of traces started here that are recorded
+                                 # (an incoming traceparent's sampled flag is kept)
+  workload_label_limit: 500      # default: workloads with their own metric series; the ones
+                                 # seen later share workload="other"
+  identity_label_limit: 1000     # default: the same for source/destination identities
 workloads:                       # example; default: [] (declarative standalone enrollments)
   - netns: web                   # example: a name under /var/run/netns, or a path
     namespace: shop              # example
@@ -130,6 +147,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from agent import names
+from agent.telemetry.settings import TelemetryConfig, parse_telemetry
 from agent.workloads import MODES, Mode
 
 
@@ -268,6 +286,7 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     policy: PolicyConfig = PolicyConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     workloads: tuple[WorkloadSpec, ...] = ()
 
 
@@ -559,8 +578,16 @@ def parse_config(raw: Any) -> Config:
         mesh=_mesh(values.get("mesh")),
         policy=_policy(values.get("policy")),
         kubernetes=_kubernetes(values.get("kubernetes")),
+        telemetry=_telemetry(values.get("telemetry")),
         workloads=_workloads(values.get("workloads")),
     )
+
+
+def _telemetry(raw: Any) -> TelemetryConfig:
+    try:
+        return parse_telemetry(raw)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_config(path: Path | None) -> Config:

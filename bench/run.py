@@ -21,9 +21,14 @@ envoy
     bound in the same pod netns and carry the proxy mark (SO_MARK, before bind) so the rules let
     them through.  Afterwards the rules are removed (`IptablesRedirection.remove`) and checked gone.
 
-ferry
+ferry, ferry-nftables, ferry-ebpf
     `agent run` and `agent proxy --workers N` in the node netns (`sim.ferry.FerryNode`), the
-    client and the server pod enrolled with `agent enroll`.  Afterwards both are unenrolled.
+    client and the server pod enrolled with `agent enroll`, once per redirection backend:
+    iptables (`ferry`), nftables and eBPF (`redirection.backend`).  Ferry runs in the node's netns
+    but in this process's mount namespace (`HostMountsFerry`: `ip netns exec` would hide the
+    cgroup v2 hierarchy the eBPF hooks attach to).  Afterwards the pods are unenrolled, `agent
+    cleanup` runs and the state dir (the eBPF pins with it) is removed, so the next backend
+    starts from a clean node.
 
 For each path: wrk against nginx (keep-alive at c=1 with 1 thread and at c=64 with 2 threads:
 req/s, p50, p99; new connection per request at c=64: req/s), iperf3 with 1 and 4 streams, and the
@@ -34,9 +39,9 @@ iperf3 moved in its 1-stream run.  Each path's traffic is checked to really go t
 Then the per-node cost of pods: the proxy's RSS (summed over Ferry's supervisor and workers; the
 Envoy process) with 1, 10 and `--pods-max` idle pods enrolled.  Ferry keeps running and the idle
 pods are enrolled one by one with `agent enroll`, each timed end to end (CLI wall time) and as the
-agent reports it ("in X ms": netns ready to redirected-and-listening); Envoy is restarted with a
-config regenerated for the first 1, 10, `--pods-max` idle pods.  Memory is read after a short
-settle time.
+agent reports it ("in X ms": netns ready to redirected-and-listening), per backend; Envoy is
+restarted with a config regenerated for the first 1, 10, `--pods-max` idle pods.  Memory is read
+after a short settle time.  A last table puts Ferry's figures side by side, a column per backend.
 
 The results are printed as a markdown table with PASS/FAIL target lines, and written as JSON to
 `.bench-out/results.json`.  Everything is torn down on exit, also on failure or Ctrl-C.
@@ -53,7 +58,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
+import os
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -62,6 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.redirect import ebpf
 from bench.common import (
     C1_REPEATS,
     FERRY_CONFIG,
@@ -101,7 +110,9 @@ from sim.ferry import FerryNode
 from sim.node import Pod, SimNode
 
 T = TypeVar("T")
-PATH_NAMES = ("direct", "envoy", "ferry")
+BACKENDS = {"ferry": "iptables", "ferry-nftables": "nftables", "ferry-ebpf": "ebpf"}
+"""Ferry's paths and the redirection backend each runs with."""
+PATH_NAMES = ("direct", "envoy", *BACKENDS)
 RESULTS = OUT_DIR / "results.json"
 
 # --- results -------------------------------------------------------------------------------------
@@ -128,6 +139,14 @@ class PathResult:
 class Enrollment:
     agent_ms: list[float] = field(default_factory=list)
     cli_ms: list[float] = field(default_factory=list)
+
+
+class HostMountsFerry(FerryNode):
+    """Ferry in the node's netns and this process's mount namespace, where the cgroup v2
+    hierarchy is mounted (under `ip netns exec` it is not) and its bpffs is seen by all."""
+
+    def _argv(self, *args: str) -> list[str]:
+        return ["nsenter", f"--mount=/proc/{os.getpid()}/ns/mnt", "--", *super()._argv(*args)]
 
 
 @dataclass(frozen=True)
@@ -162,7 +181,7 @@ class Bench(PodBench[Options, PathResult]):
         super().__init__(opts, PathResult)
         self.node: SimNode | None = None
         self.idle: list[Pod] = []
-        self.enrollment = Enrollment()
+        self.enrollment: dict[str, Enrollment] = {}
 
     # -- setup and teardown --
 
@@ -173,7 +192,7 @@ class Bench(PodBench[Options, PathResult]):
         self.client = self.node.add_pod("client")
         self.nginx = self.server.start_nginx(HTTP_PORT)
         self.server.start_iperf3_server(IPERF_PORT)
-        if {"envoy", "ferry"} & set(self.opts.paths):
+        if {"envoy", *BACKENDS} & set(self.opts.paths):
             started = time.monotonic()
             for i in range(self.opts.pods_max):
                 self.idle.append(self.node.add_pod(f"idle-{i:03d}"))
@@ -184,7 +203,8 @@ class Bench(PodBench[Options, PathResult]):
         return [self.node]
 
     def runners(self) -> dict[str, Callable[[], None]]:
-        return {"direct": self.run_direct, "envoy": self.run_envoy, "ferry": self.run_ferry}
+        ferries = {name: functools.partial(self.run_ferry, name) for name in BACKENDS}
+        return {"direct": self.run_direct, "envoy": self.run_envoy, **ferries}
 
     @property
     def pods(self) -> tuple[SimNode, Pod, Pod]:
@@ -307,14 +327,17 @@ class Bench(PodBench[Options, PathResult]):
             if after.get(name, 0) <= before.get(name, 0):
                 raise RuntimeError(f"traffic did not go through Envoy: {name} {before} {after}")
 
-    def run_ferry(self) -> None:
-        result = self.result("ferry")
+    def run_ferry(self, name: str) -> None:
+        result = self.result(name)
         node, client, server = self.pods
         self.ensure_no_redirection()
-        ferry = FerryNode(node, workers=self.opts.workers, config=FERRY_CONFIG)
+        backend = BACKENDS[name]
+        redirection = {**FERRY_CONFIG.get("redirection", {}), "backend": backend}
+        config = {**FERRY_CONFIG, "redirection": redirection}
+        ferry = HostMountsFerry(node, workers=self.opts.workers, config=config)
         enrolled: list[Pod] = []
         try:
-            log(f"ferry: starting agent and proxy (--workers {self.opts.workers})")
+            log(f"{name}: starting agent and proxy (--workers {self.opts.workers}, {backend})")
             ferry.start()
             for pod in (client, server):
                 ferry.enroll(pod, "bench", pod.name)
@@ -330,7 +353,8 @@ class Bench(PodBench[Options, PathResult]):
                 ferry.cli("unenroll", pod.netns, check=True)
                 enrolled.remove(pod)
             self.ensure_no_redirection()
-            self.ferry_scale(ferry, result, proxy_pid)
+            enrollment = self.enrollment.setdefault(name, Enrollment())
+            self.ferry_scale(ferry, result, enrollment, proxy_pid)
         except BaseException:
             with contextlib.suppress(Exception):
                 result.notes.append("logs: " + str(ferry.logs))
@@ -338,6 +362,17 @@ class Bench(PodBench[Options, PathResult]):
             raise
         finally:
             self.stop_ferry([ferry], [(ferry, pod) for pod in enrolled])
+            self.forget_ferry(ferry)
+
+    @staticmethod
+    def forget_ferry(ferry: FerryNode) -> None:
+        """With Ferry stopped: every rule of every backend gone (`agent cleanup`) and the state
+        dir removed, so that the next path starts with nothing enrolled and no pins."""
+        reply = ferry.cli("cleanup", "--config", str(ferry.config_path))
+        if reply.returncode != 0:
+            log(f"agent cleanup failed: {reply.stderr.strip()}")
+        ebpf.cleanup(ferry.state_dir)
+        shutil.rmtree(ferry.state_dir, ignore_errors=True)
 
     def check_ferry_path(self, ferry: FerryNode) -> None:
         _, client, server = self.pods
@@ -394,17 +429,19 @@ class Bench(PodBench[Options, PathResult]):
                 f"{len(problems)} error line(s) in the Ferry logs, e.g. {problems[0]}"
             )
 
-    def ferry_scale(self, ferry: FerryNode, result: PathResult, proxy_pid: int) -> None:
+    def ferry_scale(
+        self, ferry: FerryNode, result: PathResult, enrollment: Enrollment, proxy_pid: int
+    ) -> None:
         counts = set(self.opts.pod_counts)
         for index, pod in enumerate(self.idle, start=1):
             argv = ["enroll", pod.netns, "--namespace", "bench", "--service-account", "idle"]
             started = time.perf_counter()
             reply = ferry.cli(*argv, check=True)
-            self.enrollment.cli_ms.append((time.perf_counter() - started) * 1e3)
+            enrollment.cli_ms.append((time.perf_counter() - started) * 1e3)
             match = re.search(r" in ([\d.]+) ms", reply.stdout)
             if match is None:
                 raise RuntimeError(f"agent enroll printed no elapsed time: {reply.stdout!r}")
-            self.enrollment.agent_ms.append(float(match.group(1)))
+            enrollment.agent_ms.append(float(match.group(1)))
             if index in counts:
                 time.sleep(self.opts.settle)
                 result.rss_mb[index], result.pss_mb[index] = proxy_memory_mb(proxy_pid)
@@ -463,17 +500,56 @@ def table(bench: Bench) -> str:
             ]
         )
     lines = markdown_table(header, rows)
-    e = bench.enrollment
-    if e.agent_ms:
-        lines += [
-            "",
-            f"| Ferry enrollment ({len(e.agent_ms)} pods) | p50 | p99 | max |",
-            "|---|---|---|---|",
-        ]
-        for label, values in (("agent-measured", e.agent_ms), ("`agent enroll` wall", e.cli_ms)):
-            stats = [percentile(values, 50), percentile(values, 99), max(values)]
-            lines.append(f"| {label} | " + " | ".join(f"{v:.1f} ms" for v in stats) + " |")
-    return "\n".join(lines)
+    for name, e in bench.enrollment.items():
+        if e.agent_ms:
+            lines += [
+                "",
+                f"| {name} enrollment ({len(e.agent_ms)} pods) | p50 | p99 | max |",
+                "|---|---|---|---|",
+            ]
+            for label, values in (
+                ("agent-measured", e.agent_ms),
+                ("`agent enroll` wall", e.cli_ms),
+            ):
+                stats = [percentile(values, 50), percentile(values, 99), max(values)]
+                lines.append(f"| {label} | " + " | ".join(f"{v:.1f} ms" for v in stats) + " |")
+    return "\n".join([*lines, "", *backend_table(bench)])
+
+
+def backend_table(bench: Bench) -> list[str]:
+    """Ferry's figures with a column per redirection backend (the paths that ran)."""
+    names = [name for name in BACKENDS if name in bench.results]
+    if not names:
+        return []
+    direct = bench.results.get("direct")
+    results = [bench.results[name] for name in names]
+
+    def added(r: PathResult) -> str:
+        if r.c1 and direct and direct.c1:
+            return latency(r.c1.p50_us - direct.c1.p50_us)
+        return "-"
+
+    def enrolled(name: str, q: float) -> str:
+        values = bench.enrollment.get(name, Enrollment()).agent_ms
+        return f"{percentile(values, q):.1f} ms" if values else "-"
+
+    rows = [
+        ["c=1 req/s", *(wrk_rps(r.c1) for r in results)],
+        ["c=1 p50", *(wrk_p50(r.c1) for r in results)],
+        ["c=1 added p50 (vs direct)", *(added(r) for r in results)],
+        ["c=1 p99", *(latency(r.c1.p99_us if r.c1 else None) for r in results)],
+        ["c=64 req/s", *(wrk_rps(r.c64) for r in results)],
+        ["c=64 p50", *(wrk_p50(r.c64) for r in results)],
+        ["c=64 p99", *(latency(r.c64.p99_us if r.c64 else None) for r in results)],
+        ["new connections/s (close, c=64)", *(wrk_rps(r.close64) for r in results)],
+        ["iperf3 1 stream, Gbit/s", *(cell(r.iperf1_gbps, ".1f") for r in results)],
+        ["iperf3 4 streams, Gbit/s", *(cell(r.iperf4_gbps, ".1f") for r in results)],
+        ["proxy CPU s/GB", *(cell(r.cpu_s_per_gb, ".2f") for r in results)],
+        ["enrollment p50 (agent)", *(enrolled(n, 50) for n in names)],
+        ["enrollment p99 (agent)", *(enrolled(n, 99) for n in names)],
+    ]
+    header = ["per backend", *(f"{n} ({BACKENDS[n]})" for n in names)]
+    return markdown_table(header, rows)
 
 
 def _c64_rps(r: PathResult) -> float | None:
@@ -519,18 +595,37 @@ def checks(bench: Bench) -> list[Check]:
             "missing" if rss is None else f"{rss:.1f} MiB",
         )
     )
-    e = bench.enrollment
-    if e.agent_ms:
-        p99 = percentile(e.agent_ms, 99)
-        out.append(
-            (
-                "enrollment p99 <= 100 ms (agent-measured)",
-                p99 <= 100,
-                f"p99 {p99:.1f} ms (CLI wall p99 {percentile(e.cli_ms, 99):.1f} ms)",
-            )
-        )
+    for name in (n for n in BACKENDS if n in bench.opts.paths):
+        e = bench.enrollment.get(name, Enrollment())
+        target = f"{name} enrollment p99 <= 100 ms (agent-measured)"
+        if e.agent_ms:
+            p99 = percentile(e.agent_ms, 99)
+            detail = f"p99 {p99:.1f} ms (CLI wall p99 {percentile(e.cli_ms, 99):.1f} ms)"
+            out.append((target, p99 <= 100, detail))
+        else:
+            out.append((target, None, "missing"))
+    return out + ebpf_checks(bench)
+
+
+def ebpf_checks(bench: Bench) -> list[Check]:
+    """Issue 9's targets: the eBPF backend's added p50 (c=1) and new-connection rate beat
+    iptables'."""
+    ebpf_r, iptables_r = bench.results.get("ferry-ebpf"), bench.results.get("ferry")
+    direct = bench.results.get("direct")
+    out: list[Check] = []
+    what = "eBPF added p50 (c=1) < iptables added p50"
+    if ebpf_r and ebpf_r.c1 and iptables_r and iptables_r.c1 and direct and direct.c1:
+        ea = ebpf_r.c1.p50_us - direct.c1.p50_us
+        ia = iptables_r.c1.p50_us - direct.c1.p50_us
+        out.append((what, ea < ia, f"ebpf +{ea:.0f} us vs iptables +{ia:.0f} us"))
     else:
-        out.append(("enrollment p99 <= 100 ms (agent-measured)", None, "missing"))
+        out.append((what, None, "missing"))
+    what = "eBPF new connections/s (close, c=64) > iptables"
+    if ebpf_r and ebpf_r.close64 and iptables_r and iptables_r.close64:
+        ev, iv = ebpf_r.close64.rps, iptables_r.close64.rps
+        out.append((what, ev > iv, f"ebpf {ev:,.0f} vs iptables {iv:,.0f} conn/s"))
+    else:
+        out.append((what, None, "missing"))
     return out
 
 
@@ -541,13 +636,15 @@ def to_json(bench: Bench, elapsed: float) -> dict[str, Any]:
         data["pss_mb"] = {str(k): v for k, v in r.pss_mb.items()}
         return data
 
-    e = bench.enrollment
-    enrollment: dict[str, Any] = {"agent_ms": e.agent_ms, "cli_ms": e.cli_ms}
-    for key, values in (("agent", e.agent_ms), ("cli", e.cli_ms)):
-        if values:
-            enrollment[f"{key}_p50_ms"] = percentile(values, 50)
-            enrollment[f"{key}_p99_ms"] = percentile(values, 99)
-            enrollment[f"{key}_mean_ms"] = statistics.fmean(values)
+    enrollment: dict[str, Any] = {}
+    for name, e in bench.enrollment.items():
+        per: dict[str, Any] = {"agent_ms": e.agent_ms, "cli_ms": e.cli_ms}
+        for key, values in (("agent", e.agent_ms), ("cli", e.cli_ms)):
+            if values:
+                per[f"{key}_p50_ms"] = percentile(values, 50)
+                per[f"{key}_p99_ms"] = percentile(values, 99)
+                per[f"{key}_mean_ms"] = statistics.fmean(values)
+        enrollment[name] = per
     return json_document(
         "ferry.bench/v1",
         bench,

@@ -57,7 +57,7 @@ body; no length means until the server closes); a malformed response ends the co
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import httptools
@@ -208,6 +208,7 @@ class Http1Inspector:
         self._outstanding: deque[tuple[bool, int]] = deque()  # allowed: (HEAD?, kind)
         self._reply: bytes | None = None  # a denial waiting for the responses before it
         self._server_open = True
+        self.on_status: Callable[[None, int], None] | None = None  # told each final status
 
     @property
     def head_pending(self) -> bool:
@@ -438,6 +439,8 @@ class Http1Inspector:
                     break
                 kind = self._outstanding[0][1] if self._outstanding else _PLAIN
                 status = self._response(raw, kind)
+                if self.on_status is not None and (status >= 200 or status == 101):
+                    self.on_status(None, status)
                 if self._opaque:
                     early = bytes(self._held or b"")
                     self._held = None

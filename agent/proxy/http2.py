@@ -257,6 +257,13 @@ def _connection(
     return conn
 
 
+def _status(fields: Iterable[tuple[bytes, bytes]]) -> int:
+    for name, value in fields:
+        if name == b":status":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
 def _text(value: bytes) -> str:
     return value.decode("latin-1")
 
@@ -363,6 +370,7 @@ class Http2Inspector:
         self._opened = 0  # streams the client opened
         self._premature = 0  # ... and reset before their response
         self._ended = False
+        self.on_status: Callable[[int, int], None] | None = None  # (stream id, final status)
 
     # -- output -----------------------------------------------------------------------------
 
@@ -572,6 +580,8 @@ class Http2Inspector:
             self._client.send_headers(st.sid, ev.headers, end_stream=ended)
             if isinstance(ev, h2.events.ResponseReceived):
                 st.responded = True
+                if self.on_status is not None:
+                    self.on_status(st.sid, _status(ev.headers))
             if ended:
                 self._client_done(st)
         elif isinstance(ev, h2.events.DataReceived):

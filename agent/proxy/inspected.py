@@ -43,7 +43,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.linux import LINGER_RESET
 from agent.proxy.http1 import (
@@ -59,6 +59,9 @@ from agent.proxy.request_policy import Allowed, Denied
 from agent.proxy.responses import REQUEST_TIMEOUT_REPLY, http1_reply
 from agent.proxy.sniff import looks_like_h2_preface, looks_like_http1
 from agent.tunnel.floods import DEFAULT, Bounds
+
+if TYPE_CHECKING:
+    from agent.telemetry.recorder import RequestLog
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -125,8 +128,10 @@ class InspectedRelay:
         owner: Any = None,
         bounds: Bounds = DEFAULT,
         max_head: int = 65536,
+        requests: RequestLog | None = None,
     ) -> None:
         self.bounds, self.max_head = bounds, max_head
+        self.requests = requests  # telemetry: each request's decision, status and time
         self.down, self.up = down, up
         self.fd_down, self.fd_up = down.fileno(), up.fileno()
         self.decide, self.l4_allowed = decide, l4_allowed
@@ -197,6 +202,8 @@ class InspectedRelay:
         if self.closed:
             return
         self.closed = True
+        if self.requests is not None:
+            self.requests.ended()
         if self.mask_down:
             self.watch(self.fd_down, self.mask_down, 0)
         if self.mask_up:
@@ -235,8 +242,12 @@ class InspectedRelay:
             if h2:
                 self.state = H2
                 self.h2 = Http2Inspector(self.bounds, time.monotonic, self.max_head)
+                if self.requests is not None:
+                    self.h2.on_status = self.requests.responded
             elif http:
                 self.state, self.inspector = HTTP1, Http1Inspector(self.max_head)
+                if self.requests is not None:
+                    self.inspector.on_status = self.requests.responded
             elif h2 is None or http is None:
                 self._head_pending(True)
                 return  # more bytes needed to tell
@@ -285,14 +296,18 @@ class InspectedRelay:
         for event in events:
             match event:
                 case RequestHead():
-                    verdict = self.decide(event.method, event.path or event.target, event.query,
-                                          event.host, event.headers)  # fmt: skip
+                    path = event.path or event.target
+                    verdict = self.decide(event.method, path, event.query, event.host,
+                                          event.headers)  # fmt: skip
+                    traced = () if self.requests is None else self.requests.decided(
+                        None, event.method, path, event.host, event.headers, verdict)  # fmt: skip
                     if isinstance(verdict, Denied):
                         reply = http1_reply(verdict.denial, head=event.method == "HEAD")
                         self._reply(inspector.deny(event.request_id, reply))
                         return  # the rest of these events are void
+                    set_headers = verdict.set_headers + traced if traced else verdict.set_headers
                     self.to_up.put(inspector.allow(event.request_id, verdict.remove_headers,
-                                                   verdict.set_headers, verdict.path))  # fmt: skip
+                                                   set_headers, verdict.path))  # fmt: skip
                 case Forward(data=data, to_server=to_server):
                     (self.to_up if to_server else self.to_down).put(data)
                 case LocalReply(data=data):
@@ -310,12 +325,21 @@ class InspectedRelay:
         assert h2 is not None
         for event in events:
             if isinstance(event, StreamHead):
-                verdict = self.decide(event.method, event.path or event.target, event.query,
-                                      event.authority, event.headers)  # fmt: skip
+                path = event.path or event.target
+                verdict = self.decide(event.method, path, event.query, event.authority,
+                                      event.headers)  # fmt: skip
+                traced = (
+                    ()
+                    if self.requests is None
+                    else self.requests.decided(
+                        event.stream_id, event.method, path, event.authority, event.headers, verdict
+                    )
+                )
                 if isinstance(verdict, Denied):
                     h2.deny(event.stream_id, verdict.denial)
                 else:
-                    h2.allow(event.stream_id, verdict.remove_headers, verdict.set_headers,
+                    h2.allow(event.stream_id, verdict.remove_headers,
+                             verdict.set_headers + traced if traced else verdict.set_headers,
                              verdict.path)  # fmt: skip
             else:
                 self.closing = True  # write out the GOAWAYs, then close

@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from agent.directory import DirectoryUpdate
+from agent.telemetry.counters import TelemetryStats
 from agent.wire import WireError, from_json, to_json
 
 Direction = Literal["outbound", "inbound", "tunnel"]
 Mode = Literal["permissive", "strict"]
 # what a worker gets
-WORKER_SECTIONS = ("proxy", "limits", "redirection", "identity", "policy")
+WORKER_SECTIONS = ("proxy", "limits", "redirection", "identity", "policy", "telemetry")
 COUNTERS = (
     "connections_opened",
     "connections_closed",
@@ -207,6 +208,7 @@ class Stats:
     applied: Applied
     decisions: dict[str, tuple[Decision, ...]] = field(default_factory=dict)  # uid -> counts
     shed: dict[str, tuple[Shed, ...]] = field(default_factory=dict)  # uid -> by bound
+    telemetry: TelemetryStats = field(default_factory=TelemetryStats)  # requests, durations
 
     def totals(self, uid: str, direction: str) -> dict[str, int]:
         """One workload's counters in one direction, summed over its flows."""

@@ -6,19 +6,29 @@ Each worker reports cumulative `messages.Flow` records per workload (see `agent.
 security (mtls or plaintext) and source/destination identity, with denials per reason.  Work
 shed at a bound (`messages.Shed`) is summed per workload and limit by `sum_shed` (the newest
 peer and time win) and exposed as `ferry_proxy_shed_total{limit}`.
+
+The workers' `TelemetryStats` (`agent.telemetry.counters`) add inspected HTTP requests by method
+and status class, connection and request duration histograms and the access log's lines and
+drops; `Applied` gives certificate expiry, `TunnelCounters` the tunnel pool.  Labels are bounded:
+`LabelBudget` keeps the first `telemetry.workload_label_limit` workloads and
+`identity_label_limit` identities, later ones count under "other" (series are summed), so many
+distinct clients or workloads cannot grow the scrape without bound (docs/telemetry.md).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from agent import __version__
 from agent.proxy.messages import COUNTERS, Flow, Stats
+from agent.telemetry.counters import CONNECTION_BUCKETS, REQUEST_BUCKETS, Histogram
+from agent.telemetry.settings import TelemetryConfig
 
 FLOW_KEYS = ("direction", "security", "peer_identity")
 DIRECTIONS = ("outbound", "inbound")
@@ -99,71 +109,190 @@ class Labelled:
     identity: str
 
 
+OTHER = "other"
+
+
+class LabelBudget:
+    """Bounded label values: the first `limit` distinct values keep their own label (for the
+    proxy's life), every later one is reported as "other"."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.kept: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self.kept:
+            return value
+        if len(self.kept) < self.limit:
+            self.kept.add(value)
+            return value
+        return OTHER
+
+
+Key = tuple[str, ...]
+
+
+def sum_histograms(
+    records: Iterable[Histogram],
+    buckets: tuple[float, ...],
+    label: Callable[[Histogram], Key | None],
+) -> dict[Key, tuple[list[int], float]]:
+    """Histogram records summed per label set (`label` None: not reported): bucket counts and
+    sum."""
+    out: dict[Key, tuple[list[int], float]] = {}
+    for h in records:
+        key = label(h)
+        if key is None:
+            continue
+        counts, total = out.get(key, ([0] * (len(buckets) + 1), 0.0))
+        out[key] = ([a + b for a, b in zip(counts, h.counts, strict=True)], total + h.total)
+    return out
+
+
+def _histogram(name: str, text: str, labels: list[str], buckets: tuple[float, ...],
+               summed: dict[Key, tuple[list[int], float]]) -> HistogramMetricFamily:  # fmt: skip
+    family = HistogramMetricFamily(name, text, labels=labels)
+    for key, (counts, total) in sorted(summed.items()):
+        running, cumulative = 0, []
+        for bound, count in zip([*map(str, buckets), "+Inf"], counts, strict=True):
+            running += count
+            cumulative.append((bound, running))
+        family.add_metric(list(key), cumulative, total)
+    return family
+
+
+class _Sums:
+    """Counter values per label set, summed (bounded labels merge series)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[Key, float]] = {}
+
+    def add(self, family: str, key: Key, value: float) -> None:
+        values = self.values.setdefault(family, {})
+        values[key] = values.get(key, 0) + value
+
+    def fill(self, family: CounterMetricFamily | GaugeMetricFamily, name: str) -> Any:
+        for key, value in sorted(self.values.get(name, {}).items()):
+            family.add_metric(list(key), value)
+        return family
+
+
 class MetricsCollector(Collector):
-    """Prometheus view of the workers' counters (fresh on every scrape)."""
+    """Prometheus view of the workers' counters (fresh on every scrape).  Label values are
+    bounded (`telemetry.workload_label_limit`, `identity_label_limit`): past the bound a series
+    is reported under "other" (docs/telemetry.md)."""
 
     def __init__(
         self,
         fresh_stats: Callable[[], list[Stats]],
         served: Callable[[], dict[str, Labelled]],
         agent_connected: Callable[[], bool],
+        telemetry: TelemetryConfig | None = None,
     ) -> None:
         self.fresh_stats = fresh_stats
         self.served = served
         self.agent_connected = agent_connected
+        telemetry = telemetry or TelemetryConfig()
+        self.workload_budget = LabelBudget(telemetry.workload_label_limit)
+        self.identity_budget = LabelBudget(telemetry.identity_label_limit)
+
+    def _workload(self, workload: Labelled) -> Key:
+        if self.workload_budget(f"{workload.namespace}/{workload.name}") == OTHER:
+            return (OTHER, OTHER)
+        return (workload.namespace, workload.name)
+
+    def _identity(self, identity: str) -> str:
+        return identity if identity == "unknown" else self.identity_budget(identity)
 
     def collect(self) -> Iterator[Any]:
         per_worker = self.fresh_stats()
-        labels = ["workload_namespace", "workload", "direction", "security", "source_identity",
-                  "destination_identity"]  # fmt: skip
-        families = {
-            key: CounterMetricFamily(f"ferry_proxy_{name}", text, labels=labels)
-            for key, name, text in (
-                ("connections_opened", "connections_opened", "TCP connections relayed"),
-                ("connections_closed", "connections_closed", "relayed TCP connections closed"),
-                ("connect_failures", "connect_failures", "upstream connects that failed"),
-                ("bytes_received", "received_bytes", "bytes from client to server"),
-                ("bytes_sent", "sent_bytes", "bytes from server to client"),
-            )
-        }
-        denied = CounterMetricFamily(
-            "ferry_proxy_connections_denied", "connections refused, by reason",
-            labels=[*labels, "reason"],
-        )  # fmt: skip
         workloads = self.served()
+        named = {uid: self._workload(w) for uid, w in sorted(workloads.items())}
+        sums = _Sums()
         for uid, workload in sorted(workloads.items()):
+            who = named[uid]
             for flow in sum_flows(per_worker, uid):
-                peer = flow["peer_identity"] or "unknown"
+                peer = self._identity(flow["peer_identity"] or "unknown")
+                own = self._identity(workload.identity)
                 source, destination = (
-                    (workload.identity, peer) if flow["direction"] == "outbound"
-                    else (peer, workload.identity)
+                    (own, peer) if flow["direction"] == "outbound" else (peer, own)
                 )  # fmt: skip
-                values = [workload.namespace, workload.name, flow["direction"], flow["security"],
-                          source, destination]  # fmt: skip
-                for key, family in families.items():
-                    family.add_metric(values, flow[key])
-                for reason, count in sorted(flow["denied_by"].items()):
-                    denied.add_metric([*values, reason], count)
-        decisions = CounterMetricFamily(
-            "ferry_policy_decisions", "policy decisions, by policy, action and decision",
-            labels=["workload_namespace", "workload", "policy", "action", "decision"],
-        )  # fmt: skip
-        for uid, workload in sorted(workloads.items()):
+                key = (*who, flow["direction"], flow["security"], source, destination)
+                for name in COUNTERS:
+                    sums.add(name, key, flow[name])
+                for reason, count in flow["denied_by"].items():
+                    sums.add("denied", (*key, reason), count)
             for d in sum_decisions(per_worker, uid):
-                values = [workload.namespace, workload.name, d["policy"] or "none",
-                          d["action"] or "none", d["decision"]]  # fmt: skip
-                decisions.add_metric(values, d["count"])
-        shed = CounterMetricFamily(
-            "ferry_proxy_shed", "work refused or cut off at a bound of limits:, by limit",
-            labels=["workload_namespace", "workload", "limit"],
-        )  # fmt: skip
-        for uid, workload in sorted(workloads.items()):
+                sums.add("decisions", (*who, d["policy"] or "none", d["action"] or "none",
+                                       d["decision"]), d["count"])  # fmt: skip
+                if d["action"] == "RATELIMIT" and d["decision"] == "deny":
+                    sums.add("rate_limited", who, d["count"])
             for entry in sum_shed(per_worker, uid):
-                shed.add_metric([workload.namespace, workload.name, entry["limit"]], entry["count"])
-        yield from families.values()
-        yield denied
-        yield decisions
-        yield shed
+                sums.add("shed", (*who, entry["limit"]), entry["count"])
+        lines = dropped = 0
+        for stats in per_worker:
+            t = stats.telemetry
+            lines += t.access_log_lines
+            dropped += t.access_log_dropped
+            for r in t.requests:
+                if r.uid in named:
+                    sums.add("requests", (*named[r.uid], r.method, r.status_class), r.count)
+        wl_labels = ["workload_namespace", "workload"]
+        labels = [*wl_labels, "direction", "security", "source_identity", "destination_identity"]
+        for fkey, name, text in (
+            ("connections_opened", "connections_opened", "TCP connections relayed"),
+            ("connections_closed", "connections_closed", "relayed TCP connections closed"),
+            ("connect_failures", "connect_failures", "upstream connects that failed"),
+            ("bytes_received", "received_bytes", "bytes from client to server"),
+            ("bytes_sent", "sent_bytes", "bytes from server to client"),
+        ):
+            yield sums.fill(CounterMetricFamily(f"ferry_proxy_{name}", text, labels=labels), fkey)
+        yield sums.fill(CounterMetricFamily(
+            "ferry_proxy_connections_denied", "connections refused, by reason",
+            labels=[*labels, "reason"]), "denied")  # fmt: skip
+        yield sums.fill(CounterMetricFamily(
+            "ferry_policy_decisions", "policy decisions, by policy, action and decision",
+            labels=[*wl_labels, "policy", "action", "decision"]), "decisions")  # fmt: skip
+        yield sums.fill(CounterMetricFamily(
+            "ferry_proxy_shed", "work refused or cut off at a bound of limits:, by limit",
+            labels=[*wl_labels, "limit"]), "shed")  # fmt: skip
+        yield sums.fill(CounterMetricFamily(
+            "ferry_proxy_rate_limited", "connections and requests refused by a rate limit",
+            labels=wl_labels), "rate_limited")  # fmt: skip
+        yield sums.fill(CounterMetricFamily(
+            "ferry_proxy_http_requests", "inspected HTTP requests, by method and status class",
+            labels=[*wl_labels, "method", "status_class"]), "requests")  # fmt: skip
+        yield from self._histograms(per_worker, named)
+        yield from self._gauges(per_worker, workloads, named)
+        yield CounterMetricFamily("ferry_access_log_lines", "access log lines written",
+                                  value=lines)  # fmt: skip
+        yield CounterMetricFamily("ferry_access_log_dropped",
+                                  "access log lines dropped: queue full or write failed",
+                                  value=dropped)  # fmt: skip
+        info = GaugeMetricFamily("ferry_build_info", "Ferry version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+    def _histograms(self, per_worker: list[Stats], named: dict[str, Key]) -> Iterator[Any]:
+        connections = sum_histograms(
+            (h for s in per_worker for h in s.telemetry.connection_durations),
+            CONNECTION_BUCKETS,
+            lambda h: (*named[h.uid], h.direction) if h.uid in named else None,
+        )
+        yield _histogram("ferry_proxy_connection_duration_seconds", "relayed TCP connections, "
+                         "accept to close", ["workload_namespace", "workload", "direction"],
+                         CONNECTION_BUCKETS, connections)  # fmt: skip
+        requests = sum_histograms(
+            (h for s in per_worker for h in s.telemetry.request_durations),
+            REQUEST_BUCKETS,
+            lambda h: named.get(h.uid),
+        )
+        yield _histogram("ferry_proxy_http_request_duration_seconds", "inspected HTTP "
+                         "requests, request head to response head", ["workload_namespace",
+                         "workload"], REQUEST_BUCKETS, requests)  # fmt: skip
+
+    def _gauges(self, per_worker: list[Stats], workloads: dict[str, Labelled],
+                named: dict[str, Key]) -> Iterator[Any]:  # fmt: skip
         active = GaugeMetricFamily("ferry_proxy_active_connections", "open relayed connections")
         active.add_metric([], sum(s.active for s in per_worker))
         yield active
@@ -175,6 +304,25 @@ class MetricsCollector(Collector):
         )
         connected.add_metric([], 1 if self.agent_connected() else 0)
         yield connected
-        info = GaugeMetricFamily("ferry_build_info", "Ferry version", labels=["version"])
-        info.add_metric([__version__], 1)
-        yield info
+        expiry = GaugeMetricFamily(
+            "ferry_proxy_certificate_expiry_seconds",
+            "seconds until a workload certificate expires (the soonest any worker holds)",
+            labels=["workload_namespace", "workload"],
+        )
+        now, soonest = time.time(), dict[Key, float]()
+        for stats in per_worker:
+            for uid, not_after in stats.applied.certificates.items():
+                if uid in named:
+                    key = named[uid]
+                    soonest[key] = min(soonest.get(key, not_after), not_after)
+        for key, not_after in sorted(soonest.items()):
+            expiry.add_metric(list(key), not_after - now)
+        yield expiry
+        tunnel = tunnel_totals(per_worker)
+        yield GaugeMetricFamily("ferry_proxy_tunnel_pooled_connections",
+                                "tunnel client connections in the pool",
+                                value=tunnel["pooled_connections"])  # fmt: skip
+        yield GaugeMetricFamily("ferry_proxy_tunnel_streams", "open tunnel streams",
+                                value=tunnel["streams"])  # fmt: skip
+        yield CounterMetricFamily("ferry_proxy_tunnel_handshakes", "tunnel TLS handshakes "
+                                  "completed, both roles", value=tunnel["handshakes"])  # fmt: skip

@@ -16,7 +16,9 @@ The supervisor never touches payload.  It:
 - keeps the mesh directory (`agent.directory.DirectoryTable`) to give a restarted worker, and
   forwards directory chunks as they come;
 - aggregates the workers' counters for Prometheus (`127.0.0.1:15020/metrics` by default,
-  `agent.proxy.metrics`) and answers `agent status` on `<state-dir>/proxy.sock`, including what
+  `agent.proxy.metrics`; /healthz and /readyz there too, `agent.telemetry.endpoints`), forwards
+  SIGHUP to the workers (they reopen their access log) and answers `agent status` on
+  `<state-dir>/proxy.sock`, including what
   every worker has applied (directory version and size, certificates) so that status can compare
   it with what the agent sent.
 
@@ -39,7 +41,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry
 
 from agent import __version__
@@ -86,6 +87,7 @@ from agent.proxy.ratelimit_store import SharedBuckets
 from agent.proxy.sockets import Listener, open_listeners
 from agent.proxy.workers import MakeMessage, WorkerPool
 from agent.redirect import ebpf_listeners
+from agent.telemetry import endpoints
 from agent.workloads import Workload
 
 log = logging.getLogger("ferry.proxy")
@@ -408,6 +410,22 @@ class Supervisor:
                 "workloads": workloads,
             }
 
+    def _reopen_logs(self, _signum: int, _frame: object) -> None:
+        """SIGHUP (logrotate): every worker reopens its access log."""
+        for handle in self.pool.handles:
+            with contextlib.suppress(ProcessLookupError):
+                handle.process.send_signal(signal.SIGHUP)
+
+    def alive(self) -> str:
+        """/healthz: "" while a worker serves, else why not."""
+        return "" if self.pool.alive else "no proxy worker is running"
+
+    def ready(self) -> str:
+        """/readyz: "" when every worker runs and the agent's snapshot is in, else why not."""
+        if self.pool.alive < self.worker_count:
+            return f"{self.pool.alive} of {self.worker_count} proxy workers are running"
+        return "" if self.agent_connected else "not connected to the agent"
+
     # -------------------------------------------------------------------- run
     def run(self) -> None:
         prepare_state_dir(self.state_dir)
@@ -415,11 +433,13 @@ class Supervisor:
         host, port = parse_address("proxy.metrics_address", self.config.proxy.metrics_address)
         registry = CollectorRegistry(auto_describe=True)
         fresh = lambda: self.pool.fresh_stats(timeout=0.5)  # noqa: E731
-        registry.register(MetricsCollector(fresh, self.labelled, lambda: self.agent_connected))
-        metrics_server, _thread = start_http_server(port, addr=host, registry=registry)
+        registry.register(MetricsCollector(fresh, self.labelled, lambda: self.agent_connected,
+                                           self.config.telemetry))  # fmt: skip
+        metrics_server = endpoints.serve(host, port, registry, self.alive, self.ready)
         admin = serve_thread(self.state_dir / PROXY_SOCKET, self.status)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGHUP, self._reopen_logs)
         control = threading.Thread(target=self.control_loop, name="control", daemon=True)
         control.start()
         log.info("proxy %s: %d worker(s), metrics on http://%s:%d/metrics, state dir %s",

@@ -50,8 +50,10 @@ import json
 import logging
 import os
 import select
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -88,6 +90,7 @@ from agent.proxy.sockets import original_dst, upstream_socket
 from agent.proxy.tunnels import Tunnels
 from agent.proxy.worker_control import ChannelClosed, ControlChannel, Registry
 from agent.proxy.workload import FlowStats, Listening, Security, ServedWorkload
+from agent.telemetry.recorder import AccessDenials, Recorder
 from agent.tunnel.stream import TunnelStream
 from agent.tunnel.tls import TunnelTLSError
 
@@ -118,7 +121,9 @@ class Worker:
         self.handlers: dict[int, Handler] = {}
         self.stale: set[int] = set()
         self.registry = Registry(config.policy.root_namespace, config.identity.trust_domain)
-        self.enforcer = Enforcer(buckets, DenialLog(), global_buckets(config.policy, buckets))
+        self.recorder = Recorder(config.telemetry, worker_id)  # metrics, access log, traces
+        denials = AccessDenials(self.recorder) if config.telemetry.access_log else DenialLog()
+        self.enforcer = Enforcer(buckets, denials, global_buckets(config.policy, buckets))
         self.guarded = Guarded()
         self.requests = RequestChecker(self.enforcer)
         self.pipes = PipePool()
@@ -190,6 +195,7 @@ class Worker:
             os.close(wl.netns_fd)
         self.registry.workloads.clear()
         self.pipes.close()
+        self.recorder.close()
         self.ep.close()
         os.close(self.home_fd)
         os.close(self.spare_fd)
@@ -360,6 +366,7 @@ class Worker:
         self.handlers[relay.fd_up] = on_event
         for stats in counted:
             stats.relays.add(relay)
+        self.recorder.opened(relay, wl, client, source_ip, dst, facts)
         self.admission.opened(relay, inbound_peer)
         err = up.connect_ex(dst)
         if err and err != errno.EINPROGRESS:
@@ -423,8 +430,8 @@ class Worker:
 
         relay = InspectedRelay(client, up, decide=decide, l4_allowed=l4_allowed,
                                connecting=True, watch=self.watch, done=finished, owner=counted,
-                               bounds=self.bounds,
-                               max_head=self.limits.request_header_bytes)  # fmt: skip
+                               bounds=self.bounds, max_head=self.limits.request_header_bytes,
+                               requests=self.recorder.requests(wl, facts))  # fmt: skip
         self.inspected.add(relay)
         return relay
 
@@ -461,6 +468,7 @@ class Worker:
         self.stale.add(relay.fd_up)
         self.guarded.discard(relay)
         self.admission.closed(relay)
+        self.recorder.closed(relay)
         for stats in counted:
             stats.relays.discard(relay)
             if relay.connect_failed:
@@ -607,6 +615,7 @@ class Worker:
                     r.abort(reset_peer=False)
         self._send_stats(only_if_changed=False)  # its final counters
         self.registry.remove(uid)
+        self.recorder.counters.forget(uid)
         os.close(wl.netns_fd)
         wl.netns_fd = -1
 
@@ -620,6 +629,7 @@ class Worker:
             applied=self.registry.applied(),
             decisions={uid: wl.decision_records() for uid, wl in workloads.items()},
             shed={uid: wl.shed_records() for uid, wl in workloads.items() if wl.shed},
+            telemetry=self.recorder.stats(),
         )
 
     def _send_stats(self, only_if_changed: bool) -> None:
@@ -667,7 +677,10 @@ def run_worker(
     `worker_id` (default: our pid) is echoed in every reply; `buckets`: the node's shared rate
     limit buckets (None: connection and request rate limits are not enforced).
     """
-    Worker(control, config, os.getpid() if worker_id is None else worker_id, buckets).run()
+    worker = Worker(control, config, os.getpid() if worker_id is None else worker_id, buckets)
+    if threading.current_thread() is threading.main_thread():  # SIGHUP: reopen the access log
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: worker.recorder.reopen())
+    worker.run()
 
 
 def main(argv: list[str] | None = None) -> int:

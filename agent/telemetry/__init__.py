@@ -1,0 +1,1 @@
+"""Telemetry of the proxy: its settings, request counters, access logs, traces, endpoints."""
