@@ -9,8 +9,8 @@ counter that went down, a proxy restarted, counts from zero).  Three tables:
 
 - top talkers: per workload, direction, security and peer identity, by bytes per second (then
   by total bytes, so an idle node still shows who talked most);
-- errors per workload: connections per second, failed upstream connects and denials per second,
-  and their share of the connections;
+- errors per workload: connections per second, failed upstream connects (and their share),
+  denials, inspected HTTP requests and those answered 5xx or not at all (and their share);
 - recent denials: who was refused in the interval, by source and reason, and the policies that
   denied (or rate-limited) there.
 
@@ -41,6 +41,9 @@ FLOW_COUNTERS = {
 DENIED = "ferry_proxy_connections_denied_total"
 DECISIONS = "ferry_policy_decisions_total"
 DECISION_LABELS = ("workload_namespace", "workload", "policy", "action")
+REQUESTS = "ferry_proxy_http_requests_total"
+REQUEST_LABELS = ("workload_namespace", "workload", "method", "status_class")
+SERVER_ERRORS = ("5xx", "none")  # "none": the request got no response at all
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, erase the screen: each frame replaces the last
 
 FlowKey = tuple[str, ...]  # FLOW_LABELS' values
@@ -56,6 +59,7 @@ class Sample:
     flows: dict[FlowKey, dict[str, float]] = field(default_factory=dict)
     denied: dict[DenialKey, float] = field(default_factory=dict)
     policy_denials: dict[DecisionKey, float] = field(default_factory=dict)
+    requests: dict[tuple[str, ...], float] = field(default_factory=dict)  # REQUEST_LABELS' values
     active: float = 0.0
     workloads: float = 0.0
     agent_connected: bool = False
@@ -77,6 +81,9 @@ def parse_sample(text: str, at: float) -> Sample:
             elif name == DECISIONS and labels.get("decision") == "deny":
                 key = tuple(labels.get(label, "") for label in DECISION_LABELS)
                 sample.policy_denials[key] = sample.policy_denials.get(key, 0.0) + value
+            elif name == REQUESTS:
+                key = tuple(labels.get(label, "") for label in REQUEST_LABELS)
+                sample.requests[key] = sample.requests.get(key, 0.0) + value
             elif name == "ferry_proxy_active_connections":
                 sample.active = value
             elif name == "ferry_proxy_workloads":
@@ -140,7 +147,18 @@ def render(previous: Sample, current: Sample, *, address: str, rows: int = 10,
         f"open connections {current.active:.0f}  (last {seconds:.1f} s)",
         "",
         "TOP TALKERS",
+        *_talkers(previous, current, seconds, rows),
+        "",
+        "ERRORS",
+        *_errors(previous, current, seconds),
+        "",
+        "RECENT DENIALS",
+        *_denials(previous, current, rows),
     ]
+    return "\n".join(line[:width] for line in lines) + "\n"
+
+
+def _talkers(previous: Sample, current: Sample, seconds: float, rows: int) -> list[str]:
     talkers = []
     for key, counters in current.flows.items():
         before = previous.flows.get(key, {})
@@ -149,59 +167,61 @@ def render(previous: Sample, current: Sample, *, address: str, rows: int = 10,
         total = counters["received"] + counters["sent"]
         talkers.append((moved / seconds, total, key, opened / seconds))
     talkers.sort(key=lambda t: (-t[0], -t[1], t[2]))
-    lines += _table(
-        ["WORKLOAD", "DIR", "SECURITY", "PEER", "CONN/S", "TOTAL", "BYTES/S"],
-        [
-            [
-                _workload(key),
-                "in" if key[2] == "inbound" else "out",
-                key[3],
-                _peer(key) or "unknown",
-                f"{conn:.1f}",
-                _bytes(total),
-                f"{_bytes(rate)}/s",
-            ]
-            for rate, total, key, conn in talkers[:rows]
-        ],
-        "no traffic yet",
-    )
-    lines += ["", "ERRORS"]
-    per_workload: dict[tuple[str, ...], list[float]] = {}
+    table = []
+    for rate, total, key, conn in talkers[:rows]:
+        direction = "in" if key[2] == "inbound" else "out"
+        table.append([_workload(key), direction, key[3], _peer(key) or "unknown", f"{conn:.1f}",
+                      _bytes(total), f"{_bytes(rate)}/s"])  # fmt: skip
+    header = ["WORKLOAD", "DIR", "SECURITY", "PEER", "CONN/S", "TOTAL", "BYTES/S"]
+    return _table(header, table, "no traffic yet")
+
+
+def _errors(previous: Sample, current: Sample, seconds: float) -> list[str]:
+    """Per workload: connections, failed connects (and their share), denials, inspected HTTP
+    requests and those answered 5xx or not at all (and their share), per second."""
+    sums: dict[tuple[str, ...], dict[str, float]] = {}
+
+    def add(key: tuple[str, ...], name: str, value: float) -> None:
+        entry = sums.setdefault(key[:2], dict.fromkeys(("opened", "failed", "denied",
+                                                        "requests", "errors"), 0.0))  # fmt: skip
+        entry[name] += value
+
     for key, counters in current.flows.items():
         before = previous.flows.get(key, {})
-        entry = per_workload.setdefault(key[:2], [0.0, 0.0, 0.0])
-        entry[0] += _increase(counters["opened"], before.get("opened"))
-        entry[1] += _increase(counters["failed"], before.get("failed"))
+        for name in ("opened", "failed"):
+            add(key, name, _increase(counters[name], before.get(name)))
+    for key, count in _deltas(current.denied, previous.denied).items():
+        add(key, "denied", count)
+    for key, count in _deltas(current.requests, previous.requests).items():
+        add(key, "requests", count)
+        if key[3] in SERVER_ERRORS:
+            add(key, "errors", count)
+    table = []
+    for key, n in sorted(sums.items()):
+        rate = {name: f"{value / seconds:.1f}" for name, value in n.items()}
+        failed = n["failed"] / n["opened"] if n["opened"] else 0.0
+        errors = n["errors"] / n["requests"] if n["requests"] else 0.0
+        table.append([_workload(key), rate["opened"], rate["failed"], f"{failed:.0%}",
+                      rate["denied"], rate["requests"], f"{errors:.0%}"])  # fmt: skip
+    header = ["WORKLOAD", "CONN/S", "FAILED/S", "FAILED", "DENIED/S", "HTTP REQ/S", "5XX"]
+    return _table(header, table, "no workloads")
+
+
+def _denials(previous: Sample, current: Sample, rows: int) -> list[str]:
     denied = _deltas(current.denied, previous.denied)
-    for key, count in denied.items():
-        per_workload.setdefault(key[:2], [0.0, 0.0, 0.0])[2] += count
-    error_rows = []
-    for key, (opened, failed, refused) in sorted(per_workload.items()):
-        share = (failed + refused) / (opened + refused) if opened + refused else 0.0
-        error_rows.append([_workload(key), f"{opened / seconds:.1f}", f"{failed / seconds:.1f}",
-                           f"{refused / seconds:.1f}", f"{share:.0%}"])  # fmt: skip
-    lines += _table(["WORKLOAD", "CONN/S", "FAILED/S", "DENIED/S", "ERRORS"], error_rows,
-                    "no workloads")  # fmt: skip
-    lines += ["", "RECENT DENIALS"]
-    recent = sorted(((-n, key) for key, n in denied.items() if n > 0))[:rows]
-    lines += _table(
+    recent = sorted((-n, key) for key, n in denied.items() if n > 0)[:rows]
+    lines = _table(
         ["WORKLOAD", "SOURCE", "REASON", "COUNT"],
         [[_workload(key), key[4] or "unknown", key[6], f"{-n:.0f}"] for n, key in recent],
         "none in the last interval",
     )
     by_policy = _deltas(current.policy_denials, previous.policy_denials)
-    policies = sorted(((-n, key) for key, n in by_policy.items() if n > 0))[:rows]
+    policies = sorted((-n, key) for key, n in by_policy.items() if n > 0)[:rows]
     if policies:
-        lines += [""]
-        lines += _table(
-            ["WORKLOAD", "DENIED BY POLICY", "ACTION", "COUNT"],
-            [
-                [_workload(key), key[2] or "(no ALLOW matched)", key[3], f"{-n:.0f}"]
-                for n, key in policies
-            ],
-            "",
-        )
-    return "\n".join(line[:width] for line in lines) + "\n"
+        table = [[_workload(key), key[2] or "(no ALLOW matched)", key[3], f"{-n:.0f}"]
+                 for n, key in policies]  # fmt: skip
+        lines += ["", *_table(["WORKLOAD", "DENIED BY POLICY", "ACTION", "COUNT"], table, "")]
+    return lines
 
 
 # ---------------------------------------------------------------- the loop (thin adapter)

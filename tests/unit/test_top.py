@@ -60,6 +60,12 @@ ferry_proxy_connections_denied_total{{{plain},reason="rate_limited"}} {limited}
 ferry_policy_decisions_total{{workload_namespace="shop",workload="server",policy="shop/no-admin",action="DENY",decision="deny"}} {denied}
 ferry_policy_decisions_total{{workload_namespace="shop",workload="server",policy="shop/burst",action="RATELIMIT",decision="allow"}} 10
 ferry_policy_decisions_total{{workload_namespace="shop",workload="server",policy="shop/burst",action="RATELIMIT",decision="deny"}} {limited}
+# HELP ferry_proxy_http_requests_total inspected HTTP requests, by method and status class
+# TYPE ferry_proxy_http_requests_total counter
+ferry_proxy_http_requests_total{{workload_namespace="shop",workload="server",method="GET",status_class="2xx"}} {opened * 3}
+ferry_proxy_http_requests_total{{workload_namespace="shop",workload="server",method="GET",status_class="4xx"}} {denied}
+ferry_proxy_http_requests_total{{workload_namespace="shop",workload="server",method="POST",status_class="5xx"}} {limited}
+ferry_proxy_http_requests_total{{workload_namespace="shop",workload="server",method="POST",status_class="none"}} 2
 # HELP ferry_proxy_active_connections open relayed connections
 # TYPE ferry_proxy_active_connections gauge
 ferry_proxy_active_connections 3.0
@@ -119,6 +125,8 @@ def test_top_talkers_are_ranked_by_bytes_per_second_and_rates_are_per_second() -
         assert row.endswith("5.0 MB/s")  # (2 MB + 8 MB) / 2 s
         assert " 20.0 " in row  # 40 connections in 2 s
     assert "plaintext" in talkers[3] and talkers[3].endswith(" 0 B/s")
+    errors = frame.split("ERRORS\n")[1].split("\n\n")[0].splitlines()
+    assert errors[2].split() == ["shop/server", "25.0", "0.0", "0%", "5.0", "65.0", "3%"]
     denials = frame.split("RECENT DENIALS\n")[1]
     assert "unknown" in denials and "policy_denied" in denials and "shop/no-admin" in denials
 
