@@ -173,15 +173,28 @@ def run(state_dir: Path, config_path: Path | None, backend: str | None, verbose:
     default=None,
     help="host:port for /metrics (default: config, 127.0.0.1:15020).",
 )
+@click.option(
+    "--upgrade",
+    is_flag=True,
+    help="Replace the running proxy without dropping a connection: start a new one in the "
+    "background and return once it serves (exit 1 when it cannot: the running one serves on).",
+)
+@click.option("--report-fd", type=int, default=None, hidden=True)  # set by --upgrade
 @click.option("-v", "--verbose", is_flag=True)
 def proxy(
     state_dir: Path,
     config_path: Path | None,
     workers: int | None,
     metrics_address: str | None,
+    upgrade: bool,
+    report_fd: int | None,
     verbose: bool,
 ) -> None:
-    """Run the per-node proxy (data plane)."""
+    """Run the per-node proxy (data plane).
+
+    A proxy started while another runs on the state dir takes its listeners over and the old
+    one drains its connections (proxy.drain_timeout); `--upgrade` does that in the background
+    (systemd: `systemctl reload ferry-proxy`)."""
     from dataclasses import replace
 
     from agent.config import ConfigError, parse_config
@@ -196,8 +209,22 @@ def proxy(
         config = replace(
             config, proxy=replace(config.proxy, metrics_address=checked.metrics_address)
         )
+    if upgrade:
+        from agent.proxy.takeover import HandoffFailed, start_in_background
+
+        argv = [sys.executable, "-m", "agent", "proxy", "--state-dir", str(state_dir)]
+        argv += ["--config", str(config_path)] if config_path is not None else []
+        argv += ["--workers", str(workers)] if workers is not None else []
+        argv += ["--metrics-address", metrics_address] if metrics_address is not None else []
+        argv += ["--verbose"] if verbose else []
+        try:
+            click.echo(start_in_background(argv, 3 * config.proxy.handoff_timeout + 15))
+        except HandoffFailed as exc:
+            raise click.ClickException(f"upgrade failed: {exc}") from None
+        return
     _logging(verbose)
-    run_proxy(config, state_dir, config.proxy.workers if workers is None else workers)
+    workers = config.proxy.workers if workers is None else workers
+    sys.exit(run_proxy(config, state_dir, workers, report_fd))
 
 
 @main.command()

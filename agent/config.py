@@ -31,6 +31,10 @@ proxy:
   connect_timeout: 5.0           # default, seconds
   idle_timeout: 3600.0           # default, seconds without bytes in either direction
   metrics_address: 127.0.0.1:15020  # default
+  drain_timeout: 30.0            # default, seconds an upgraded proxy keeps serving the connections
+                                 # it has open after handing its listeners over; then it closes them
+  handoff_timeout: 30.0          # default, seconds a takeover may take (the new proxy's snapshot);
+                                 # past it the running proxy keeps serving (rollback)
 limits:
   # What one peer or workload may make the proxy hold or do: past a bound, new work is refused
   # and counted (ferry_proxy_shed_total, `agent status`), what is established goes on; see
@@ -181,6 +185,8 @@ class ProxyConfig:
     connect_timeout: float = 5.0
     idle_timeout: float = 3600.0
     metrics_address: str = "127.0.0.1:15020"
+    drain_timeout: float = 30.0
+    handoff_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -402,7 +408,11 @@ def _proxy(raw: Any) -> ProxyConfig:
     _positive("proxy.connect_timeout", cfg.connect_timeout)
     _positive("proxy.idle_timeout", cfg.idle_timeout)
     parse_address("proxy.metrics_address", cfg.metrics_address)
-    return cfg
+    return replace(
+        cfg,
+        drain_timeout=_positive("proxy.drain_timeout", cfg.drain_timeout),
+        handoff_timeout=_positive("proxy.handoff_timeout", cfg.handoff_timeout),
+    )
 
 
 WINDOW_RANGE = (65535, (1 << 31) - 1)  # what HTTP/2 lets a flow-control window be

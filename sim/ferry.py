@@ -8,6 +8,7 @@ Commands go through the real CLI (`python -m agent ...`), exactly as an operator
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ class FerryNode:
         self.proxy: subprocess.Popen[Any] | None = None
         self.logs = node.tmpdir / "logs"
         self.logs.mkdir(exist_ok=True)
+        self.upgrades = 0
 
     def write_config(self, config: dict[str, Any]) -> None:
         self.config_path.write_text(yaml.safe_dump({"node_name": self.node.name, **config}))
@@ -53,8 +55,9 @@ class FerryNode:
             stderr=subprocess.STDOUT,
         )
 
-    def start_agent(self) -> None:
-        self.agent = self._daemon("run")
+    def start_agent(self, *args: str) -> None:
+        """`agent run` with the node's state dir and config, and `args` (e.g. --backend)."""
+        self.agent = self._daemon("run", *args)
         self._wait_for(lambda: (self.state_dir / "agent.sock").exists(), "agent.sock", self.agent)
 
     def start_proxy(self) -> None:
@@ -65,6 +68,32 @@ class FerryNode:
         self.start_agent()
         self.start_proxy()
         self.wait_connected()
+
+    def upgrade_proxy(self, env: Mapping[str, str] | None = None) -> subprocess.Popen[Any]:
+        """`agent proxy --upgrade` (systemd's ExecReload), started: a new proxy takes over from
+        the running one in the background; the command exits 0 once it serves, 1 when it could
+        not (`upgrade_output` has what it said).  The new proxy logs to the same file, and runs
+        in the node netns (the node's teardown ends it)."""
+        self.upgrades += 1
+        log = open(self.logs / f"proxy-upgrade-{self.upgrades}.log", "ab")  # noqa: SIM115
+        with log:
+            return self.node.popen(
+                self._argv("proxy", "--upgrade", "--state-dir", str(self.state_dir), "--config",
+                           str(self.config_path), "--workers", str(self.workers)),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )  # fmt: skip
+
+    def upgrade_output(self) -> str:
+        """What the last `upgrade_proxy` and the proxy it started wrote so far."""
+        return (self.logs / f"proxy-upgrade-{self.upgrades}.log").read_text()
+
+    def proxy_pid(self) -> int:
+        """The pid of the proxy serving now (the one answering on proxy.sock)."""
+        proxy = self.status()["proxy"]
+        if not proxy.get("running"):
+            raise FerryError(f"no proxy answers on {self.node.name}: {proxy}")
+        return int(proxy["pid"])
 
     def wait_connected(self, timeout: float = 10.0) -> None:
         def connected() -> bool:

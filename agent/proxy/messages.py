@@ -17,6 +17,8 @@ once it has acted on it, so the supervisor can pass a worker's failure back to t
     SetTrust         the trust domain and the bundle of roots peers must chain to
     UpdateDirectory  one chunk of a versioned directory change (agent.directory)
     UpdatePolicy     one slice of the policy set in force; the last one applies it
+    Drain            the proxy was upgraded (agent.proxy.handoff): stop accepting (answered
+                     then), serve what is open, exit once nothing is
     StatsRequest     answered at once with Stats
 worker -> supervisor:
     Done             the outcome of one message (error None: applied)
@@ -128,6 +130,12 @@ class UpdatePolicy:
 
 
 @dataclass(frozen=True)
+class Drain:
+    OP: ClassVar[str] = "drain"
+    seq: int
+
+
+@dataclass(frozen=True)
 class StatsRequest:
     OP: ClassVar[str] = "stats?"
 
@@ -228,6 +236,7 @@ ToWorker = (
     | SetTrust
     | UpdateDirectory
     | UpdatePolicy
+    | Drain
     | StatsRequest
 )
 FromWorker = Done | Stats
@@ -243,6 +252,7 @@ _BY_OP: dict[str, type[Any]] = {
         SetTrust,
         UpdateDirectory,
         UpdatePolicy,
+        Drain,
         StatsRequest,
         Done,
         Stats,

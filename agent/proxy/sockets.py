@@ -14,11 +14,13 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from agent.config import RedirectionConfig
 from agent.linux import setns
+from agent.proxy.handoff import pick_inherited
 
 # agent.netns (and with it pyroute2, ~20 MB per process) is imported only where `entered` is used:
 # workers switch namespaces with a bare setns(2) and stay small.
@@ -51,6 +53,7 @@ class Listener:
 
 
 def _listen_addresses(cfg: RedirectionConfig) -> list[tuple[Direction, Family, str, int]]:
+    """Where a workload's listeners are bound: (direction, family, host, port)."""
     addrs: list[tuple[Direction, Family, str, int]] = [
         ("outbound", 4, "127.0.0.1", cfg.outbound_port),
         ("inbound", 4, "0.0.0.0", cfg.inbound_port),
@@ -85,18 +88,29 @@ def _listener(family: Family, host: str, port: int, mark: int) -> socket.socket:
     return sock
 
 
-def open_listeners(netns_fd: int, cfg: RedirectionConfig) -> list[Listener]:
+def open_listeners(
+    netns_fd: int, cfg: RedirectionConfig, inherited: Sequence[Listener] = ()
+) -> list[Listener]:
     """Open the outbound (loopback), inbound and tunnel (wildcard) listeners inside `netns_fd`.
 
     IPv4 failures raise (after closing whatever was opened).  IPv6 listeners are skipped when
-    `cfg.ipv6` is false or the namespace has no IPv6 (EAFNOSUPPORT, EADDRNOTAVAIL).
+    `cfg.ipv6` is false or the namespace has no IPv6 (EAFNOSUPPORT, EADDRNOTAVAIL).  A listener
+    of `inherited` (handed over by the proxy this one replaces, in this very namespace) that is
+    bound where one of them would be is used instead of a new socket; the caller closes the
+    inherited ones that are not in the result.
     """
     from agent.netns import entered
 
+    wanted = _listen_addresses(cfg)
+    offered = [(lst.direction, lst.family, *lst.sock.getsockname()[:2]) for lst in inherited]
+    picks = pick_inherited(wanted, offered)
     listeners: list[Listener] = []
     try:
         with entered(netns_fd):
-            for direction, family, host, port in _listen_addresses(cfg):
+            for (direction, family, host, port), pick in zip(wanted, picks, strict=True):
+                if pick is not None:
+                    listeners.append(inherited[pick])
+                    continue
                 try:
                     sock = _listener(family, host, port, cfg.mark)
                 except OSError as exc:
@@ -106,7 +120,8 @@ def open_listeners(netns_fd: int, cfg: RedirectionConfig) -> list[Listener]:
                 listeners.append(Listener(direction, family, sock))
     except BaseException:
         for listener in listeners:
-            listener.sock.close()
+            if not any(listener is mine for mine in inherited):
+                listener.sock.close()
         raise
     return listeners
 

@@ -24,16 +24,31 @@ The supervisor never touches payload.  It:
 
 When the agent goes away the proxy keeps serving what it has; when the proxy goes away its
 listeners close with it and redirected connections are refused (fail closed).
+
+Upgrades (`agent.proxy.handoff`, `agent.proxy.takeover`): a proxy that starts while another runs
+on the state dir takes over from it without dropping a connection.  It starts its workers, takes
+the running proxy's listeners (which then stops taking agent messages), connects to the agent for
+a snapshot and serves each workload with the listeners it inherited (`open_listeners(...,
+inherited)`: the same sockets, so both proxies accept for a moment), and once every worker is up
+it says `serving`; the old one stops accepting (`Drain` to its workers), closes its metrics,
+proxy.sock and handoff.sock, and drains: it exits when its workers have (each when its last
+connection ended) or at `proxy.drain_timeout`, ignoring SIGTERM meanwhile.  Only then does the
+new one bind metrics, proxy.sock and handoff.sock, and tell systemd it is the main process.  If
+the new one cannot finish (no snapshot within `proxy.handoff_timeout`, a worker that will not
+start, a crash), the old one takes the agent link back and never stopped serving; the new one
+drains what it accepted meanwhile and exits 1 (rollback).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import queue
 import signal
 import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +67,7 @@ from agent.control.protocol import (
     Add,
     DirectoryChunk,
     Hello,
+    Message,
     PolicyChunk,
     ProtocolError,
     ProxySession,
@@ -61,8 +77,10 @@ from agent.control.protocol import (
     WorkloadCertificate,
 )
 from agent.directory import DirectoryError, DirectoryTable, DirectoryUpdate
+from agent.proxy.handoff import HANDOFF_SOCKET
 from agent.proxy.messages import (
     AddWorkload,
+    Drain,
     ListenerSpec,
     Mode,
     Relabel,
@@ -85,6 +103,14 @@ from agent.proxy.metrics import (
 from agent.proxy.policy_state import PolicyRejected, PolicyState
 from agent.proxy.ratelimit_store import SharedBuckets
 from agent.proxy.sockets import Listener, open_listeners
+from agent.proxy.takeover import (
+    HandoffFailed,
+    HandoffServer,
+    Inherited,
+    PredecessorLink,
+    notify_systemd,
+    report,
+)
 from agent.proxy.workers import MakeMessage, WorkerPool
 from agent.redirect import ebpf_listeners
 from agent.telemetry import endpoints
@@ -93,6 +119,7 @@ from agent.workloads import Workload
 log = logging.getLogger("ferry.proxy")
 BACKOFF_MIN, BACKOFF_MAX = 0.01, 2.0
 WORKER_TIMEOUT = 10.0  # seconds a worker may take to apply one message
+BIND_RETRY = 2.0  # seconds to wait for the metrics port a predecessor just let go of
 
 
 @dataclass
@@ -131,6 +158,15 @@ class Supervisor:
         # Workers learn how many they are (limits: each takes an equal share of the node's).
         counted = replace(config, proxy=replace(config.proxy, workers=self.worker_count))
         self.pool = WorkerPool(counted, self.worker_count, buckets_fd, self.lock, self.stopping)
+        # upgrades (see the module doc)
+        self.inherited: dict[str, Inherited] = {}  # a predecessor's listeners, until adopted
+        self.link_allowed = threading.Event()  # cleared: the agent link belongs to a successor
+        self.link_allowed.set()
+        self.control_sock: socket.socket | None = None
+        self.synced = threading.Event()  # an agent snapshot was applied
+        self.draining = threading.Event()  # replaced: no longer accepting
+        self.local: LocalServices | None = None
+        self.report_fd: int | None = None  # `agent proxy --upgrade` waits for a line there
 
     def _state(self) -> list[tuple[MakeMessage, list[int]]]:
         """Everything a (new) worker needs: trust, directory, policy, workloads and certs."""
@@ -241,11 +277,17 @@ class Supervisor:
                 return
             if current is not None:
                 self.remove(workload.uid)
+            inherited = self.inherited.get(workload.uid)
+            if inherited is not None and not inherited.serves(netns_fd):
+                inherited = None  # the uid names another namespace now: open fresh ones
             try:
-                listeners = open_listeners(netns_fd, self.config.redirection)
+                listeners = open_listeners(netns_fd, self.config.redirection,
+                                           inherited.listeners if inherited else ())  # fmt: skip
             except OSError:
                 os.close(netns_fd)
                 raise
+            if inherited is not None:
+                self.inherited.pop(workload.uid).close(keep=listeners)
             served = Served(workload, netns_fd, listeners, mode)
             self.served[workload.uid] = served
             errors = self.pool.to_workers(self._add_message(served), _fds(served))
@@ -295,7 +337,10 @@ class Supervisor:
         backoff = BACKOFF_MIN
         path = self.state_dir / CONTROL_SOCKET
         while not self.stopping.is_set():
+            if not self.link_allowed.wait(0.2):
+                continue  # a successor holds the agent link
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            self.control_sock = sock
             try:
                 sock.connect(str(path))
             except OSError:
@@ -306,13 +351,14 @@ class Supervisor:
             try:
                 self._session(sock)
             except (ChannelClosed, ConnectionError, ProtocolError, OSError) as exc:
-                if not self.stopping.is_set():
+                if not self.stopping.is_set() and self.link_allowed.is_set():
                     log.warning("control connection to the agent lost: %s; reconnecting", exc)
             except Exception:  # a bug must not end the control thread: reconnect, fresh snapshot
                 log.exception("control session failed; reconnecting")
             finally:
                 synced = self.agent_connected
                 self.agent_connected = False
+                self.control_sock = None
                 sock.close()
             # A session that got through a snapshot starts over fast; one that did not waits
             # longer each time, so a snapshot we cannot take is not retried in a tight loop.
@@ -329,31 +375,133 @@ class Supervisor:
         while True:
             message, fds = recv_message(sock)
             error: str | None = None
-            try:
-                for action in session.receive(message):
-                    match action:
-                        case Add(workload=workload, mode=mode):
-                            self.add(workload, mode, fds.pop())
-                        case WorkloadCertificate() as cert:
-                            self.set_certificate(cert)
-                        case TrustBundle() as trust:
-                            self.set_trust(trust)
-                        case DirectoryChunk(update=update):
-                            self.update_directory(update)
-                        case PolicyChunk() as part:
-                            self.update_policy(part)
-                        case Remove(uids=uids):
-                            for uid in uids:
-                                self.remove(uid)
-            except (OSError, ValueError) as exc:
-                error = str(exc)
-                log.error("could not apply %s: %s", type(message).__name__, exc)
-            finally:
-                for fd in fds:
-                    os.close(fd)
+            with self.lock:  # a successor takes the link between two messages, never within one
+                try:
+                    if not self.link_allowed.is_set():
+                        raise ChannelClosed("the agent link went to the proxy taking over")
+                    error = self._apply(session, message, fds)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
             send_message(sock, Ack(error))
             if isinstance(message, SnapshotSent) and error is None:
                 self.agent_connected = True
+                with self.lock:
+                    self._release_inherited()  # what the snapshot did not name
+                self.synced.set()
+
+    def _apply(self, session: ProxySession, message: Message, fds: list[int]) -> str | None:
+        """Perform one agent message; the error for its ack (None: applied)."""
+        try:
+            for action in session.receive(message):
+                match action:
+                    case Add(workload=workload, mode=mode):
+                        self.add(workload, mode, fds.pop())
+                    case WorkloadCertificate() as cert:
+                        self.set_certificate(cert)
+                    case TrustBundle() as trust:
+                        self.set_trust(trust)
+                    case DirectoryChunk(update=update):
+                        self.update_directory(update)
+                    case PolicyChunk() as part:
+                        self.update_policy(part)
+                    case Remove(uids=uids):
+                        for uid in uids:
+                            self.remove(uid)
+        except (OSError, ValueError) as exc:
+            log.error("could not apply %s: %s", type(message).__name__, exc)
+            return str(exc)
+        return None
+
+    # ---------------------------------------------------------------- upgrade
+    def yield_agent_link(self) -> list[tuple[str, int, list[Listener]]]:
+        """A successor takes over: stop taking agent messages; what we serve, to hand over."""
+        with self.lock:
+            self.link_allowed.clear()
+            if self.control_sock is not None:
+                with contextlib.suppress(OSError):
+                    self.control_sock.shutdown(socket.SHUT_RDWR)
+            return [(uid, s.netns_fd, list(s.listeners)) for uid, s in self.served.items()]
+
+    def resume_agent_link(self) -> None:
+        """The successor gave up: talk to the agent again (a fresh snapshot)."""
+        self.link_allowed.set()
+
+    def stop_accepting(self) -> int:
+        """Replaced (or rolling back): workers stop accepting and drain; our copies of the
+        listeners close (the successor holds its own), and so do metrics, proxy.sock and
+        handoff.sock (the successor binds them).  How many connections are open."""
+        with self.lock:
+            self.draining.set()
+            for failure in self.pool.to_workers(lambda seq: Drain(seq)):
+                log.error("draining: %s", failure)
+            for uid in list(self.served):
+                self.served.pop(uid).close()
+        if self.local is not None:
+            self.local.close(unlink=False)
+            self.local = None
+        return sum(s.active for s in self.pool.fresh_stats(timeout=0.5))
+
+    def _release_inherited(self) -> None:
+        for held in self.inherited.values():
+            held.close()
+        self.inherited.clear()
+
+    def _predecessor(self, required: bool) -> PredecessorLink | None:
+        """The running proxy to take over from, its listeners in `inherited`; None: none runs
+        (or, unless `required`, it did not hand over in time: start without them)."""
+        # Workers first when a proxy may run: it leaves the agent link when it hands over, and
+        # the snapshot that follows should not also wait for our workers to start.
+        if (self.state_dir / HANDOFF_SOCKET).exists():
+            self.pool.wait_ready(self.config.proxy.handoff_timeout)
+        link = PredecessorLink.connect(self.state_dir)
+        if link is None:
+            if required:
+                path = self.state_dir / HANDOFF_SOCKET
+                raise HandoffFailed(f"no proxy answers on {path}: nothing to take over (start "
+                                    "one with `agent proxy`)")  # fmt: skip
+            return None
+        try:
+            inherited = link.inherit(os.getpid(), __version__, self.config.proxy.handoff_timeout)
+        except HandoffFailed as exc:
+            link.close()
+            if required:
+                raise
+            log.warning("%s; starting without its listeners", exc)
+            return None
+        with self.lock:
+            self.inherited = inherited
+        log.info("inherited the listeners of %d workload(s) from the running proxy",
+                 len(inherited))  # fmt: skip
+        return link
+
+    def _take_over(self, link: PredecessorLink) -> None:
+        """Once the agent's snapshot is applied and every worker is up, tell the predecessor
+        (it stops accepting); raises HandoffFailed when it, or this proxy, gave up first."""
+        timeout = self.config.proxy.handoff_timeout
+        deadline = time.monotonic() + timeout
+        while not (self.synced.is_set() and self.pool.alive == self.pool.count):
+            if link.gone():
+                raise HandoffFailed("the running proxy gave up waiting for this one")
+            if self.stopping.is_set():
+                raise HandoffFailed("stopped before taking over")
+            if time.monotonic() > deadline:
+                raise HandoffFailed(f"no snapshot from the agent with every worker up in "
+                                    f"{timeout:.0f} s (proxy.handoff_timeout)")  # fmt: skip
+            time.sleep(0.02)
+        draining = link.serving(os.getpid(), timeout)
+        log.info("took over: the previous proxy drains %d connection(s), at most %.0f s",
+                 draining.connections, draining.deadline)  # fmt: skip
+
+    def _wait_drained(self) -> None:
+        timeout = self.config.proxy.drain_timeout
+        started = time.monotonic()
+        if self.pool.wait_exited(timeout):
+            log.info("drained in %.1f s", time.monotonic() - started)
+            return
+        left = sum(s.active for s in self.pool.fresh_stats(timeout=0.5))
+        log.warning("drain deadline (proxy.drain_timeout %.0f s): closing %d connection(s)",
+                    timeout, left)  # fmt: skip
 
     # ------------------------------------------------------------------ stats
     def labelled(self) -> dict[str, Labelled]:
@@ -410,6 +558,57 @@ class Supervisor:
                 "workloads": workloads,
             }
 
+    # -------------------------------------------------------------------- run
+    def run(self, report_fd: int | None = None) -> int:
+        """Serve until SIGTERM, or until replaced and drained: 0.  Take over from the proxy
+        running on the state dir if there is one; 1 when that failed (it serves on).
+        `report_fd` (`agent proxy --upgrade`): take over or fail, and say which there."""
+        self.report_fd = report_fd
+        prepare_state_dir(self.state_dir)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, self._reopen_logs)
+        self.pool.start()
+        try:
+            link = self._predecessor(required=report_fd is not None)
+        except HandoffFailed as exc:
+            return self._failed(exc)
+        control = threading.Thread(target=self.control_loop, name="control", daemon=True)
+        control.start()
+        if link is not None:
+            try:
+                self._take_over(link)
+            except HandoffFailed as exc:
+                self.yield_agent_link()  # the agent is the running proxy's again ...
+                link.close()  # ... as soon as it sees this
+                self._report(f"failed: {exc} (the running proxy serves on)")
+                self.stop_accepting()  # drain what this one accepted meanwhile
+                self._wait_drained()
+                return self._failed(exc)
+            link.close()
+        self.local = LocalServices.start(self)
+        notify_systemd(f"MAINPID={os.getpid()}", "READY=1")
+        self._report(f"ok: proxy pid {os.getpid()} serves" +
+                     (" (it took over; the previous one drains)" if link else ""))  # fmt: skip
+        log.info("proxy %s: %d worker(s), metrics on http://%s, state dir %s", __version__,
+                 self.worker_count, self.config.proxy.metrics_address, self.state_dir)  # fmt: skip
+        while not self.stopping.is_set() and not self.draining.is_set():
+            with contextlib.suppress(queue.Empty):
+                index = self.pool.dead.get(timeout=0.5)
+                with self.lock:
+                    if self.draining.is_set():
+                        break  # a drained worker exits by design
+                    for error in self.pool.respawn(index, self._state()):
+                        log.error("restarted worker %d: %s", index, error)
+        if self.draining.is_set():
+            self._wait_drained()
+        self._close()
+        return 0
+
+    def _on_signal(self, _signum: int, _frame: object) -> None:
+        if not self.draining.is_set():  # a draining proxy ends with its connections
+            self.stopping.set()
+
     def _reopen_logs(self, _signum: int, _frame: object) -> None:
         """SIGHUP (logrotate): every worker reopens its access log."""
         for handle in self.pool.handles:
@@ -426,38 +625,77 @@ class Supervisor:
             return f"{self.pool.alive} of {self.worker_count} proxy workers are running"
         return "" if self.agent_connected else "not connected to the agent"
 
-    # -------------------------------------------------------------------- run
-    def run(self) -> None:
-        prepare_state_dir(self.state_dir)
-        self.pool.start()
-        host, port = parse_address("proxy.metrics_address", self.config.proxy.metrics_address)
-        registry = CollectorRegistry(auto_describe=True)
-        fresh = lambda: self.pool.fresh_stats(timeout=0.5)  # noqa: E731
-        registry.register(MetricsCollector(fresh, self.labelled, lambda: self.agent_connected,
-                                           self.config.telemetry))  # fmt: skip
-        metrics_server = endpoints.serve(host, port, registry, self.alive, self.ready)
-        admin = serve_thread(self.state_dir / PROXY_SOCKET, self.status)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stopping.set())
-        signal.signal(signal.SIGHUP, self._reopen_logs)
-        control = threading.Thread(target=self.control_loop, name="control", daemon=True)
-        control.start()
-        log.info("proxy %s: %d worker(s), metrics on http://%s:%d/metrics, state dir %s",
-                 __version__, self.worker_count, host, port, self.state_dir)  # fmt: skip
-        while not self.stopping.is_set():
-            with contextlib.suppress(queue.Empty):
-                index = self.pool.dead.get(timeout=0.5)
-                for error in self.pool.respawn(index, self._state()):
-                    log.error("restarted worker %d: %s", index, error)
-        admin.shutdown()
-        metrics_server.shutdown()
+    def _failed(self, exc: HandoffFailed) -> int:
+        log.error("taking over failed: %s", exc)
+        self._report(f"failed: {exc}")
+        self._close()
+        return 1
+
+    def _report(self, line: str) -> None:
+        report(self.report_fd, line)
+        self.report_fd = None  # closed: once
+
+    def _close(self) -> None:
+        self.stopping.set()
+        if self.local is not None:
+            self.local.close(unlink=True)
+            self.local = None
         self.pool.stop()
         with self.lock:
             for uid in list(self.served):
                 self.served.pop(uid).close()
-        with contextlib.suppress(FileNotFoundError):
-            (self.state_dir / PROXY_SOCKET).unlink()
+            self._release_inherited()
         log.info("proxy stopped")
+
+
+@dataclass
+class LocalServices:
+    """What only the proxy in charge binds: metrics, proxy.sock (status), handoff.sock."""
+
+    state_dir: Path
+    metrics: socketserver.BaseServer
+    admin: socketserver.BaseServer
+    handoff: HandoffServer
+
+    @classmethod
+    def start(cls, sup: Supervisor) -> LocalServices:
+        registry = CollectorRegistry(auto_describe=True)
+        fresh = lambda: sup.pool.fresh_stats(timeout=0.5)  # noqa: E731
+        registry.register(MetricsCollector(fresh, sup.labelled, lambda: sup.agent_connected,
+                                           sup.config.telemetry))  # fmt: skip
+        metrics = _metrics_server(sup.config.proxy.metrics_address, registry, sup)
+        admin = serve_thread(sup.state_dir / PROXY_SOCKET, sup.status)
+        proxy = sup.config.proxy
+        handoff = HandoffServer(sup.state_dir, sup, proxy.handoff_timeout, proxy.drain_timeout)
+        return cls(sup.state_dir, metrics, admin, handoff)
+
+    def close(self, unlink: bool) -> None:
+        """Stop serving them; `unlink`: remove the socket files too (not when a successor
+        binds them next)."""
+        self.handoff.close()
+        for server in (self.admin, self.metrics):
+            server.shutdown()
+            server.server_close()
+        if unlink:
+            for name in (PROXY_SOCKET, HANDOFF_SOCKET):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.state_dir / name).unlink()
+
+
+def _metrics_server(
+    address: str, registry: CollectorRegistry, sup: Supervisor
+) -> socketserver.BaseServer:
+    """Prometheus, /healthz and /readyz on `address`; a port a predecessor just let go of is
+    retried briefly."""
+    host, port = parse_address("proxy.metrics_address", address)
+    deadline = time.monotonic() + BIND_RETRY
+    while True:
+        try:
+            return endpoints.serve(host, port, registry, sup.alive, sup.ready)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _relabelled(served: Served, workload: Workload) -> bool:
@@ -493,5 +731,5 @@ def describe_listener(listener: Listener) -> dict[str, Any]:
     }
 
 
-def run_proxy(config: Config, state_dir: Path, workers: int) -> None:
-    Supervisor(config, state_dir, workers).run()
+def run_proxy(config: Config, state_dir: Path, workers: int, report_fd: int | None = None) -> int:
+    return Supervisor(config, state_dir, workers).run(report_fd)

@@ -16,7 +16,11 @@ worker that opens and accepts them:
   writes into one end of a socketpair, an `InspectedRelay` reads the other), and is accepted at
   once;
 - `sweep` ends connections still connecting or handshaking after the connect timeout and closes
-  idle pooled ones; `flush` writes each connection that queued frames once per batch of events.
+  idle pooled ones; `flush` writes each connection that queued frames once per batch of events;
+- `drain` (the proxy was upgraded, `agent.proxy.handoff`): pooled connections take no new
+  streams and close with their last one, and every peer is told to open no new stream here (a
+  GOAWAY notice, also to connections still handshaking once they are up); `drained` says when
+  none is left.
 
 It shares the worker's epoll loop through the `Loop` protocol (handlers by fd, fds that went
 stale during the current batch, interest changes).
@@ -104,6 +108,7 @@ class Tunnels:
         self.handshaking: dict[TunnelConn, str] = {}  # server side, until TLS is done: its IP
         self.handshakes = 0
         self.to_flush: list[TunnelConn] = []
+        self.draining = False
 
     # -- client side ------------------------------------------------------------------------
 
@@ -127,7 +132,7 @@ class Tunnels:
         stream = TunnelStream(conn, client, owner=stats, now=now)
         self.loop.handlers[stream.fd] = stream.on_event
         stats.relays.add(stream)
-        self.admission.opened(stream, "")
+        self.admission.opened(stream, "", 1)  # the app's socket, which the stream reads
         conn.add_stream(stream, format_authority(*dst))
 
     def _connect(self, wl: ServedWorkload, ip: str, expected: str, now: float) -> TunnelConn:
@@ -146,7 +151,7 @@ class Tunnels:
     def _track(self, conn: TunnelConn, peer: str = "") -> None:
         """`peer`: the source IP a server-side connection was admitted for."""
         self.conns.add(conn)
-        self.admission.opened(conn, peer)
+        self.admission.opened(conn, peer, 1)
         self.loop.handlers[conn.fd] = conn.on_event
         conn.start()
 
@@ -161,7 +166,7 @@ class Tunnels:
         assert wl.server_ctx is not None  # certified: both contexts are built together
         ip = peer[0]
         admission = self.admission
-        if not admission.admit(wl, ip, inbound=True) or not admission.handshake(wl, ip):
+        if not admission.admit(wl, ip, inbound=True, fds=1) or not admission.handshake(wl, ip):
             reset(client)
             return
         try:
@@ -200,7 +205,8 @@ class Tunnels:
         if not self.enforcer.admit_connection(wl, facts, stats, http=http):
             core.refuse(stream_id, 403)
             return
-        if not self.admission.admit(wl, conn.peer_identity, inbound=True):
+        fds = 3 if http else 1  # the upstream socket, and a socketpair to inspect requests
+        if not self.admission.admit(wl, conn.peer_identity, inbound=True, fds=fds):
             core.refuse(stream_id, 503)
             return
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
@@ -241,7 +247,7 @@ class Tunnels:
         )
         self.loop.handlers[stream.fd] = stream.on_event
         stats.relays.add(stream)
-        self.admission.opened(stream, conn.peer_identity)
+        self.admission.opened(stream, conn.peer_identity, fds)
         if not http:
             self.guarded.add(stream, wl, facts, spliced=True)
         stream.update()
@@ -259,6 +265,8 @@ class Tunnels:
         ip = self.handshaking.pop(conn, None)
         if ip is not None:
             self.admission.handshake_over(ip)
+        if self.draining:
+            self._notice(conn)
 
     def tunnel_closed(self, conn: TunnelConn, reason: str) -> None:
         wl: ServedWorkload = conn.owner[0]
@@ -320,6 +328,27 @@ class Tunnels:
                 limit = POOL_IDLE if conn.client else max(POOL_IDLE, idle_timeout)
                 if conn.retired or now - conn.idle_since >= limit:
                     conn.close()
+
+    def drain(self) -> None:
+        """No new streams on our connections; peers are asked to open none on theirs."""
+        self.draining = True
+        self.pool.retire()
+        for conn in self.conns:
+            self._notice(conn)
+
+    def _notice(self, conn: TunnelConn) -> None:
+        if not conn.client and conn.core is not None:
+            conn.core.shutdown_notice()
+            conn.flush_soon()
+
+    def drained(self, grace_over: bool) -> bool:
+        """No tunnel connection is left.  Call only when no stream is open: once peers had the
+        grace time to see the notice (and to send a stream already on its way), the idle
+        connections left are closed here."""
+        if grace_over:
+            for conn in list(self.conns):
+                conn.close("the proxy was upgraded")
+        return not self.conns
 
     def drop(self, wl: ServedWorkload | None = None, reason: str = "workload removed") -> None:
         """Fail the connections of `wl` (all of them when None)."""

@@ -39,6 +39,12 @@ under its reason.  The connect timeout covers TCP, TLS and CONNECT; idle connect
 after `idle_timeout`, idle pooled tunnels after POOL_IDLE.  A tunnel connection that queued frames
 is flushed once after each batch of epoll events (`flush_soon`), so the frames of many streams
 leave in one TLS write.  Counters (`agent.proxy.workload`) go to the supervisor as `Stats`.
+
+`Drain` (the proxy was upgraded, `agent.proxy.handoff`): the successor's workers accept on the
+very same listening sockets, so this worker stops watching them, accepts what already waits in
+their queues (the wake-up may have come here), tells tunnel peers to open no new streams here,
+and serves what is open; it exits once nothing is (tunnel connections: after DRAIN_GRACE), or
+when the supervisor ends it at `proxy.drain_timeout`.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ from agent.proxy.messages import (
     WORKER_SECTIONS,
     AddWorkload,
     Done,
+    Drain,
     MessageError,
     Relabel,
     RemoveWorkload,
@@ -99,6 +106,7 @@ log = logging.getLogger("ferry.proxy.worker")
 EPOLLIN = select.EPOLLIN
 EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)
 ACCEPT_BATCH = 64
+DRAIN_GRACE = 1.0  # seconds tunnel peers get to see our GOAWAY notice before idle ones close
 MAX_EVENTS = 512
 STATS_INTERVAL = 1.0
 
@@ -135,6 +143,7 @@ class Worker:
         self.inspected: set[InspectedRelay] = set()  # for their request head deadlines
         self.home_fd = open_thread_netns()
         self.running = True
+        self.draining_since = 0.0  # when `Drain` came (0: serving)
         self.last_stats: Stats | None = None
         self.own_ports = frozenset(
             (redirection_cfg.outbound_port, redirection_cfg.inbound_port,
@@ -173,6 +182,8 @@ class Worker:
                     tunnels.flush()
                 stale.clear()
                 now = monotonic()
+                if self.draining_since and self._drained(now):
+                    break
                 if now >= next_sweep:
                     self._sweep(now)
                     next_sweep = now + sweep_every
@@ -552,6 +563,8 @@ class Worker:
                 case UpdatePolicy():
                     if self.registry.update_policy(message):
                         self._revoke()
+                case Drain():
+                    self._drain()
         except (ValueError, OSError, TunnelTLSError, DirectoryError) as exc:
             error = str(exc)
             shown = "certificate" if isinstance(message, SetCertificate) else repr(message)[:200]
@@ -585,6 +598,27 @@ class Worker:
             with contextlib.suppress(OSError):
                 self.ep.unregister(lst.fd)
             lst.sock.close()
+
+    def _drain(self) -> None:
+        """Stop accepting for good (see the module doc); `run` ends once `_drained`."""
+        for wl in self.registry.workloads.values():
+            for lst in wl.listeners:
+                accept = self.handlers.get(lst.fd)
+                with contextlib.suppress(OSError):
+                    self.ep.unregister(lst.fd)
+                for _ in range(ACCEPT_BATCH):  # batches of ACCEPT_BATCH
+                    if accept is None or not _pending(lst.fd):
+                        break
+                    accept(lst.fd, EPOLLIN)
+            self._drop_listeners(wl.listeners)
+            wl.listeners = []
+        self.tunnels.drain()
+        self.draining_since = time.monotonic()
+
+    def _drained(self, now: float) -> bool:
+        if any(wl.open_count() for wl in self.registry.workloads.values()):
+            return False
+        return self.tunnels.drained(now - self.draining_since >= DRAIN_GRACE)
 
     def _revoke(self, workloads: list[ServedWorkload] | None = None) -> None:
         """Close the connections the policy in force no longer allows (right after a new
@@ -645,6 +679,13 @@ class Worker:
 
 def _ignore_done(relay: Relay) -> None:
     pass
+
+
+def _pending(fd: int) -> bool:
+    """A connection waits in this listener's accept queue."""
+    probe = select.poll()
+    probe.register(fd, select.POLLIN)
+    return bool(probe.poll(0))
 
 
 def _spare() -> int:

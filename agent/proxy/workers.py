@@ -206,6 +206,25 @@ class WorkerPool:
                     break
             return [w.stats for w in self.handles if w.stats is not None]
 
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until every worker answers on its control socket, at most `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            left = deadline - time.monotonic()
+            if len(self.fresh_stats(timeout=max(min(left, 1.0), 0.01))) >= self.count:
+                return True
+        return False
+
+    def wait_exited(self, timeout: float) -> bool:
+        """Wait until every worker has exited by itself (drained), at most `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        for worker in self.handles:
+            try:
+                worker.process.wait(max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                return False
+        return True
+
     def stop(self) -> None:
         with self.lock:
             for worker in self.handles:

@@ -607,6 +607,13 @@ class HboneConnection:
         if not self.ended:
             self._goaway(error_code)
 
+    def shutdown_notice(self) -> None:
+        """Server: announce a graceful shutdown (RFC 9113 section 6.8): GOAWAY with the largest
+        stream id, so the peer opens no new stream here, while a stream it opened before it saw
+        this is still accepted (no race); `close` later sends the real last stream id."""
+        if not self.client and not self.ended:
+            self.out += frames.goaway(0x7FFFFFFF, frames.NO_ERROR)
+
     @property
     def open_streams(self) -> int:
         return len(self._streams)
