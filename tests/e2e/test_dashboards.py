@@ -4,10 +4,10 @@ One simulated node with node credentials (so same-node traffic is mutual TLS), a
 with a DENY AuthorizationPolicy and a RateLimitPolicy, three pods (`client` and `server`
 enrolled, `outsider` not: a plaintext client), real curl traffic: allowed over mTLS, denied,
 rate-limited and plaintext.  Debian's `prometheus` runs in the node's network namespace and
-scrapes the proxy's metrics every second.  Then, for every panel's every query (Grafana's
-variables replaced by what "All" sends), Prometheus' /api/v1/query must answer `success` (the
-PromQL parses and evaluates) with at least one series, and every variable's `label_values`
-must list at least one value.
+scrapes the proxy's and the agent's metrics every second.  Then, for every panel's every query
+(Grafana's variables replaced by what "All" sends), Prometheus' /api/v1/query must answer
+`success` (the PromQL parses and evaluates) with at least one series, and every variable's
+`label_values` must list at least one value.  `agent top --once` runs against the same node.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from tests.run_id import SIM_PREFIX
 
 DASHBOARDS = Path(__file__).parents[2] / "deploy" / "grafana"
 PROMETHEUS = "127.0.0.1:9090"
-METRICS = "127.0.0.1:15020"
+PROXY_METRICS, AGENT_METRICS = "127.0.0.1:15020", "127.0.0.1:15021"  # the defaults
 # What Grafana sends for "All" (allValue) and for the rate window at a 1 s scrape interval.
-VARIABLES = {"$node": ".*", "$namespace": ".*", "$workload": ".*", "$__rate_interval": "1m"}
+VARIABLES = {"$node": ".*", "$namespace": ".*", "$workload": ".*", "$__rate_interval": "1m",
+             "$__range": "1h"}  # fmt: skip
 API = {"app": "api"}
 
 
@@ -95,7 +96,10 @@ def start_prometheus(node: SimNode) -> subprocess.Popen[Any]:
     workdir.mkdir()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "ferry-proxy", "static_configs": [{"targets": [METRICS]}]}],
+        "scrape_configs": [
+            {"job_name": "ferry-proxy", "static_configs": [{"targets": [PROXY_METRICS]}]},
+            {"job_name": "ferry-agent", "static_configs": [{"targets": [AGENT_METRICS]}]},
+        ],
     }
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = open(workdir / "prometheus.log", "wb")  # noqa: SIM115 - closed below
