@@ -270,10 +270,12 @@ def assess(document: dict[str, Any]) -> list[str]:
         for shed in w.get("shed") or []:
             ago = document["generated_at"] - shed["last_at"]
             if ago < SHED_RECENT:
+                limit = shed["limit"]
+                key = "LimitNOFILE" if limit == "open_files" else f"limits.{limit}"
                 problems.append(
-                    f"{label}: work refused at limit {shed['limit']} ({shed['count']} time(s), "
-                    f"the last {_ago(ago)} ago from {shed['last_peer'] or 'an unknown peer'}; "
-                    f"limits.{shed['limit']}, docs/limits.md)"
+                    f"{label}: work refused at limit {limit} ({shed['count']} time(s), the last "
+                    f"{_ago(ago)} ago from {shed['last_peer'] or 'an unknown peer'}; {key}, "
+                    "docs/limits.md)"
                 )
         if proxy["running"] and not w["served_by_proxy"]:
             problems.append(f"{label}: the proxy has no listeners for it")
@@ -363,6 +365,11 @@ def render(document: dict[str, Any]) -> str:
             recon = f"{_ago(now - last['at'])} ago, " + (
                 f"{len(actions)} action(s)" if actions else "no changes"
             )
+        watch = agent.get("loss_watch") or {}
+        if watch.get("repairs"):  # lost redirection the watch put back between reconciles
+            last = watch["last_repair"]
+            recon += (f"   {watch['repairs']} loss repair(s), last {last['workload']} "
+                      f"{_ago(now - last['at'])} ago")  # fmt: skip
         lines.append(
             f"Agent   running   v{agent['version']} pid {agent['pid']} "
             f"up {_ago(agent['uptime_seconds'])}   last reconcile {recon}"

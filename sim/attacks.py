@@ -18,8 +18,10 @@ The innocent client runs as its own process, so an attack in this process takes 
 `python -m sim.attacks probe HOST PORT SECONDS` (inside the client pod, `Pod.popen` or
 `ip netns exec`) connects, sends a line to an echo server, reads it back and closes, again and
 again, and prints one JSON object: the latencies in ms and the failures.  `percentile` reads
-them.  `ProcessWatch` samples one process (a proxy worker) while an attack runs: peak RSS
-(VmHWM after clearing it, and sampled VmRSS), peak descriptors and CPU seconds.
+them.  `python -m sim.attacks hold HOST PORT COUNT SECONDS` holds silent connections from the
+pod it runs in (`hold_connections`, a Held as JSON): a load with descriptors of its own.
+`ProcessWatch` samples one process (a proxy worker) while an attack runs: peak RSS (VmHWM after
+clearing it, and sampled VmRSS), peak descriptors and CPU seconds.
 """
 
 from __future__ import annotations
@@ -623,7 +625,20 @@ def main(argv: list[str] | None = None) -> int:
     probe.add_argument("port", type=int)
     probe.add_argument("seconds", type=float)
     probe.add_argument("--pause", type=float, default=0.01)
+    hold = sub.add_parser("hold", help="hold silent connections open (`hold_connections`)")
+    hold.add_argument("host")
+    hold.add_argument("port", type=int)
+    hold.add_argument("count", type=int)
+    hold.add_argument("seconds", type=float)
     args = parser.parse_args(argv)
+    if args.command == "hold":
+        netns_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+        try:
+            held = hold_connections(netns_fd, (args.host, args.port), args.count, args.seconds)
+        finally:
+            os.close(netns_fd)
+        print(json.dumps(held.__dict__), flush=True)
+        return 0
     print(json.dumps(_probe(args.host, args.port, args.seconds, args.pause)), flush=True)
     return 0
 

@@ -5,16 +5,20 @@ here, per worker process; the per-connection ones live where the bytes are (`age
 for HTTP/2 frames, `agent.tunnel.stream` for bytes held, `agent.proxy.inspected` for request
 heads).  The worker asks before it takes a connection on, and tells when one opens and closes:
 
-- `admit(workload, peer, inbound)`: a new connection (a relay, a tunnel stream, a tunnel
-  connection) is refused when the worker holds its share of `connections_per_node` (the node's
-  bound divided equally among the workers, and never more than the open-file limit allows:
-  FDS_PER_RELAY descriptors a plaintext relay), the workload its share of
-  `connections_per_workload`, or (`inbound`: a peer reaching the workload) that peer its share
-  of `connections_per_source`, so one client cannot take the room of all the others;
+- `admit(workload, peer, inbound, fds)`: a new connection (a relay, a tunnel stream, a tunnel
+  connection) that takes `fds` descriptors (FDS_PER_RELAY for a plaintext relay, one for a
+  tunnel stream or connection) is refused when the worker holds its share of
+  `connections_per_node` (the node's bound divided equally among the workers), when its
+  descriptors would pass the open-file limit (less FD_RESERVE: `open_files`), when the workload
+  holds its share of `connections_per_workload`, or (`inbound`: a peer reaching the workload)
+  when that peer holds its share of `connections_per_source` or would hold more than
+  PEER_FD_SHARE of the worker's descriptors, so one client cannot take the room of all the
+  others;
 - `handshake(workload, ip)`: a tunnel TLS handshake is refused while `handshakes_per_worker`
   are in progress, or `handshakes_per_source` from that IP; `handshake_over(ip)` when it ends;
-- `opened(held, peer)` / `closed(held)`: the connections held (and their peak since the last
-  trim), per inbound peer (`peer`: its IP, or its identity on a tunnel; "" for outbound ones).
+- `opened(held, peer, fds)` / `closed(held)`: the connections held (and their peak since the
+  last trim) and their descriptors, per inbound peer (`peer`: its IP, or its identity on a
+  tunnel; "" for outbound ones).
 
 Refusing is cheap and early: before any upstream socket, pipe or TLS state exists, so a refused
 client never becomes a connect to the app.  Every refusal, and every connection or stream the
@@ -49,6 +53,7 @@ log = logging.getLogger("ferry.proxy.limits")
 
 FDS_PER_RELAY = 6  # client and upstream sockets, and two pipes
 FD_RESERVE = 1024  # for listeners, netns fds, the pipe pool, epoll, control, accepts to refuse
+PEER_FD_SHARE = 0.75  # of a worker's descriptors one inbound peer may hold: the rest is others'
 LOG_INTERVAL = 10.0  # seconds between two log lines about one limit
 TRIM_PEAK = 256  # connections: bursts smaller than this are not worth a trim
 TRIM_BYTES = 16 << 20  # bytes held for apps: likewise
@@ -86,9 +91,10 @@ class ShedLog:
             self._untold[limit] = (count + 1, workload, peer)
             return
         self._quiet_until[limit] = now + LOG_INTERVAL
-        log.warning("%s: refused work from %s at limit %s (limits.%s, docs/limits.md); more are"
+        key = "the open-file limit, LimitNOFILE" if limit == "open_files" else f"limits.{limit}"
+        log.warning("%s: refused work from %s at limit %s (%s, docs/limits.md); more are"
                     " counted, not logged, for %.0f s", workload, peer or "an unknown peer",
-                    limit, limit, LOG_INTERVAL)  # fmt: skip
+                    limit, key, LOG_INTERVAL)  # fmt: skip
 
     def flush(self) -> None:
         """Log the counts of what was not logged, for the limits whose quiet time is over."""
@@ -114,20 +120,22 @@ class Admission:
         trim: Callable[[], None] = release_memory,
     ) -> None:
         workers = max(1, workers)
-        by_fds = max(1, (fd_limit - FD_RESERVE) // FDS_PER_RELAY)
-        share = -(-limits.connections_per_node // workers)
-        self.max_connections = min(share, by_fds)
-        if by_fds < share:
-            log.info("the open-file limit (%d) allows about %d connections in this worker, "
-                        "fewer than its share of limits.connections_per_node (%d): raise "
-                        "LimitNOFILE", fd_limit, by_fds, share)  # fmt: skip
+        self.fd_room = max(FDS_PER_RELAY, fd_limit - FD_RESERVE)
+        self.peer_fd_room = int(self.fd_room * PEER_FD_SHARE)
+        self.max_connections = -(-limits.connections_per_node // workers)
+        if self.fd_room // FDS_PER_RELAY < self.max_connections:
+            log.info("the open-file limit (%d) allows about %d plaintext relays in this worker, "
+                     "fewer than its share of limits.connections_per_node (%d): raise "
+                     "LimitNOFILE", fd_limit, self.fd_room // FDS_PER_RELAY,
+                     self.max_connections)  # fmt: skip
         self.max_per_workload = -(-limits.connections_per_workload // workers)
         self.max_per_source = -(-limits.connections_per_source // workers)
         self.max_handshakes = limits.handshakes_per_worker
         self.max_handshakes_per_source = limits.handshakes_per_source
         self.connections = 0  # relays, tunnel streams and tunnel connections held
-        self.peer_of: dict[object, str] = {}  # ... each with its inbound peer ("": outbound)
-        self.by_peer: dict[str, int] = {}  # connections held per inbound peer
+        self.fds = 0  # ... their descriptors
+        self.peer_of: dict[object, tuple[str, int]] = {}  # each: inbound peer ("": none), fds
+        self.by_peer: dict[str, tuple[int, int]] = {}  # inbound peer -> connections, fds
         self.handshakes = 0  # tunnel handshakes in progress
         self.by_source: dict[str, int] = {}  # ... per source IP
         self.peak = 0  # of connections (handshaking ones included) since the last trim
@@ -136,36 +144,47 @@ class Admission:
         self.wall = wall
         self.trim = trim
 
-    def admit(self, workload: ServedWorkload, peer: str, inbound: bool) -> bool:
-        """Whether a new connection of `workload` may be taken on (shed if not); `inbound`:
-        `peer` reaches the workload and is held to its per-source share."""
+    def admit(
+        self, workload: ServedWorkload, peer: str, inbound: bool, fds: int = FDS_PER_RELAY
+    ) -> bool:
+        """Whether a new connection of `workload` taking `fds` descriptors may be taken on
+        (shed if not); `inbound`: `peer` reaches the workload and is held to its share."""
+        limit = ""
         if self.connections >= self.max_connections:
-            self.shed(workload, "connections_per_node", peer)
-            return False
-        if workload.open_count() >= self.max_per_workload:
-            self.shed(workload, "connections_per_workload", peer)
-            return False
-        if inbound and self.by_peer.get(peer, 0) >= self.max_per_source:
-            self.shed(workload, "connections_per_source", peer)
+            limit = "connections_per_node"
+        elif self.fds + fds > self.fd_room:
+            limit = "open_files"
+        elif workload.open_count() >= self.max_per_workload:
+            limit = "connections_per_workload"
+        elif inbound:
+            count, held = self.by_peer.get(peer, (0, 0))
+            if count >= self.max_per_source or held + fds > self.peer_fd_room:
+                limit = "connections_per_source"
+        if limit:
+            self.shed(workload, limit, peer)
             return False
         return True
 
-    def opened(self, held: object, peer: str) -> None:
-        """`held` (a relay, stream or tunnel connection) is open; `peer` as in `admit`."""
+    def opened(self, held: object, peer: str, fds: int) -> None:
+        """`held` (a relay, stream or tunnel connection) is open with `fds` descriptors; `peer`
+        as in `admit` ("" for an outbound one)."""
         self.connections += 1
+        self.fds += fds
         if self.connections > self.peak:
             self.peak = self.connections
-        self.peer_of[held] = peer
+        self.peer_of[held] = (peer, fds)
         if peer:
-            self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+            count, before = self.by_peer.get(peer, (0, 0))
+            self.by_peer[peer] = (count + 1, before + fds)
 
     def closed(self, held: object) -> None:
+        peer, fds = self.peer_of.pop(held)
         self.connections -= 1
-        peer = self.peer_of.pop(held)
+        self.fds -= fds
         if peer:
-            left = self.by_peer.pop(peer) - 1
-            if left:
-                self.by_peer[peer] = left
+            count, before = self.by_peer.pop(peer)
+            if count > 1:
+                self.by_peer[peer] = (count - 1, before - fds)
 
     def handshake(self, workload: ServedWorkload, ip: str) -> bool:
         """Whether a tunnel handshake from `ip` may start (shed if not); `handshake_over`."""

@@ -132,7 +132,7 @@ class Tunnels:
         stream = TunnelStream(conn, client, owner=stats, now=now)
         self.loop.handlers[stream.fd] = stream.on_event
         stats.relays.add(stream)
-        self.admission.opened(stream, "")
+        self.admission.opened(stream, "", 1)  # the app's socket, which the stream reads
         conn.add_stream(stream, format_authority(*dst))
 
     def _connect(self, wl: ServedWorkload, ip: str, expected: str, now: float) -> TunnelConn:
@@ -151,7 +151,7 @@ class Tunnels:
     def _track(self, conn: TunnelConn, peer: str = "") -> None:
         """`peer`: the source IP a server-side connection was admitted for."""
         self.conns.add(conn)
-        self.admission.opened(conn, peer)
+        self.admission.opened(conn, peer, 1)
         self.loop.handlers[conn.fd] = conn.on_event
         conn.start()
 
@@ -166,7 +166,7 @@ class Tunnels:
         assert wl.server_ctx is not None  # certified: both contexts are built together
         ip = peer[0]
         admission = self.admission
-        if not admission.admit(wl, ip, inbound=True) or not admission.handshake(wl, ip):
+        if not admission.admit(wl, ip, inbound=True, fds=1) or not admission.handshake(wl, ip):
             reset(client)
             return
         try:
@@ -205,7 +205,8 @@ class Tunnels:
         if not self.enforcer.admit_connection(wl, facts, stats, http=http):
             core.refuse(stream_id, 403)
             return
-        if not self.admission.admit(wl, conn.peer_identity, inbound=True):
+        fds = 3 if http else 1  # the upstream socket, and a socketpair to inspect requests
+        if not self.admission.admit(wl, conn.peer_identity, inbound=True, fds=fds):
             core.refuse(stream_id, 503)
             return
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
@@ -246,7 +247,7 @@ class Tunnels:
         )
         self.loop.handlers[stream.fd] = stream.on_event
         stats.relays.add(stream)
-        self.admission.opened(stream, conn.peer_identity)
+        self.admission.opened(stream, conn.peer_identity, fds)
         if not http:
             self.guarded.add(stream, wl, facts, spliced=True)
         stream.update()

@@ -27,10 +27,10 @@ acts on the answer; it never decides inline:
   IP (200 once connected, the decision's status when denied, 503 when the connect fails).
 
 Bounds (`limits:`, `agent.proxy.admission`): each new connection is admitted against the
-worker's share of the node's and the workload's connection bounds first, and a relay gets its
-pipes and upstream socket before it connects, so a client refused for want of room or
-descriptors never becomes a connect to the app; past the open-file limit a spare descriptor
-accepts the waiting client to reset it (counted, not left to spin the loop).  Inspected
+worker's share of the node's, the workload's and (inbound) the peer's connection bounds first,
+and a relay gets its pipes and upstream socket before it connects, so a client refused for want
+of room or descriptors never becomes a connect to the app; past the open-file limit a spare
+descriptor accepts the waiting client to reset it (counted, not left to spin the loop).  Inspected
 connections are held to request head size and time limits (slowloris: 408).  What is refused
 is counted per workload and bound (`Stats.shed`) and logged at a bounded rate.
 
@@ -70,7 +70,7 @@ from agent.linux import open_thread_netns, reset, set_pdeathsig
 from agent.policy.facts import Facts
 from agent.policy.ratelimit import BucketStore
 from agent.proxy import decide
-from agent.proxy.admission import Admission, bounds_of, open_file_limit
+from agent.proxy.admission import FDS_PER_RELAY, Admission, bounds_of, open_file_limit
 from agent.proxy.enforce import DenialLog, Enforcer, Guarded
 from agent.proxy.inspected import InspectedRelay
 from agent.proxy.messages import (
@@ -378,7 +378,7 @@ class Worker:
         for stats in counted:
             stats.relays.add(relay)
         self.recorder.opened(relay, wl, client, source_ip, dst, facts)
-        self.admission.opened(relay, inbound_peer)
+        self.admission.opened(relay, inbound_peer, FDS_PER_RELAY)
         err = up.connect_ex(dst)
         if err and err != errno.EINPROGRESS:
             relay.connect_failed = True

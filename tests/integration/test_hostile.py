@@ -97,7 +97,7 @@ pytestmark = needs_netns
 class Victim(NetnsPair):
     """The two pods, their workers, B's servers, and the attacker's credentials."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, limits: LimitsConfig = LIMITS, nofile: int = NOFILE) -> None:
         proxy = ProxyConfig(workers=1, connect_timeout=2.0, idle_timeout=60.0)
         super().__init__(tmp, ("a", "b"), (A_IP, B_IP), RedirectionConfig(ipv6=False), proxy)
         self.a, self.b = self.names
@@ -112,8 +112,9 @@ class Victim(NetnsPair):
             self.enroll(self.a)
             self.enroll(self.b)
             self.ctl_a = self._worker("a", self.a_fd, ID_A, "front", A_IP)
-            self.ctl_b = self._worker("b", self.b_fd, ID_B, "back", B_IP, limits=LIMITS,
-                                      nofile=NOFILE, log=self.log)  # fmt: skip
+            self.pid_a = self.procs[-1].pid
+            self.ctl_b = self._worker("b", self.b_fd, ID_B, "back", B_IP, limits=limits,
+                                      nofile=nofile, log=self.log)  # fmt: skip
             self.pid_b = self.procs[-1].pid
             send_cert(self.ctl_a, "a", creds.mint("a", "front", "web"))
             send_cert(self.ctl_b, "b", creds.mint("b", "back", "api"))
@@ -177,7 +178,7 @@ class Attack:
     """One attack's measurements: B's worker watched, the innocent client probing, before and
     after; `check` asserts the bounds every attack must keep."""
 
-    def __init__(self, victim: Victim, seconds: float = 3.0) -> None:
+    def __init__(self, victim: Victim, seconds: float = 2.0) -> None:
         self.victim = victim
         self.seconds = seconds
         self.baseline_mb = rss_mb(victim.pid_b)
@@ -296,7 +297,7 @@ def test_streams_to_an_app_that_never_reads_hold_a_bounded_amount(victim: Victim
     connection holds at most its window (`connection_window`) and the worker at most
     `buffered_per_worker`: past it, the streams that hold the most are reset."""
     before = victim.shed("buffered_per_worker")[0]
-    attack = Attack(victim, seconds=4.0)
+    attack = Attack(victim, seconds=3.0)
 
     def run() -> int:
         attackers = [victim.attacker() for _ in range(4)]
@@ -322,7 +323,7 @@ def test_a_plaintext_connection_flood_stops_at_the_source_s_share_before_the_app
     have room), the rest is refused before any upstream connect, and the limit is logged once."""
     log_before = victim.log.read_text().count("connections_per_source")
     accepted = victim.stuck.accepted
-    attack = Attack(victim, seconds=4.0)
+    attack = Attack(victim, seconds=3.0)
     held = attack(lambda: victim.hold((B_IP, STUCK_PORT), 1000))
     attack.check(BURST_P99_MS)
     reached = victim.stuck.accepted - accepted

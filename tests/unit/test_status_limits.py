@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from agent.proxy.messages import Applied, Shed, Stats, TunnelCounters
-from agent.proxy.metrics import sum_shed
+from agent.proxy.metrics import Labelled, MetricsCollector, sum_shed
 from agent.status import SHED_RECENT, assess, render
 from tests.unit.test_status import NOW, check_golden, document
 
@@ -59,3 +59,19 @@ def test_shed_counts_add_up_over_workers_and_keep_the_last_peer(workers: int) ->
     assert entry["count"] == 10 * workers
     assert entry["last_peer"] == f"10.0.0.{workers - 1}" and entry["last_at"] == NOW + workers - 1
     assert sum_shed(per_worker, "other") == []
+
+
+def test_shed_work_is_exported_per_workload_and_limit() -> None:
+    per_worker = [
+        Stats(n, 0, {}, TunnelCounters(), Applied(),
+              shed={"w": (Shed("connections_per_source", 3, "10.0.0.9", NOW),)})
+        for n in range(2)
+    ]  # fmt: skip
+    collector = MetricsCollector(lambda: per_worker,
+                                 lambda: {"w": Labelled("shop", "web", "spiffe://a")},
+                                 lambda: True)  # fmt: skip
+    (family,) = [f for f in collector.collect() if f.name == "ferry_proxy_shed"]
+    (sample,) = [s for s in family.samples if s.name == "ferry_proxy_shed_total"]
+    assert sample.labels == {"workload_namespace": "shop", "workload": "web",
+                             "limit": "connections_per_source"}  # fmt: skip
+    assert sample.value == 6
