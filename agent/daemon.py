@@ -14,7 +14,10 @@ The parts, one concern each:
   `redirect.select`: iptables, nftables, or `auto`), behind `redirect.backend.RedirectionBackend`,
   whose kernel work runs on a dedicated netns thread.  It takes every enrolled pod over from the
   other backends (`redirect.backend.SoleRedirection`): after a switch, the first reconcile finds
-  the old backend's rules as drift and replaces them.
+  the old backend's rules as drift and replaces them;
+- `redirect.watch.LossWatch`: samples every enrolled pod twice a second with a few syscalls and
+  repairs lost redirection (a flushed ruleset, detached programs) within a second, between
+  reconciles, which stay the backstop.
 
 The CNI plugin's requests (`<state-dir>/cni.sock`: a pod sandbox's ADD, DEL and CHECK) are served
 by `cni_service.CniService`, which asks a `cni_enroll.PodDecider` (`Agent(decider=...)`; the
@@ -29,15 +32,15 @@ same lock.
 
 This module wires them, serves the admin socket (`agent.sock`: enroll, unenroll, status,
 reconcile, policy_check; every request gets an answer, also when it fails unexpectedly) and runs
-five loops: accepting proxies, reconciling (observe every workload without the lock, decide purely
-with `reconcile.plan_reconcile`, act under the lock: forget namespaces that disappeared, repair
-drifted rules, enroll declared workloads whose namespace appeared), identity (renew certificates,
-follow the shared directory), policy (reload on every change of the source) and JWKS (refetch
-the keys of `jwksUri` rules when due).  The policy in force is restored and loaded before the
-first proxy is accepted, so no snapshot carries less than the last good policy.  Every change of
-state happens under one lock (`state_lock`), so requests, reconcile actions, policy versions and
-proxy snapshots never interleave.  The agent holds `<state-dir>/agent.lock`
-for its whole life, which is how the CLI knows that it runs.
+six loops: accepting proxies, the loss watch, reconciling (observe every workload without the
+lock, decide purely with `reconcile.plan_reconcile`, act under the lock: forget namespaces that
+disappeared, repair drifted rules, enroll declared workloads whose namespace appeared), identity
+(renew certificates, follow the shared directory), policy (reload on every change of the
+source) and JWKS (refetch the keys of `jwksUri` rules when due).  The policy in force is restored
+and loaded before the first proxy is accepted, so no snapshot carries less than the last good
+policy.  Every change of state happens under one lock (`state_lock`), so requests, reconcile
+actions, policy versions and proxy snapshots never interleave.  The agent holds
+`<state-dir>/agent.lock` for its whole life, which is how the CLI knows that it runs.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ from agent.reconcile import (
     plan_reconcile,
 )
 from agent.redirect.backend import RedirectionBackend
+from agent.redirect.watch import LossWatch
 from agent.status import read_back
 from agent.workloads import Enrollments, EnrollmentStore, StoreError, Workload
 
@@ -125,6 +129,8 @@ class Agent:
             self.backend_choice = (choice.backend, choice.reason)
             backend = make_backend(choice, config.redirection, self.executor, state_dir)
         self.backend = backend
+        self.loss_watch = LossWatch(self.backend_choice[0], backend, config.redirection,
+                                    self.executor, self.state_lock)  # fmt: skip
         self.certificates = Certificates(config.identity, state_dir)
         self.hub = ProxyHub(self._snapshot, self.state_lock)
         self.publisher = Publisher(config, state_dir, self.hub)
@@ -243,6 +249,7 @@ class Agent:
             "proxies": self.hub.status(),
             "workloads": sorted(self.enrollments),
             "last_reconcile": self.last_reconcile,
+            "loss_watch": self.loss_watch.counts.to_json(),
             "identity": self.certificates.status(),
             "modes": {uid: self.enrollment.mode(w) for uid, w in self.enrollments.items()},
             "directory": self.publisher.status(),
@@ -386,6 +393,7 @@ class Agent:
         tasks = [
             asyncio.create_task(self.hub.accept_forever(control), name="accept-proxies"),
             asyncio.create_task(self._reconcile_forever(), name="reconcile"),
+            asyncio.create_task(self.loss_watch.run(lambda: self.enrollments), name="loss-watch"),
             asyncio.create_task(self._identity_forever(), name="identity"),
             asyncio.create_task(self.policy.follow(), name="policy"),
             asyncio.create_task(self.policy.jwks_forever(), name="jwks"),
@@ -417,6 +425,7 @@ class Agent:
         for name in (AGENT_SOCKET, CNI_SOCKET, CONTROL_SOCKET):
             with contextlib.suppress(FileNotFoundError):
                 (self.state_dir / name).unlink()
+        self.loss_watch.close()
         self.executor.shutdown()
         log.info("agent stopped; redirection stays in place (fail closed while no proxy runs)")
 

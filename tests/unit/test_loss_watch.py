@@ -1,0 +1,60 @@
+"""The loss watch's decision and its part of `agent status` (pure: no kernel, no agent).
+
+`suspects` picks exactly the workloads whose cheap fingerprint moved since they were last
+found healthy, the new ones, and those whose routing changed; `WatchCounts` records repairs as
+`agent status` shows them.  The watch on a real node: tests/e2e/test_loss_watch.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.redirect.loss import Sample, WatchCounts, suspects
+from agent.status import render
+from tests.unit.test_status import NOW, document
+
+HEALTHY = {"web": (14, 2312, 18, 3032), "db": (7,)}
+
+
+@pytest.mark.parametrize(
+    ("samples", "expected"),
+    [
+        ({"web": Sample((14, 2312, 18, 3032)), "db": Sample((7,))}, []),
+        ({"web": Sample((14, 2312, 9, 1440)), "db": Sample((7,))}, ["web"]),  # nat flushed
+        ({"web": Sample((14, 2312, 18, 3032)), "db": Sample((8,))}, ["db"]),  # nft generation
+        ({"web": Sample((14, 2312, 18, 3032), routing_changed=True)}, ["web"]),  # ip rule/route
+        ({"new": Sample(()), "db": Sample((7,))}, ["new"]),  # never found healthy yet
+        ({"db": Sample((-2,))}, ["db"]),  # the probe failed (-errno): look closer
+    ],
+    ids=["unchanged", "tables", "generation", "routing", "new", "probe-error"],
+)
+def test_suspects(samples: dict[str, Sample], expected: list[str]) -> None:
+    assert suspects(HEALTHY, samples) == expected
+
+
+def test_a_repair_is_counted_and_described() -> None:
+    counts = WatchCounts(0.5)
+    counts.repaired(NOW - 3, "shop/web", "rules", 0.0963)
+    counts.repaired(NOW - 2, "shop/db", "rules, routing", 0.05)
+    assert counts.to_json() == {
+        "interval": 0.5,
+        "samples": 0,
+        "applied": 0,
+        "repairs": 2,
+        "failures": 0,
+        "last_repair": {"at": NOW - 2, "workload": "shop/db", "lost": "rules, routing",
+                        "took_ms": 50.0},
+    }  # fmt: skip
+
+
+def test_agent_status_shows_the_repairs_next_to_the_reconcile() -> None:
+    counts = WatchCounts(0.5)
+    quiet = document()
+    quiet["agent"]["loss_watch"] = counts.to_json()
+    assert "loss repair" not in render(quiet)
+    counts.repaired(NOW - 3, "shop/web", "rules", 0.1)
+    doc = document()
+    doc["agent"]["loss_watch"] = counts.to_json()
+    assert "last reconcile 4s ago, no changes   1 loss repair(s), last shop/web 3s ago" in render(
+        doc
+    )
