@@ -474,6 +474,9 @@ def cleanup(state_dir: Path, config_path: Path | None) -> None:
         cleaned = _remove_redirection(_all_netns(), config, state_dir)
         for path in cleaned:
             click.echo(f"removed redirection from {path}")
+        from agent.redirect.probes import remove_host_rules
+
+        remove_host_rules()  # the node's probe SNAT chain (Kubernetes)
         from agent.redirect.ebpf import cleanup as ebpf_cleanup
 
         if ebpf_cleanup(state_dir):

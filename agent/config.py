@@ -120,6 +120,9 @@ kubernetes:
   probe_snat: true               # default: the node's own connections to enrolled pods (kubelet
                                  # probes) come from 169.254.7.127, which pods let in without
                                  # mTLS (docs/kubernetes.md, "Health probes")
+  probe_snat: true               # default: the node's own connections to enrolled pods (kubelet
+                                 # probes) come from 169.254.7.127, which pods let in without
+                                 # mTLS (docs/kubernetes.md, "Health probes")
 telemetry:
   access_log: ""                 # default: off; "-" is the proxy's stdout, a path a file
                                  # (appended to, reopened on SIGHUP: logrotate-friendly)
@@ -269,6 +272,7 @@ class KubernetesConfig:
     policies: bool = True
     annotate: bool = True
     scan_interval: float = 5.0
+    probe_snat: bool = True
 
 
 @dataclass(frozen=True)
@@ -514,7 +518,7 @@ def _policy(raw: Any) -> PolicyConfig:
 
 def _kubernetes(raw: Any) -> KubernetesConfig:
     cfg = replace(KubernetesConfig(), **_section("kubernetes", raw, KubernetesConfig))
-    for key in ("enabled", "policies", "annotate"):
+    for key in ("enabled", "policies", "annotate", "probe_snat"):
         if not isinstance(getattr(cfg, key), bool):
             raise ConfigError(f"kubernetes.{key}: {getattr(cfg, key)!r} is not true or false")
     if not isinstance(cfg.kubeconfig, str):

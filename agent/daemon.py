@@ -92,6 +92,7 @@ from agent.reconcile import (
     plan_reconcile,
 )
 from agent.redirect.backend import RedirectionBackend
+from agent.redirect.probes import ProbeSnat
 from agent.redirect.watch import LossWatch
 from agent.status import read_back
 from agent.workloads import Enrollments, EnrollmentStore, StoreError, Workload
@@ -159,7 +160,12 @@ class Agent:
             self.hub,
             self.certificates,
             backend,
-            self.publisher,
+            ProbeSnat(
+                self.publisher,
+                self.executor,
+                config.kubernetes.enabled and config.kubernetes.probe_snat,
+                config.redirection.ipv6,
+            ),
             config.mesh,
             self._addresses,
         )
@@ -376,7 +382,7 @@ class Agent:
         node_name_of(self.config)
         self.certificates.load()
         await self._load()
-        await self.publisher.publish(self.enrollments)
+        await self.enrollment.directory.publish(self.enrollments)  # and the probe SNAT
         self.policy.restore()
         self.policy.source.start()
         try:

@@ -11,8 +11,9 @@
 // Inbound: `sk_lookup`, attached to each enrolled pod's netns (one copy per pod, see there), hands
 // every new TCP connection to the pod's addresses (not loopback) to the proxy's inbound listener
 // of that netns and family, held in `listeners` (the proxy puts it there); the proxy reads the
-// original destination with getsockname().  The tunnel port, excluded ports and the proxy's own deliveries to the app
-// (`deliveries`, by 4-tuple) are left alone.
+// original destination with getsockname().  The tunnel port, excluded ports, the node's own
+// connections (from the probe source) and the proxy's own deliveries to the app (`deliveries`,
+// by 4-tuple) are left alone.
 //
 // The proxy's own sockets carry `mark` (SO_MARK) and are never rewritten; its deliveries to the
 // app are never steered, and get the connmark (see is_proxy) so the app's replies find their
@@ -366,6 +367,16 @@ int getsockopt(struct bpf_sockopt *ctx) {
     return 1;
 }
 
+// The node's own connections to the pod (kubelet probes) arrive SNATed to this source
+// (agent/redirect/probes.py; agent.redirect.rules.PROBE_SOURCE) and reach the app directly.
+static __always_inline int from_probe_source(struct bpf_sk_lookup *ctx) {
+    if (ctx->family == AF_INET)
+        return ctx->remote_ip4 == bpf_htonl(0xa9fe077f);  // 169.254.7.127
+    return ctx->remote_ip6[0] == bpf_htonl(0xfd169254) &&  // fd16:9254:7127:1337:ffff:ffff:ffff:ffff
+           ctx->remote_ip6[1] == bpf_htonl(0x71271337) && ctx->remote_ip6[2] == 0xffffffff &&
+           ctx->remote_ip6[3] == 0xffffffff;
+}
+
 static __always_inline int is_loopback(struct bpf_sk_lookup *ctx) {
     if (ctx->family == AF_INET)
         return (bpf_ntohl(ctx->local_ip4) >> 24) == 127;
@@ -387,6 +398,8 @@ int sk_lookup(struct bpf_sk_lookup *ctx) {
         return SK_PASS;
     if (is_loopback(ctx))
         return SK_PASS;  // inside the pod, the outbound listener included
+    if (from_probe_source(ctx))
+        return SK_PASS;
     // sk_lookup programs cannot ask for their netns cookie: each pod gets its own copy of this
     // program, loaded with the cookie in place of NETNS_COOKIE (ebpf_object.NETNS_PLACEHOLDER).
     struct flow_key flow = {.netns = NETNS_COOKIE, .family = ctx->family};

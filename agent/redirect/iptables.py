@@ -147,6 +147,14 @@ class IptablesRedirection:
             raise RedirectionError(f"netns {netns}: cannot enter: {exc.strerror}") from exc
 
 
+def apply_ruleset(desired: RuleSet, tables: tuple[str, ...]) -> None:
+    """Make Ferry's part of `tables` (both families) in the calling thread's netns equal
+    `desired`; for the node's own chain (`agent.redirect.probes`)."""
+    for family in FAMILIES:
+        for table in tables:
+            _apply_table(desired, family, table)
+
+
 def _remove_chains() -> None:
     for family in FAMILIES:
         for table in TABLES:

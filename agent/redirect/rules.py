@@ -15,8 +15,9 @@ golden files under tests/golden pin them.
 
 The shape is Istio ambient's in-pod redirection:
 
-- nat PREROUTING: inbound TCP, except to the tunnel port, excluded ports, loopback, or from the
-  proxy itself (its sockets carry `mark`), is redirected to the inbound listener.
+- nat PREROUTING: inbound TCP, except to the tunnel port, excluded ports, loopback, from the
+  proxy itself (its sockets carry `mark`) or from `PROBE_SOURCE` (the node's own connections,
+  kubelet probes: `agent.redirect.probes`), is redirected to the inbound listener.
 - nat OUTPUT: outbound TCP, except the proxy's own (`mark`), replies of connections the proxy
   delivered (`connmark`), loopback, excluded ports and excluded CIDRs, is redirected to the
   outbound listener.
@@ -54,6 +55,9 @@ BUILTIN_ORDER = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 """Builtin chains in the order iptables-save prints them."""
 
 LOOPBACK = {4: "127.0.0.1/32", 6: "::1/128"}
+PROBE_SOURCE = {4: "169.254.7.127/32", 6: "fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128"}
+"""The source the node's own connections to enrolled pods get (`agent.redirect.probes`), Istio
+ambient's: an IPv4 link-local address and a ULA that no pod or remote peer is given."""
 FULL_MASK = 0xFFFFFFFF
 
 
@@ -223,6 +227,7 @@ def _family_rules(cfg: RedirectionConfig, family: Family) -> tuple[list[ChainRef
         why: str,
         *,
         protocol: str | None = None,
+        source: str | None = None,
         destination: str | None = None,
         out_interface: str | None = None,
         matches: tuple[Extension, ...] = (),
@@ -234,6 +239,7 @@ def _family_rules(cfg: RedirectionConfig, family: Family) -> tuple[list[ChainRef
                 chain_name,
                 target,
                 protocol=protocol,
+                source=source,
                 destination=destination,
                 out_interface=out_interface,
                 matches=matches,
@@ -276,6 +282,15 @@ def _family_rules(cfg: RedirectionConfig, family: Family) -> tuple[list[ChainRef
         "the tunnel listener receives its traffic directly",
         protocol="tcp",
         matches=_tcp_dport(cfg.tunnel_port),
+    )
+    rule(
+        "nat",
+        FERRY_PREROUTING,
+        RETURN,
+        "the node's own connections (kubelet probes) arrive from this address (SNAT on the node, "
+        "agent.redirect.probes) and reach the app directly",
+        protocol="tcp",
+        source=PROBE_SOURCE[family],
     )
     for port in _unique(cfg.exclude_inbound_ports):
         rule(

@@ -7,6 +7,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from agent.config import ConfigError, parse_config
 from agent.identity.ca_server import CsrError, csr_facts
 from agent.identity.ca_service import (
     NODE_NAME_EXTRA,
@@ -143,3 +144,13 @@ def test_pod_facts_from_an_api_object() -> None:
     assert pod_facts({"metadata": {"namespace": "shop", "name": "p"}}) == PodFacts(
         "shop", "p", "", "default", "Pending"
     )
+
+
+def test_the_agent_config_names_a_bad_ca_url_or_probe_switch() -> None:
+    config = parse_config({"identity": {"ca_url": "https://ferry-ca.ferry-system.svc:15012"}})
+    assert config.identity.ca_url == "https://ferry-ca.ferry-system.svc:15012"
+    assert config.kubernetes.probe_snat is True
+    with pytest.raises(ConfigError, match=r"identity\.ca_url: 'http://ca:15012' is not an https"):
+        parse_config({"identity": {"ca_url": "http://ca:15012"}})
+    with pytest.raises(ConfigError, match=r"kubernetes\.probe_snat: 'yes' is not true or false"):
+        parse_config({"kubernetes": {"probe_snat": "yes"}})

@@ -74,6 +74,8 @@ def test_every_iptables_rule_has_its_nft_rule() -> None:
     ]
     assert _lines("exclusions", "nat_prerouting") == [
         "tcp dport 15008 return",
+        "ip saddr 169.254.7.127 meta l4proto tcp return",
+        "ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff meta l4proto tcp return",
         "tcp dport 9090 return",
         "ip daddr != 127.0.0.1 meta l4proto tcp meta mark & 0x00000fff != 0x00000539 "
         "redirect to :15006",
@@ -98,7 +100,7 @@ def test_chains_hook_where_the_iptables_tables_do() -> None:
 def test_without_ipv6_every_rule_matches_ipv4_only() -> None:
     table = nft_table(desired_rules(CASES["ipv4_only"]))
     for rule in table.rules:
-        assert rule.line().startswith(("meta nfproto ipv4 ", "ip daddr ")), rule.line()
+        assert rule.line().startswith(("meta nfproto ipv4 ", "ip daddr ", "ip saddr ")), rule.line()
 
 
 def test_the_set_xmark_keeps_the_bits_outside_the_mask() -> None:
