@@ -120,9 +120,6 @@ kubernetes:
   probe_snat: true               # default: the node's own connections to enrolled pods (kubelet
                                  # probes) come from 169.254.7.127, which pods let in without
                                  # mTLS (docs/kubernetes.md, "Health probes")
-  probe_snat: true               # default: the node's own connections to enrolled pods (kubelet
-                                 # probes) come from 169.254.7.127, which pods let in without
-                                 # mTLS (docs/kubernetes.md, "Health probes")
 telemetry:
   access_log: ""                 # default: off; "-" is the proxy's stdout, a path a file
                                  # (appended to, reopened on SIGHUP: logrotate-friendly)
