@@ -65,9 +65,11 @@ fuzz: setup
 fuzz-corpus: setup
 	$(PY) -m fuzz.corpus $(if $(TARGET),--target $(TARGET))
 
+# SOAK_CYCLES: pod create/delete cycles of the churn soak (bench/soak.py, a few s each).
+SOAK_CYCLES ?= 500
 # Every table in one run; the exit status is the worst of them (a signal stops at once).
 bench: setup
-	@worst=0; for b in "bench.run" "bench.run --cross-node" "bench.directory" "bench.cli_latency" "bench.policy" "bench.pod_start" "bench.upgrade" "bench.hostile" "bench.repair"; do \
+	@worst=0; for b in "bench.run" "bench.run --cross-node" "bench.directory" "bench.cli_latency" "bench.policy" "bench.pod_start" "bench.upgrade" "bench.soak --cycles $(SOAK_CYCLES)" "bench.hostile" "bench.repair"; do \
 		$(PY) -m $$b; s=$$?; [ $$s -ge 128 ] && exit $$s; [ $$s -gt $$worst ] && worst=$$s; \
 	done; exit $$worst
 
