@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config import IdentityConfig
 from agent.control.protocol import TrustBundle, WorkloadCertificate
+from agent.identity.spiffe import IdentityError
 from agent.workloads import Workload
 
 if TYPE_CHECKING:
@@ -54,7 +55,6 @@ FindPod = Callable[[str, str], "tuple[str, str] | None"]
 def load_ca_client(identity: IdentityConfig, state_dir: Path, find_pod: FindPod | None) -> Signer:
     """The CA service's client (`identity.ca_url`): no signing key on this node."""
     from agent.identity.ca_client import CaClient  # cryptography: only in the running agent
-    from agent.identity.spiffe import IdentityError
 
     if find_pod is None:
         raise IdentityError(
@@ -94,6 +94,7 @@ class Certificates:
         self.signer: Signer | None = None
         self.current: dict[str, Minted] = {}
         self.find_pod: FindPod | None = None
+        self.failures: dict[str, str] = {}  # uid -> why its last (re)issue failed
 
     def load(self) -> None:
         if self.identity.ca_url:
@@ -119,6 +120,7 @@ class Certificates:
                 workload.namespace, workload.service_account, self.identity.workload_cert_ttl, now
             )
             self.current[workload.uid] = cert
+            self.failures.pop(workload.uid, None)
             log.info(
                 "issued certificate for %s (%s), serial %x, expires %s",
                 workload.name,
@@ -128,12 +130,40 @@ class Certificates:
             )
         return message(workload.uid, cert)
 
+    def issue_or_keep(self, workload: Workload) -> WorkloadCertificate | None:
+        """`issue` for a proxy's snapshot: when the signer fails (the CA service unreachable or
+        refusing), the certificate the workload has (None without one) and the failure logged;
+        the identity loop asks again (`due`).  A CA outage never keeps a proxy from its snapshot."""
+        try:
+            return self.issue(workload)
+        except IdentityError as exc:
+            self._failed(workload, exc)
+            cert = self.current.get(workload.uid)
+            return None if cert is None else message(workload.uid, cert)
+
+    def renew(self, workload: Workload, now: dt.datetime) -> WorkloadCertificate | None:
+        """A fresh certificate for a workload `due` lists, or None (logged) if the signer fails."""
+        try:
+            return self.issue(workload, renew=True, now=now)
+        except IdentityError as exc:
+            self._failed(workload, exc)
+            return None
+
+    def _failed(self, workload: Workload, exc: IdentityError) -> None:
+        if self.failures.get(workload.uid) != str(exc):  # once per reason, not every tick
+            log.error("no certificate for %s: %s", workload.describe(), exc)
+        self.failures[workload.uid] = str(exc)
+
     def due(self, workloads: Iterable[Workload], now: dt.datetime) -> list[Workload]:
-        """The workloads whose current certificate is due for renewal at `now`."""
-        return [w for w in workloads if (c := self.current.get(w.uid)) is not None and _due(c, now)]
+        """The workloads whose certificate is due for renewal at `now`, or missing (a signer
+        that failed before)."""
+        if self.signer is None:
+            return []
+        return [w for w in workloads if (c := self.current.get(w.uid)) is None or _due(c, now)]
 
     def forget(self, uid: str) -> None:
         self.current.pop(uid, None)
+        self.failures.pop(uid, None)
 
     def status(self) -> dict[str, Any]:
         """The `identity` part of the agent's status reply (no key material)."""
@@ -143,6 +173,7 @@ class Certificates:
             "node_certificate_expires": (
                 self.signer.not_after.timestamp() if self.signer is not None else None
             ),
+            "failures": dict(self.failures),
             "certificates": {
                 uid: {
                     "spiffe_id": cert.spiffe_id,

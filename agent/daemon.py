@@ -192,7 +192,7 @@ class Agent:
     def _snapshot(self) -> Snapshot:
         """Everything a (re)connecting proxy must hold (called under `state_lock`)."""
         workloads = list(self.enrollments.values())
-        certificates = [self.certificates.issue(w) for w in workloads]
+        certificates = [self.certificates.issue_or_keep(w) for w in workloads]
         return Snapshot(
             [(w, self.enrollment.mode(w)) for w in workloads],
             self.certificates.trust(),
@@ -346,7 +346,7 @@ class Agent:
                 async with self.state_lock:
                     now = dt.datetime.now(dt.UTC)
                     for workload in self.certificates.due(self.enrollments.values(), now):
-                        renewed = self.certificates.issue(workload, renew=True, now=now)
+                        renewed = self.certificates.renew(workload, now)
                         if renewed is not None:
                             await self.hub.send_certificate(renewed)
                     await self.publisher.refresh(self.enrollments)

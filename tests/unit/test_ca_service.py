@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from pathlib import Path
+
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from agent.config import ConfigError, parse_config
+from agent.certificates import Certificates
+from agent.config import ConfigError, IdentityConfig, parse_config
 from agent.identity.ca_server import CsrError, csr_facts
 from agent.identity.ca_service import (
     NODE_NAME_EXTRA,
@@ -21,7 +25,10 @@ from agent.identity.ca_service import (
     decide,
     pod_facts,
 )
-from agent.identity.spiffe import SpiffeId
+from agent.identity.certs import WorkloadCertificate as Minted
+from agent.identity.spiffe import IdentityError, SpiffeId
+from agent.workloads import Workload
+from tests.unit.fakes import FakeSigner, Journal
 
 TD = "cluster.local"
 AGENT = "system:serviceaccount:ferry-system:ferry-agent"
@@ -154,3 +161,46 @@ def test_the_agent_config_names_a_bad_ca_url_or_probe_switch() -> None:
         parse_config({"identity": {"ca_url": "http://ca:15012"}})
     with pytest.raises(ConfigError, match=r"kubernetes\.probe_snat: 'yes' is not true or false"):
         parse_config({"kubernetes": {"probe_snat": "yes"}})
+
+
+class FlakySigner(FakeSigner):
+    """A CA service that answers, or (while `down`) refuses like an unreachable one."""
+
+    def __init__(self) -> None:
+        super().__init__(Journal())
+        self.down = False
+
+    def mint(
+        self, namespace: str, service_account: str, ttl_seconds: float, now: dt.datetime
+    ) -> Minted:
+        if self.down:
+            raise IdentityError("cannot reach the CA service https://ferry-ca: refused")
+        return super().mint(namespace, service_account, ttl_seconds, now)
+
+
+def test_a_ca_outage_never_costs_a_proxy_its_snapshot_and_is_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    signer = FlakySigner()
+    certificates = Certificates(IdentityConfig(workload_cert_ttl=3600), tmp_path,
+                                loader=lambda _identity, _dir: signer)  # fmt: skip
+    certificates.load()
+    web = Workload("uid-web", "web", "/run/netns/web", 1, "shop", "web")
+    db = Workload("uid-db", "db", "/run/netns/db", 2, "shop", "db")
+    now = dt.datetime.now(dt.UTC)
+    held = certificates.issue(web, now=now)
+    signer.down = True
+    assert certificates.issue_or_keep(web) == held  # still valid: the snapshot keeps it
+    assert certificates.issue_or_keep(db) is None  # none yet: the snapshot goes without it
+    later = now + dt.timedelta(seconds=1900)  # past half of web's lifetime
+    assert certificates.due([web, db], later) == [web, db]
+    assert certificates.renew(web, later) is None and certificates.renew(db, later) is None
+    assert certificates.status()["failures"] == {
+        "uid-db": "cannot reach the CA service https://ferry-ca: refused",
+        "uid-web": "cannot reach the CA service https://ferry-ca: refused",
+    }
+    assert len([r for r in caplog.records if "no certificate for 'db'" in r.getMessage()]) == 1
+    signer.down = False
+    renewed = certificates.renew(db, later)
+    assert renewed is not None and certificates.due([db], later) == []
+    assert "uid-db" not in certificates.status()["failures"]
