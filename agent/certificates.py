@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from agent.identity.certs import WorkloadCertificate as Minted
 
 log = logging.getLogger("ferry.agent")
+RETRY_MAX = 60.0  # seconds between attempts for a workload whose certificate the signer refused
 
 
 class Signer(Protocol):
@@ -87,6 +89,7 @@ class Certificates:
         identity: IdentityConfig,
         state_dir: Path,
         loader: Callable[[IdentityConfig, Path], Signer | None] = load_node_signer,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.identity = identity
         self.state_dir = state_dir
@@ -95,6 +98,9 @@ class Certificates:
         self.current: dict[str, Minted] = {}
         self.find_pod: FindPod | None = None
         self.failures: dict[str, str] = {}  # uid -> why its last (re)issue failed
+        self.attempts: dict[str, int] = {}  # uid -> failed attempts in a row
+        self.retry_at: dict[str, float] = {}  # uid -> when to ask again (clock)
+        self.clock = clock
 
     def load(self) -> None:
         if self.identity.ca_url:
@@ -120,7 +126,8 @@ class Certificates:
                 workload.namespace, workload.service_account, self.identity.workload_cert_ttl, now
             )
             self.current[workload.uid] = cert
-            self.failures.pop(workload.uid, None)
+            for failed in (self.failures, self.attempts, self.retry_at):
+                failed.pop(workload.uid, None)
             log.info(
                 "issued certificate for %s (%s), serial %x, expires %s",
                 workload.name,
@@ -153,17 +160,27 @@ class Certificates:
         if self.failures.get(workload.uid) != str(exc):  # once per reason, not every tick
             log.error("no certificate for %s: %s", workload.describe(), exc)
         self.failures[workload.uid] = str(exc)
+        attempts = self.attempts.get(workload.uid, 0) + 1
+        self.attempts[workload.uid] = attempts
+        self.retry_at[workload.uid] = self.clock() + min(RETRY_MAX, 2.0**attempts)
 
     def due(self, workloads: Iterable[Workload], now: dt.datetime) -> list[Workload]:
         """The workloads whose certificate is due for renewal at `now`, or missing (a signer
-        that failed before)."""
+        that failed before: asked again after 2, 4, 8 ... at most `RETRY_MAX` seconds, so a CA
+        service that does not answer costs the agent one attempt per workload and interval)."""
         if self.signer is None:
             return []
-        return [w for w in workloads if (c := self.current.get(w.uid)) is None or _due(c, now)]
+        tick = self.clock()
+        return [
+            w
+            for w in workloads
+            if ((c := self.current.get(w.uid)) is None or _due(c, now))
+            and self.retry_at.get(w.uid, 0.0) <= tick
+        ]
 
     def forget(self, uid: str) -> None:
-        self.current.pop(uid, None)
-        self.failures.pop(uid, None)
+        for held in (self.current, self.failures, self.attempts, self.retry_at):
+            held.pop(uid, None)
 
     def status(self) -> dict[str, Any]:
         """The `identity` part of the agent's status reply (no key material)."""

@@ -34,7 +34,7 @@ from agent.identity.ca import key_pem, load_certificates, new_key, read_file
 from agent.identity.certs import WorkloadCertificate
 from agent.identity.spiffe import IdentityError, spiffe_id
 
-TIMEOUT = 10.0
+TIMEOUT = 5.0  # seconds; the call blocks the agent (see the module doc)
 PodFinder = Callable[[str, str], "tuple[str, str] | None"]  # (namespace, sa) -> a pod on the node
 
 

@@ -182,8 +182,10 @@ def test_a_ca_outage_never_costs_a_proxy_its_snapshot_and_is_retried(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     signer = FlakySigner()
+    clock = [100.0]
     certificates = Certificates(IdentityConfig(workload_cert_ttl=3600), tmp_path,
-                                loader=lambda _identity, _dir: signer)  # fmt: skip
+                                loader=lambda _identity, _dir: signer,
+                                clock=lambda: clock[0])  # fmt: skip
     certificates.load()
     web = Workload("uid-web", "web", "/run/netns/web", 1, "shop", "web")
     db = Workload("uid-db", "db", "/run/netns/db", 2, "shop", "db")
@@ -193,8 +195,13 @@ def test_a_ca_outage_never_costs_a_proxy_its_snapshot_and_is_retried(
     assert certificates.issue_or_keep(web) == held  # still valid: the snapshot keeps it
     assert certificates.issue_or_keep(db) is None  # none yet: the snapshot goes without it
     later = now + dt.timedelta(seconds=1900)  # past half of web's lifetime
+    assert certificates.due([web, db], later) == [web]  # db: asked again in 2 s
+    clock[0] += 2.0
     assert certificates.due([web, db], later) == [web, db]
     assert certificates.renew(web, later) is None and certificates.renew(db, later) is None
+    assert certificates.due([web, db], later) == []  # not before the backoff: 2 s, 4 s, ...
+    clock[0] += 4.0  # the second failure in a row: 4 s
+    assert certificates.due([web, db], later) == [web, db]
     assert certificates.status()["failures"] == {
         "uid-db": "cannot reach the CA service https://ferry-ca: refused",
         "uid-web": "cannot reach the CA service https://ferry-ca: refused",
