@@ -97,6 +97,16 @@ def status_word(path: Path, field: str) -> str:
     raise AssertionError(f"no {field} in {path}")
 
 
+def read_only_mounts(pid: int) -> set[str]:
+    """The mount points a process sees read-only (its /proc/<pid>/mountinfo)."""
+    found = set()
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if "ro" in fields[5].split(","):
+            found.add(fields[4])
+    return found
+
+
 def own_bounding_set() -> int:
     return int(status_word(Path("/proc/self/status"), "CapBnd"), 16)
 
@@ -139,6 +149,8 @@ def test_agent_and_proxy_work_under_their_units_capabilities_and_protections(
         expected = bounding_mask(capabilities(service(unit))) & own_bounding_set()
         assert int(status_word(proc_status, "CapBnd"), 16) == expected
         assert status_word(proc_status, "NoNewPrivs") == "1"
+    assert ferry.proxy is not None
+    assert read_only_mounts(ferry.proxy.pid) >= {"/usr", "/etc"}  # ProtectSystem=full
     server, client = node.add_pod("server"), node.add_pod("client")
     server.start_http_server(8080)
     ferry.enroll(client, "shop", "client")
