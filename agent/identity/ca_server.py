@@ -238,13 +238,11 @@ class Answer:
 def handle(settings: Settings, root: Root, cluster: Cluster, token: str, body: bytes) -> Answer:
     """One certificate request, decided and (if approved) signed."""
     try:
-        request = json.loads(body)
-        csr_pem = request["csr"].encode()
-        pod_ref = (str(request["pod"]["namespace"]), str(request["pod"]["name"]))
-        ttl = float(request.get("ttl_seconds") or settings.max_ttl)
-        csr = csr_facts(csr_pem)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        request = ca_service.parse_request(body, settings.max_ttl)
+        csr = csr_facts(request.csr_pem)
+    except ValueError as exc:  # RequestError, CsrError
         return Answer(400, {"error": f"bad request: {exc}"})
+    pod_ref = request.pod_ref
     try:
         review = cluster.review(token)
         agent_pod = None
@@ -267,7 +265,7 @@ def handle(settings: Settings, root: Root, cluster: Cluster, token: str, body: b
                     review.username or "an unauthenticated caller", node, *pod_ref,
                     verdict.status, verdict.reason)  # fmt: skip
         return Answer(verdict.status, {"error": verdict.reason})
-    chain, not_after = root.sign(csr_pem, verdict.identity, min(max(ttl, 60.0), settings.max_ttl))
+    chain, not_after = root.sign(request.csr_pem, verdict.identity, request.ttl)
     log.info("signed %s for %s on node %s (pod %s/%s), expires %s", verdict.identity,
              review.username, node, *pod_ref, not_after.isoformat())  # fmt: skip
     return Answer(200, {"certificate_chain": chain.decode(), "bundle": root.bundle_pem.decode(),

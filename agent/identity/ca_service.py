@@ -18,15 +18,19 @@ scheduled on it.  Everything it decides is here, as pure functions over plain da
   trust domain (400); the named pod exists (403), is in the ID's namespace (403), is scheduled
   on the caller's node (403), runs as the ID's service account (403) and has not finished (403).
 
-The request names the pod (`namespace`, `name`) because the CA may only `get` pods, not list
-them: any running pod of that service account on the node proves the node may hold the identity.
+`parse_request` reads the request body (`RequestError`, a 400, names what is wrong).  The request
+names the pod (`namespace`, `name`) because the CA may only `get` pods, not list them: any
+running pod of that service account on the node proves the node may hold the identity.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from agent import names
 from agent.identity.spiffe import IdentityError, SpiffeId, parse_spiffe_id
 
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
@@ -76,6 +80,44 @@ class Refused:
 
 
 Verdict = Approved | Refused
+
+
+class RequestError(ValueError):
+    """The request body is not a certificate request; the message names the bad value."""
+
+
+@dataclass(frozen=True)
+class CertificateRequest:
+    csr_pem: bytes
+    pod_ref: tuple[str, str]  # (namespace, name) of a pod on the caller's node
+    ttl: float  # seconds, within 60 .. max_ttl
+
+
+def parse_request(body: bytes, max_ttl: float) -> CertificateRequest:
+    """`{"csr": PEM, "pod": {"namespace", "name"}, "ttl_seconds": N}`; raise `RequestError`."""
+    try:
+        request = json.loads(body)
+    except (ValueError, RecursionError):
+        raise RequestError("the body is not JSON") from None
+    if not isinstance(request, dict):
+        raise RequestError(f"the body must be a JSON object, got {type(request).__name__}")
+    csr, pod = request.get("csr"), request.get("pod")
+    if not isinstance(csr, str) or not csr:
+        raise RequestError("csr must be a PEM certificate signing request (a string)")
+    if not isinstance(pod, dict):
+        raise RequestError(f"pod must be an object {{namespace, name}}, got {pod!r:.80}")
+    try:
+        pod_ref = (
+            names.dns_label("pod namespace", pod.get("namespace")),
+            names.dns_subdomain("pod name", pod.get("name")),
+        )
+    except names.InvalidName as exc:
+        raise RequestError(str(exc)) from None
+    ttl = request.get("ttl_seconds", max_ttl)
+    number = isinstance(ttl, int | float) and not isinstance(ttl, bool)
+    if not number or not math.isfinite(ttl) or ttl <= 0:
+        raise RequestError(f"ttl_seconds {ttl!r:.40} must be a positive number of seconds")
+    return CertificateRequest(csr.encode(), pod_ref, min(max(float(ttl), 60.0), max_ttl))
 
 
 def caller_node(review: Review, agent_pod: PodFacts | None) -> str | None:

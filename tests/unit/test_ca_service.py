@@ -17,12 +17,15 @@ from agent.identity.ca_service import (
     NODE_NAME_EXTRA,
     POD_NAME_EXTRA,
     Approved,
+    CertificateRequest,
     CsrFacts,
     PodFacts,
     Refused,
+    RequestError,
     Review,
     caller_node,
     decide,
+    parse_request,
     pod_facts,
 )
 from agent.identity.certs import WorkloadCertificate as Minted
@@ -211,3 +214,33 @@ def test_a_ca_outage_never_costs_a_proxy_its_snapshot_and_is_retried(
     renewed = certificates.renew(db, later)
     assert renewed is not None and certificates.due([db], later) == []
     assert "uid-db" not in certificates.status()["failures"]
+
+
+REQUESTS = [
+    (b"not json", "the body is not JSON"),
+    (b"[1]", "must be a JSON object, got list"),
+    (b'{"pod": {"namespace": "shop", "name": "web-1"}}', "csr must be a PEM"),
+    (b'{"csr": "x", "pod": "web-1"}', "pod must be an object"),
+    (b'{"csr": "x", "pod": {"namespace": "Shop", "name": "web-1"}}',
+     "invalid pod namespace 'Shop'"),
+    (b'{"csr": "x", "pod": {"namespace": "shop", "name": "../secrets"}}',
+     "invalid pod name '../secrets'"),
+    (b'{"csr": "x", "pod": {"namespace": "shop", "name": "w"}, "ttl_seconds": NaN}',
+     "ttl_seconds nan must be a positive number"),
+    (b'{"csr": "x", "pod": {"namespace": "shop", "name": "w"}, "ttl_seconds": true}',
+     "ttl_seconds True must be a positive number"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "reason"), REQUESTS)
+def test_a_bad_request_is_named(body: bytes, reason: str) -> None:
+    with pytest.raises(RequestError) as refused:
+        parse_request(body, 3600)
+    assert reason in str(refused.value)
+
+
+def test_a_request_gets_a_ttl_within_bounds() -> None:
+    body = b'{"csr": "PEM", "pod": {"namespace": "shop", "name": "web-1"}, "ttl_seconds": 10}'
+    assert parse_request(body, 3600) == CertificateRequest(b"PEM", ("shop", "web-1"), 60.0)
+    assert parse_request(body.replace(b"10}", b"9e9}"), 3600).ttl == 3600
+    assert parse_request(body.replace(b', "ttl_seconds": 10', b""), 3600).ttl == 3600
