@@ -375,8 +375,11 @@ def serve(ca_dir: Path, trust_domain: str, listen: str, server_names: list[str],
                       Cluster(kubeconfig, audience), server_names)  # fmt: skip
     log.info("CA service for %s on https://%s (server names %s), signing for %s",
              trust_domain, listen, ", ".join(server_names), ", ".join(agent_accounts))  # fmt: skip
-    stop = threading.Thread(target=server.shutdown, name="ca-shutdown", daemon=True)
-    signal.signal(signal.SIGTERM, lambda *_: stop.start())
+
+    def stop(*_: object) -> None:  # shutdown() waits for serve_forever(), whose thread this is
+        threading.Thread(target=server.shutdown, name="ca-shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -6,12 +6,14 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from agent.certificates import Certificates
 from agent.config import ConfigError, IdentityConfig, parse_config
+from agent.identity.ca import init_ca
 from agent.identity.ca_server import CsrError, csr_facts
 from agent.identity.ca_service import (
     NODE_NAME_EXTRA,
@@ -29,6 +31,7 @@ from agent.identity.ca_service import (
     pod_facts,
 )
 from agent.identity.certs import WorkloadCertificate as Minted
+from agent.identity.cli import ca
 from agent.identity.spiffe import IdentityError, SpiffeId
 from agent.workloads import Workload
 from tests.unit.fakes import FakeSigner, Journal
@@ -244,3 +247,15 @@ def test_a_request_gets_a_ttl_within_bounds() -> None:
     assert parse_request(body, 3600) == CertificateRequest(b"PEM", ("shop", "web-1"), 60.0)
     assert parse_request(body.replace(b"10}", b"9e9}"), 3600).ttl == 3600
     assert parse_request(body.replace(b', "ttl_seconds": 10', b""), 3600).ttl == 3600
+
+
+def test_agent_ca_serve_refuses_a_missing_root_or_listen_address(tmp_path: Path) -> None:
+    runner = CliRunner()
+    missing = runner.invoke(ca, ["serve", "--ca-dir", str(tmp_path / "none")])
+    assert missing.exit_code == 1
+    assert f"CA key {tmp_path / 'none' / 'ca.key'} does not exist" in missing.output
+    init_ca(tmp_path / "ca", "cluster.local")
+    bad = runner.invoke(ca, ["serve", "--ca-dir", str(tmp_path / "ca"), "--listen", "15012"])
+    assert bad.exit_code == 1 and "--listen '15012' is not host:port" in bad.output
+    other = runner.invoke(ca, ["serve", "--ca-dir", str(tmp_path / "ca"), "--trust-domain", "x.io"])
+    assert other.exit_code == 1 and "trust domain 'x.io' is not permitted" in other.output
