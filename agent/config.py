@@ -77,6 +77,8 @@ limits:
                                  # head to its end; past it 408 and the connection is closed
 agent:
   reconcile_interval: 10.0       # default, seconds between full drift checks
+  loss_watch_interval: 0.5       # default, seconds between the loss watch's samples of every
+                                 # pod (lost rules repaired at once); 0: off, reconcile only
 identity:
   trust_domain: cluster.local    # default: spiffe://<trust_domain>/ns/<namespace>/sa/<sa>
   node_credentials: ""           # default, meaning <state-dir>/identity: a dir with node.crt,
@@ -220,6 +222,7 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class AgentConfig:
     reconcile_interval: float = 10.0
+    loss_watch_interval: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -444,7 +447,10 @@ def _limits(raw: Any) -> LimitsConfig:
 def _agent(raw: Any) -> AgentConfig:
     cfg = replace(AgentConfig(), **_section("agent", raw, AgentConfig))
     _positive("agent.reconcile_interval", cfg.reconcile_interval)
-    return cfg
+    watch = cfg.loss_watch_interval
+    if isinstance(watch, bool) or not isinstance(watch, int | float) or not 0 <= watch <= 60:
+        raise ConfigError(f"agent.loss_watch_interval: {watch!r} must be 0 (off) to 60 seconds")
+    return replace(cfg, loss_watch_interval=float(watch))
 
 
 def _identity(raw: Any) -> IdentityConfig:

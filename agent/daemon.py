@@ -131,7 +131,8 @@ class Agent:
             backend = make_backend(choice, config.redirection, self.executor, state_dir)
         self.backend = backend
         self.loss_watch = LossWatch(self.backend_choice[0], backend, config.redirection,
-                                    self.executor, self.state_lock)  # fmt: skip
+                                    self.executor, self.state_lock,
+                                    config.agent.loss_watch_interval)  # fmt: skip
         self.certificates = Certificates(config.identity, state_dir)
         self.hub = ProxyHub(self._snapshot, self.state_lock)
         self.publisher = Publisher(config, state_dir, self.hub)
@@ -399,13 +400,15 @@ class Agent:
         tasks = [
             asyncio.create_task(self.hub.accept_forever(control), name="accept-proxies"),
             asyncio.create_task(self._reconcile_forever(), name="reconcile"),
-            asyncio.create_task(self.loss_watch.run(lambda: self.enrollments), name="loss-watch"),
             asyncio.create_task(self._identity_forever(), name="identity"),
             asyncio.create_task(self.policy.follow(), name="policy"),
             asyncio.create_task(self.policy.jwks_forever(), name="jwks"),
         ]
         if self.kube is not None:
             tasks.append(asyncio.create_task(self.kube.run(), name="kubernetes"))
+        if self.config.agent.loss_watch_interval:  # 0: the reconcile repairs alone
+            watch = self.loss_watch.run(lambda: self.enrollments)
+            tasks.append(asyncio.create_task(watch, name="loss-watch"))
         log.info(
             "agent %s on node %s: state dir %s, %d enrolled workload(s), backend %s (%s)",
             __version__,

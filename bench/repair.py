@@ -11,6 +11,9 @@ reconcile loop runs once an hour (so only the loss watch, `agent.redirect.watch`
 - time to repair: per pod, from its loss (the moment its flush returned; for eBPF, the links
   detached) to the agent's log line of its repair, the quickest and the slowest pod of each of
   `--rounds` rounds; then `agent status` must read every pod back as `ok`;
+- the agent's CPU per pod repaired (its CPU over the round, less its idle rate), and the
+  machine's load average meanwhile: the repairs run one after another on the agent's netns
+  thread, so a round of 20 takes 20 times the CPU of one, stretched by whatever else runs;
 - the watch's cost: the agent's CPU over `--idle` seconds with nothing lost (its other loops
   are idle: the identity loop looks once a second), and the price of one sample measured in
   this process with the watch's own `Sentinel` on the same pods (microseconds of CPU per pod
@@ -72,6 +75,8 @@ class Case:
     first_s: list[float] = field(default_factory=list)  # the quickest pod, per round
     agent_cpu_pct: float = 0.0  # idle, watch running
     sample_us: float = 0.0  # CPU per pod per sample
+    repair_cpu_ms: list[float] = field(default_factory=list)  # the agent's, per pod, per round
+    load: list[float] = field(default_factory=list)  # the machine's 1-minute load, per round
     error: str = ""
 
     @property
@@ -173,6 +178,7 @@ def measure(case: Case, rounds: int, idle: float) -> None:
         case.sample_us = sample_cost(case.backend, pods)
         for i in range(rounds):
             skip = log_lines(ferry)
+            cpu = agent.cpu_times()
             lost = lose(case.backend, ferry, pods)
 
             def whole(lost: dict[str, float] = lost, skip: int = skip) -> bool:
@@ -183,6 +189,9 @@ def measure(case: Case, rounds: int, idle: float) -> None:
             while not whole() and time.monotonic() < deadline:
                 time.sleep(0.05)
             time.sleep(1.0)  # a pod repaired twice (rules, then routes): its last repair counts
+            spent = sum(agent.cpu_times()[:2]) - sum(cpu[:2]) - 1.0 * case.agent_cpu_pct / 100
+            case.repair_cpu_ms.append(max(0.0, spent) / case.pods * 1e3)
+            case.load.append(os.getloadavg()[0])
             seen = repairs(ferry, skip)
             took = [max([t for t in seen.get(n, ()) if t >= at], default=at + 99) - at
                     for n, at in lost.items()]  # fmt: skip
@@ -210,20 +219,24 @@ def report(cases: Sequence[Case]) -> str:
         "# Repair of lost redirection (the loss watch)",
         "",
         f"Every enrolled pod loses its rules and routes at once; the watch samples every "
-        f"{INTERVAL:g} s. Target: every pod repaired within {TARGET:g} s.",
+        f"{INTERVAL:g} s. Target: every pod repaired within {TARGET:g} s. Repair CPU: the "
+        "agent's CPU per pod repaired; load: the machine's 1-minute load average meanwhile "
+        f"({os.cpu_count()} CPUs): the repairs of a round run one after another, so their "
+        "wall time grows with both.",
         "",
         "| backend | pods | quickest pod (s) | slowest pod, median (s) | slowest pod, max (s) "
-        "| agent CPU idle | sample (µs/pod) | watch CPU | result |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| repair CPU (ms/pod) | load | agent CPU idle | sample (µs/pod) | watch CPU | result |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c in cases:
         if not c.repairs_s:
-            lines.append(f"| {c.backend} | {c.pods} | | | | | | | FAILED: {c.error} |")
+            lines.append(f"| {c.backend} | {c.pods} | | | | | | | | | FAILED: {c.error} |")
             continue
         verdict = "ok" if c.ok else f"FAILED {c.error}".strip()
         lines.append(
             f"| {c.backend} | {c.pods} | {statistics.median(c.first_s):.2f} "
             f"| {statistics.median(c.repairs_s):.2f} | {max(c.repairs_s):.2f} "
+            f"| {statistics.median(c.repair_cpu_ms):.0f} | {statistics.median(c.load):.1f} "
             f"| {c.agent_cpu_pct:.1f} % | {c.sample_us:.0f} | {c.watch_pct:.2f} % | {verdict} |"
         )
     return "\n".join(lines)

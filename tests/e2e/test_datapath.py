@@ -200,7 +200,8 @@ def test_drift_is_repaired(mesh: tuple[FerryNode, Pod, Pod]) -> None:
 
 def test_status_reports_drift_read_back_from_the_kernel(sim_node: SimNode) -> None:
     pod = sim_node.add_pod("app")
-    ferry = FerryNode(sim_node, config={"agent": {"reconcile_interval": 3600}})
+    agent = {"reconcile_interval": 3600, "loss_watch_interval": 0}  # nothing repairs the drift
+    ferry = FerryNode(sim_node, config={"agent": agent})
     ferry.start()
     ferry.enroll(pod)
     pod.exec(["iptables-legacy", "-t", "nat", "-F", "FERRY_OUTPUT"], check=True)

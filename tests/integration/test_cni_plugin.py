@@ -28,7 +28,8 @@ PLUGIN = Path(__file__).resolve().parents[2] / "build" / "ferry-cni"
 def ferry(sim_node: SimNode) -> Iterator[FerryNode]:
     if not PLUGIN.exists():
         pytest.fail(f"{PLUGIN} is missing: run `make setup` (it builds the plugin)", pytrace=False)
-    node = FerryNode(sim_node, workers=1, config={"agent": {"reconcile_interval": 3600}})
+    agent = {"reconcile_interval": 3600, "loss_watch_interval": 0}  # drift stays for CHECK
+    node = FerryNode(sim_node, workers=1, config={"agent": agent})
     node.start_agent()
     try:
         yield node

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from agent.config import ConfigError, parse_config
 from agent.redirect.loss import Sample, WatchCounts, suspects
 from agent.status import render
 from tests.unit.test_status import NOW, document
@@ -58,3 +59,11 @@ def test_agent_status_shows_the_repairs_next_to_the_reconcile() -> None:
     assert "last reconcile 4s ago, no changes   1 loss repair(s), last shop/web 3s ago" in render(
         doc
     )
+
+
+def test_the_watch_interval_is_checked_and_0_turns_it_off() -> None:
+    assert parse_config(None).agent.loss_watch_interval == 0.5
+    assert parse_config({"agent": {"loss_watch_interval": 0}}).agent.loss_watch_interval == 0.0
+    for bad in (-1, 61, "fast", True):
+        with pytest.raises(ConfigError, match=rf"agent.loss_watch_interval: {bad!r} must be"):
+            parse_config({"agent": {"loss_watch_interval": bad}})
