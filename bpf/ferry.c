@@ -18,6 +18,13 @@
 // The proxy's own sockets carry `mark` (SO_MARK) and are never rewritten; its deliveries to the
 // app are never steered, and get the connmark (see is_proxy) so the app's replies find their
 // way back.  Everything else is left exactly as it was.
+//
+// Same-node fast path: `fastpath`, a stream verdict program on the `joined` SOCKHASH, joins the
+// two sockets the proxy holds for a same-node connection that policy lets through without
+// inspection (agent/proxy/fastpath.py puts both in, crosswise: under each leg's socket cookie,
+// the other leg).  Every skb that arrives on one leg goes out of the other, in the receiving
+// softirq and the psock's kworker, never queued to the proxy: its worker is out of the byte
+// path.  A FIN is not data and still reaches the proxy's socket, so the proxy sees the close.
 
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -115,6 +122,8 @@ struct listeners_table_t {
 __attribute__((section("maps/sockhash")))
 struct listeners_table_t listeners = {.max_entries = 65536};
 BPF_ANNOTATE_KV_PAIR(listeners, struct listener_key, __u64);
+
+BPF_SOCKHASH(joined, __u64, 65536);
 
 static __always_inline struct config *enrolled_config(void *ctx) {
     __u64 netns = ferry_netns_cookie(ctx);
@@ -427,4 +436,9 @@ int sk_lookup(struct bpf_sk_lookup *ctx) {
     long err = ferry_sk_assign(ctx, sk, 0);
     ferry_sk_release(sk);
     return err ? SK_DROP : SK_PASS;
+}
+
+int fastpath(struct __sk_buff *skb) {
+    __u64 cookie = ferry_socket_cookie(skb);
+    return joined.sk_redirect_hash(skb, &cookie, 0);  // to the other leg's egress
 }

@@ -77,6 +77,7 @@ from agent.control.protocol import (
     WorkloadCertificate,
 )
 from agent.directory import DirectoryError, DirectoryTable, DirectoryUpdate
+from agent.proxy import fastpath
 from agent.proxy.handoff import HANDOFF_SOCKET
 from agent.proxy.messages import (
     AddWorkload,
@@ -142,6 +143,7 @@ class Supervisor:
     def __init__(self, config: Config, state_dir: Path, workers: int) -> None:
         self.config = config
         self.state_dir = state_dir
+        os.environ[fastpath.STATE_DIR_ENV] = str(state_dir)  # workers find the fast path's map
         self.worker_count = workers or os.cpu_count() or 1
         self.served: dict[str, Served] = {}
         self.lock = threading.RLock()

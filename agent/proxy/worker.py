@@ -17,7 +17,8 @@ acts on the answer; it never decides inline:
 - outbound accept -> SO_ORIGINAL_DST -> `route_outbound`: `Passthrough` opens a marked upstream
   socket in the source netns and relays with splice (`agent.proxy.relay`); `Local` (a workload
   this proxy serves) connects inside the destination's netns from the source's IP, one relay and
-  no TLS with itself, as ztunnel's local path; `Tunnel` adds a CONNECT stream to a pooled HBONE
+  no TLS with itself, as ztunnel's local path, joined in the kernel when uninspected and the eBPF
+  backend's map is there (`agent.proxy.fastpath`); `Tunnel` adds a CONNECT stream to a pooled HBONE
   connection (`agent.proxy.tunnel_pool`) whose server must present the expected identity;
   `Refuse` resets the client.
 - inbound accept -> `admit_inbound`: an admitted connection is relayed with a transparent socket
@@ -72,6 +73,7 @@ from agent.policy.ratelimit import BucketStore
 from agent.proxy import decide
 from agent.proxy.admission import FDS_PER_RELAY, Admission, bounds_of, open_file_limit
 from agent.proxy.enforce import DenialLog, Enforcer, Guarded
+from agent.proxy.fastpath import FastPath, JoinedRelay
 from agent.proxy.inspected import InspectedRelay
 from agent.proxy.messages import (
     WORKER_SECTIONS,
@@ -135,6 +137,7 @@ class Worker:
         self.guarded = Guarded()
         self.requests = RequestChecker(self.enforcer)
         self.pipes = PipePool()
+        self.fastpath = FastPath.from_environment()
         self.limits = limits = config.limits
         self.bounds = bounds_of(limits)
         workers = config.proxy.workers or os.cpu_count() or 1
@@ -301,7 +304,7 @@ class Worker:
                     reset(client)
                     return
                 self._relay(dst_wl, owners, client, peer[0], dst, facts, http,
-                            wl.identity or peer[0])  # fmt: skip
+                            wl.identity or peer[0], same_node=True)  # fmt: skip
             case decide.Refuse(reason=reason, at_destination=at_destination):
                 owner = reg.local[dst[0]] if at_destination else wl
                 owner.flow("inbound" if at_destination else "outbound", "plaintext").deny(reason)
@@ -342,13 +345,16 @@ class Worker:
         facts: Facts | None = None,
         http: bool = False,
         inbound_peer: str = "",
+        same_node: bool = False,
     ) -> None:
         """Relay `client` to `dst` from inside `wl`'s netns (bound to `source_ip` when given, so
         the app sees its real peer); `counted` count it; `facts`: what an inbound connection was
         admitted with (re-checked when the policy changes); `http`: its requests are decided
         one by one (`InspectedRelay`) instead of spliced; `inbound_peer`: who it was admitted
-        for (`Admission.admit`; "" outbound).  The upstream socket and the pipes
-        come first: a client that cannot have them costs the app no connect."""
+        for (`Admission.admit`; "" outbound); `same_node`: both ends are served here, so an
+        uninspected relay is joined in the kernel when it can be (`agent.proxy.fastpath`).  The
+        upstream socket and the pipes come first: a client that cannot have them costs the app
+        no connect."""
         try:
             up = upstream_socket(
                 wl.netns_fd,
@@ -364,6 +370,10 @@ class Worker:
             relay: Relay | InspectedRelay
             if http and facts is not None:
                 relay = self._inspected(wl, counted, client, up, facts)
+            elif same_node and self.fastpath.available:
+                relay = JoinedRelay(client, up, self.fastpath, connecting=True,
+                                    watch=self.watch, done=self._relay_done, pool=self.pipes,
+                                    owner=counted)  # fmt: skip
             else:
                 relay = Relay(client, up, connecting=True, watch=self.watch,
                               done=self._relay_done, pool=self.pipes, owner=counted)  # fmt: skip

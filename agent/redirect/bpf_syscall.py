@@ -36,6 +36,7 @@ OBJ_PIN = 6
 OBJ_GET = 7
 PROG_GET_FD_BY_ID = 13
 OBJ_GET_INFO_BY_FD = 15
+PROG_ATTACH = 8
 PROG_QUERY = 16
 LINK_CREATE = 28
 LINK_UPDATE = 29
@@ -43,10 +44,12 @@ LINK_DETACH = 34
 
 # Program types (enum bpf_prog_type) and attach types (enum bpf_attach_type) Ferry uses.
 PROG_SOCK_OPS = 13
+PROG_SK_SKB = 14
 PROG_CGROUP_SOCK_ADDR = 18
 PROG_CGROUP_SOCKOPT = 25
 PROG_SK_LOOKUP = 30
 ATTACH_CGROUP_SOCK_OPS = 3
+ATTACH_SK_SKB_STREAM_VERDICT = 5
 ATTACH_CGROUP_INET4_CONNECT = 10
 ATTACH_CGROUP_INET6_CONNECT = 11
 ATTACH_CGROUP_GETSOCKOPT = 21
@@ -228,6 +231,11 @@ def prog_info(fd: int) -> ProgInfo:
     kind, prog_id = struct.unpack_from("=II", info, 0)
     name = info.raw[64:80].split(b"\0", 1)[0].decode()
     return ProgInfo(prog_id, kind, name)
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int, what: str) -> None:
+    """Attach without a link (a sockmap's programs: they live as long as the map)."""
+    _bpf(PROG_ATTACH, _attr("=IIII", target_fd, prog_fd, attach_type, 0), f"attaching {what}")
 
 
 def prog_query(target_fd: int, attach_type: int) -> list[int]:

@@ -35,6 +35,10 @@ take the mark of that SYN; and the policy route of `agent.redirect.routing` (the
 table as the iptables backend's, shared state between backends) sends packets with the connmark
 over lo to the proxy.  No netfilter rule is involved.
 
+Same-node fast path.  The `fastpath` program is attached (BPF_PROG_ATTACH, no link: the map
+holds it) to the `joined` SOCKHASH as its stream verdict; the proxy joins the two sockets of an
+uninspected same-node connection there (`agent.proxy.fastpath`), and the kernel moves the bytes.
+
 State.  Maps, programs and links are pinned under `<state dir>/bpf` (a bpffs instance Ferry
 mounts there unless one already is): `maps/<name>`, `progs/<object key>/<name>`,
 `links/cgroup-<program>` and `links/netns-<cookie>`.  An agent restart finds them and reuses
@@ -84,6 +88,7 @@ KERNEL_NAMES = {
     "sockops": "ferry_sockops",
     "getsockopt": "ferry_sockopt",
     "sk_lookup": "ferry_sk_lookup",
+    "fastpath": "ferry_fastpath",
 }
 OUTBOUND, INBOUND = 0, 1
 FWMARK_ACCEPT = "net/ipv4/tcp_fwmark_accept"
@@ -403,6 +408,7 @@ class EbpfRedirection:
                 )
                 self._progs[name] = fd
                 sys_bpf.obj_pin(fd, path)
+        self._attach_fastpath(obj, progs / "fastpath")
         for old in (self.root / "progs").iterdir():
             if old != progs:
                 shutil.rmtree(old)  # unpinning; links keep what they run until updated
@@ -411,6 +417,25 @@ class EbpfRedirection:
             self._update_link(self._cgroup_link(name), name)
         for path in (self.root / "links").glob("netns-*"):
             self._update_netns_link(obj, path)
+
+    def _attach_fastpath(self, obj: BpfObject, path: Path) -> None:
+        """The same-node fast path's verdict program, on the `joined` SOCKHASH (the map holds
+        it as long as the map lives; attaching again replaces it)."""
+        try:
+            fd = sys_bpf.obj_get(path)
+        except FileNotFoundError:
+            program = obj.program("fastpath")
+            code = obj.instructions(program, self._maps)
+            name = KERNEL_NAMES["fastpath"]
+            fd = sys_bpf.prog_load(name, program.prog_type, program.attach_type, code)
+            sys_bpf.obj_pin(fd, path)
+        try:
+            what = f"the fast path to {self.root / 'maps' / 'joined'}"
+            sys_bpf.prog_attach(
+                fd, self._maps["joined"], sys_bpf.ATTACH_SK_SKB_STREAM_VERDICT, what
+            )
+        finally:
+            os.close(fd)
 
     def _open_map(self, spec: sys_bpf.MapSpec) -> None:
         path = self.root / "maps" / spec.name
