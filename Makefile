@@ -69,7 +69,7 @@ fuzz-corpus: setup
 SOAK_CYCLES ?= 500
 # Every table in one run; the exit status is the worst of them (a signal stops at once).
 bench: setup
-	@worst=0; for b in "bench.run" "bench.run --cross-node" "bench.directory" "bench.cli_latency" "bench.policy" "bench.pod_start" "bench.upgrade" "bench.soak --cycles $(SOAK_CYCLES)" "bench.hostile" "bench.repair"; do \
+	@worst=0; for b in "bench.run" "bench.run --cross-node" "bench.directory" "bench.cli_latency" "bench.policy" "bench.pod_start" "bench.upgrade" "bench.soak --cycles $(SOAK_CYCLES)" "bench.hostile" "bench.repair" "bench.telemetry"; do \
 		$(PY) -m $$b; s=$$?; [ $$s -ge 128 ] && exit $$s; [ $$s -gt $$worst ] && worst=$$s; \
 	done; exit $$worst
 

@@ -77,6 +77,7 @@ limits:
                                  # head to its end; past it 408 and the connection is closed
 agent:
   reconcile_interval: 10.0       # default, seconds between full drift checks
+  metrics_address: 127.0.0.1:15021  # default: the agent's /metrics, /healthz, /readyz
   loss_watch_interval: 0.5       # default, seconds between the loss watch's samples of every
                                  # pod (lost rules repaired at once); 0: off, reconcile only
 identity:
@@ -131,8 +132,8 @@ telemetry:
                                  # is dropped and counted (ferry_access_log_dropped_total)
   otlp_endpoint: ""              # default: no traces; an OTLP/HTTP traces URL, for example
                                  # http://127.0.0.1:4318/v1/traces
-  trace_sample: 1.0              # default: the share of traces started here that are recorded
-                                 # (an incoming traceparent's sampled flag is kept)
+  trace_sample: 0.01             # default (Istio's 1 %): the share of traces started here that
+                                 # are recorded (an incoming traceparent's sampled flag is kept)
   workload_label_limit: 500      # default: workloads with their own metric series; the ones
                                  # seen later share workload="other"
   identity_label_limit: 1000     # default: the same for source/destination identities
@@ -222,6 +223,7 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class AgentConfig:
     reconcile_interval: float = 10.0
+    metrics_address: str = "127.0.0.1:15021"
     loss_watch_interval: float = 0.5
 
 
@@ -447,6 +449,7 @@ def _limits(raw: Any) -> LimitsConfig:
 def _agent(raw: Any) -> AgentConfig:
     cfg = replace(AgentConfig(), **_section("agent", raw, AgentConfig))
     _positive("agent.reconcile_interval", cfg.reconcile_interval)
+    parse_address("agent.metrics_address", cfg.metrics_address)
     watch = cfg.loss_watch_interval
     if isinstance(watch, bool) or not isinstance(watch, int | float) or not 0 <= watch <= 60:
         raise ConfigError(f"agent.loss_watch_interval: {watch!r} must be 0 (off) to 60 seconds")

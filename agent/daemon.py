@@ -70,7 +70,7 @@ from agent.certificates import Certificates
 from agent.cni_enroll import PodDecider, StandaloneDecider
 from agent.cni_protocol import SOCKET_NAME as CNI_SOCKET
 from agent.cni_service import CniService
-from agent.config import Config, ConfigError, WorkloadSpec, node_name_of
+from agent.config import Config, ConfigError, WorkloadSpec, node_name_of, parse_address
 from agent.control.channel import CONTROL_SOCKET
 from agent.enrollment import Enrollment
 from agent.identity.spiffe import IdentityError
@@ -95,6 +95,8 @@ from agent.redirect.backend import RedirectionBackend
 from agent.redirect.probes import ProbeSnat
 from agent.redirect.watch import LossWatch
 from agent.status import read_back
+from agent.telemetry import agent_metrics
+from agent.telemetry.agent_metrics import AgentCollector, AgentTelemetry
 from agent.workloads import Enrollments, EnrollmentStore, StoreError, Workload
 
 if TYPE_CHECKING:
@@ -117,6 +119,7 @@ class Agent:
         self.state_dir = state_dir
         self.started_at = time.time()
         self.last_reconcile: dict[str, Any] = {}
+        self.telemetry = AgentTelemetry()  # agent.metrics_address: /metrics, /healthz, /readyz
         self.state_lock = asyncio.Lock()
         self.executor = NetnsExecutor()
         self.backend_choice = (
@@ -219,6 +222,7 @@ class Agent:
                         None if mode is None else str(mode),
                         labels,
                     )
+                self.telemetry.enrolled(done.elapsed)
                 return {
                     "ok": True,
                     "workload": done.workload.to_json(),
@@ -306,6 +310,7 @@ class Agent:
             fresh = {uid: spec for uid, spec in declared.items() if uid not in current}
             actions = plan_reconcile(unchanged, observed, fresh)
             done = [await self._perform(action) for action in actions]
+        self.telemetry.reconciled(observed, actions, done)
         self.last_reconcile = {"at": time.time(), "actions": done}
         for line in done:
             log.info("reconcile: %s", line)
@@ -371,6 +376,12 @@ class Agent:
             self.store.save(loaded)
         self.enrollment.enrollments = loaded
 
+    def _watches(self) -> list[Any]:
+        return [r.health for r in self.kube.client.reflectors] if self.kube is not None else []
+
+    def _policy_rejected(self) -> bool:
+        return self.policy.status(self.enrollments).get("rejected") is not None
+
     async def run(self) -> None:
         prepare_state_dir(self.state_dir)
         lock = hold_agent_lock(self.state_dir)
@@ -394,6 +405,12 @@ class Agent:
         admin = await serve_async(self.state_dir / AGENT_SOCKET, self.handle)
         cni = await self.cni.serve(self.state_dir / CNI_SOCKET)
         control = self.hub.listen(self.state_dir)
+        endpoints = agent_metrics.serve(
+            parse_address("agent.metrics_address", self.config.agent.metrics_address),
+            AgentCollector(self.telemetry, self._watches, self._policy_rejected),
+            asyncio.get_running_loop(),
+            lambda: "" if self.telemetry.reconcile_runs else "the first reconcile is not done",
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
@@ -426,6 +443,9 @@ class Agent:
                 log.error("agent task %s died: %s", task.get_name(), task.exception())
         admin.close()
         cni.close()
+        if endpoints is not None:
+            endpoints.shutdown()
+            endpoints.server_close()
         control.close()
         self.hub.close()
         self.policy.source.close()

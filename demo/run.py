@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -105,6 +106,18 @@ def expect(client: Pod, url: str, code: str, *args: str, timeout: float = 5.0) -
     raise SystemExit(f"demo: {url} kept answering {line!r}, expected {code}")
 
 
+def access_line(path: Path, trace_id: str, timeout: float = 3.0) -> str:
+    """The access log line of the request with `trace_id` (the writer flushes every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines() if path.exists() else []
+        found = [line for line in lines if f'"trace_id":"{trace_id}"' in line]
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    return f"(no line with trace id {trace_id} in {path})"
+
+
 def policy_demo(workdir: Path, client: Pod, web: Pod, ferry: FerryNode) -> None:
     issuer = Issuer(ISSUER)
     started = time.monotonic()
@@ -118,6 +131,12 @@ def policy_demo(workdir: Path, client: Pod, web: Pod, ferry: FerryNode) -> None:
     print(f"  enforced on web's node {1e3 * (time.monotonic() - started):.0f} ms after the write")
     print(f"  GET /hello                  -> {status_line(client, f'{base}/hello')}")
     print(f"  GET /admin                  -> {line}")
+    trace_id = secrets.token_hex(16)
+    status_line(
+        client, f"{base}/admin", "-H", f"traceparent: 00-{trace_id}-{secrets.token_hex(8)}-01"
+    )
+    print(f"  the access log's line for a GET /admin with trace id {trace_id}:")
+    print("    " + access_line(workdir / "access.log", trace_id))
     print(f"  GET /api/orders (no token)  -> {status_line(client, f'{base}/api/orders')}")
     forged = issuer.token("client")[:-8] + "AAAAAAAA"
     print(
@@ -161,7 +180,10 @@ def main() -> int:
         mesh = Mesh(workdir)
         policies = workdir / "policies"  # the one folder every node's agent watches
         policies.mkdir()
-        settings = {"policy": {"directory": str(policies)}}
+        settings = {
+            "policy": {"directory": str(policies)},
+            "telemetry": {"access_log": str(workdir / "access.log")},  # both proxies append
+        }
         ferry_a = mesh.add(node_a, workers=2, config=settings)
         ferry_b = mesh.add(node_b, workers=2, config=settings)
         for ferry in (ferry_a, ferry_b):

@@ -260,6 +260,9 @@ def rewrite(raw: bytes, remove: Sequence[str], set_: Sequence[tuple[str, str]]) 
     framing = drop & FRAMING_HEADERS
     if framing:
         raise ValueError(f"header {min(framing)!r} frames the message: it cannot be changed")
+    lowered = raw.lower()
+    if not any(b"\r\n" + name.encode() + b":" in lowered for name in drop):  # only additions
+        return raw[:-2] + b"".join(line + b"\r\n" for line in added) + b"\r\n"
     lines = raw[:-4].split(b"\r\n")
     kept = [lines[0]]
     kept += (ln for ln in lines[1:] if ln[: ln.index(b":")].decode().lower() not in drop)

@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from agent import __version__
 from agent.proxy.messages import COUNTERS, Flow, Stats
-from agent.telemetry.counters import CONNECTION_BUCKETS, REQUEST_BUCKETS, Histogram
+from agent.telemetry.counters import CONNECTION_BUCKETS, REQUEST_BUCKETS, Histogram, Observed
 from agent.telemetry.settings import TelemetryConfig
 
 FLOW_KEYS = ("direction", "security", "peer_identity")
@@ -136,28 +136,24 @@ def sum_histograms(
     records: Iterable[Histogram],
     buckets: tuple[float, ...],
     label: Callable[[Histogram], Key | None],
-) -> dict[Key, tuple[list[int], float]]:
-    """Histogram records summed per label set (`label` None: not reported): bucket counts and
-    sum."""
-    out: dict[Key, tuple[list[int], float]] = {}
+) -> dict[Key, Observed]:
+    """Histogram records summed per label set (`label` None: not reported)."""
+    out: dict[Key, Observed] = {}
     for h in records:
         key = label(h)
         if key is None:
             continue
-        counts, total = out.get(key, ([0] * (len(buckets) + 1), 0.0))
-        out[key] = ([a + b for a, b in zip(counts, h.counts, strict=True)], total + h.total)
+        summed = out.setdefault(key, Observed(len(buckets)))
+        summed.counts = [a + b for a, b in zip(summed.counts, h.counts, strict=True)]
+        summed.total += h.total
     return out
 
 
 def _histogram(name: str, text: str, labels: list[str], buckets: tuple[float, ...],
-               summed: dict[Key, tuple[list[int], float]]) -> HistogramMetricFamily:  # fmt: skip
+               summed: dict[Key, Observed]) -> HistogramMetricFamily:  # fmt: skip
     family = HistogramMetricFamily(name, text, labels=labels)
-    for key, (counts, total) in sorted(summed.items()):
-        running, cumulative = 0, []
-        for bound, count in zip([*map(str, buckets), "+Inf"], counts, strict=True):
-            running += count
-            cumulative.append((bound, running))
-        family.add_metric(list(key), cumulative, total)
+    for key, observed in sorted(summed.items()):
+        family.add_metric(list(key), observed.cumulative(buckets), observed.total)
     return family
 
 

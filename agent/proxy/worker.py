@@ -191,6 +191,7 @@ class Worker:
                     self._sweep(now)
                     next_sweep = now + sweep_every
                 if now >= next_stats:
+                    self.recorder.flush()
                     self._send_stats(only_if_changed=True)
                     next_stats = now + STATS_INTERVAL
         finally:

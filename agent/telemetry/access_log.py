@@ -1,14 +1,15 @@
 """Access logs: one JSON line per connection and per inspected request, off the data path.
 
 The worker's loop formats a line (`connection_line`, `request_line`, `denial_line`: f-strings
-with JSON-escaped text, a few microseconds) and appends it to a bounded deque
-(`AccessLog.emit`); when `telemetry.access_log_queue` lines already wait, the line is dropped and
-counted (`dropped`, ferry_access_log_dropped_total) instead of making a connection wait.  A
-writer thread wakes every FLUSH_EVERY and writes what waits in one `write(2)` (stdout for "-",
-else the file opened O_APPEND, so the workers of one proxy can share it: each batch lands
-whole); it does no Python work per line beyond joining, so it barely competes with the loop for
-the GIL.  `reopen()` (on SIGHUP, after logrotate moved the file) makes the writer open the path
-again before its next batch.
+with JSON-escaped text, a few microseconds) and keeps it (`AccessLog.emit`); every second (the
+worker's stats tick) or once BATCH lines are kept, `flush` joins them into one chunk and hands it
+to a writer thread through a queue.  The writer sleeps in the queue without holding the GIL and
+writes each chunk with one `write(2)` (stdout for "-", else the file opened O_APPEND, so the
+workers of one proxy can share it: each chunk lands whole), so a slow disk or a full stdout pipe
+stalls only the writer.  When `telemetry.access_log_queue` lines are kept or waiting, a new line
+is dropped and counted (`dropped`, ferry_access_log_dropped_total) instead of ever making a
+connection wait.  `reopen()` (on SIGHUP, after logrotate moved the file) makes the writer open
+the path again before its next chunk.
 
 What a line holds: time (RFC 3339, UTC, milliseconds), addresses, identities, ports, byte
 counts, duration, decision and deciding policy, status, trace id; never header values, tokens,
@@ -17,16 +18,16 @@ keys or bodies (a request's path is logged without its query, which may carry a 
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
+import queue
 import threading
 import time
 from json.encoder import encode_basestring as quoted
 
 log = logging.getLogger("ferry.telemetry")
 
-FLUSH_EVERY = 0.05  # seconds between the writer's batches
+BATCH = 256  # lines kept before they go to the writer at once
 STDOUT = "-"
 
 _second = [-1, ""]  # the last whole second formatted, and its text
@@ -115,37 +116,49 @@ def request_line(
 
 
 class AccessLog:
-    """Lines for `path` ("-": stdout), at most `capacity` waiting."""
+    """Lines for `path` ("-": stdout): at most `capacity` waiting to be written."""
 
     def __init__(self, path: str, capacity: int) -> None:
         self.path = path
         self.capacity = capacity
-        self.lines: collections.deque[str] = collections.deque()
-        self.written = 0
-        self.dropped = 0
+        self.lines: list[str] = []  # formatted, not yet handed to the writer
+        self.handed = 0  # lines handed to the writer (counted by the loop only)
+        self.written = self.failed = 0  # ... of them written, or not (by the writer only)
+        self.refused = 0  # lines dropped because `capacity` were kept or waiting
         self.fd = -1
         self.reopening = False
-        self.stopping = threading.Event()
+        self.chunks: queue.SimpleQueue[tuple[bytes, int] | None] = queue.SimpleQueue()
         self._open()
         self.thread = threading.Thread(target=self._write_forever, name="access-log", daemon=True)
         self.thread.start()
 
     def emit(self, line: str) -> None:
-        """Queue one line; dropped (and counted) when the queue is full.  Never blocks."""
-        if len(self.lines) >= self.capacity:
-            self.dropped += 1
-        else:
-            self.lines.append(line)
+        """Keep one line (dropped and counted when `capacity` lines wait).  Never blocks."""
+        if len(self.lines) + self.handed - self.written - self.failed >= self.capacity:
+            self.refused += 1
+            return
+        self.lines.append(line)
+        if len(self.lines) >= BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand what was kept to the writer thread, as one chunk (the worker's loop calls this
+        every second; `emit` when BATCH lines are kept)."""
+        lines = self.lines
+        if lines:
+            self.lines = []
+            self.handed += len(lines)
+            self.chunks.put((("\n".join(lines) + "\n").encode(), len(lines)))
 
     def reopen(self) -> None:
-        """Open the file again before the next batch (safe from a signal handler)."""
+        """Open the file again before the next chunk (safe from a signal handler)."""
         self.reopening = True
 
     def close(self) -> None:
-        """Write what waits, then stop the writer."""
-        self.stopping.set()
+        """Write what was kept, then stop the writer."""
+        self.flush()
+        self.chunks.put(None)
         self.thread.join(timeout=2.0)
-        self._flush()
         if self.fd > 2:
             os.close(self.fd)
         self.fd = -1
@@ -160,26 +173,25 @@ class AccessLog:
             os.close(old)
 
     def _write_forever(self) -> None:
-        while not self.stopping.wait(FLUSH_EVERY):
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.reopening:
-            self.reopening = False
+        """The writer: blocked in the queue (no GIL held) until a chunk comes, then one
+        write(2) for it."""
+        while (chunk := self.chunks.get()) is not None:
+            data, count = chunk
+            if self.reopening:
+                self.reopening = False
+                try:
+                    self._open()
+                except OSError as exc:
+                    log.error("access log %s: cannot reopen: %s", self.path, exc.strerror)
             try:
-                self._open()
+                while data:
+                    data = data[os.write(self.fd, data) :]
+                self.written += count
             except OSError as exc:
-                log.error("access log %s: cannot reopen: %s", self.path, exc.strerror)
-        lines = self.lines
-        if not lines or self.fd < 0:
-            return
-        popleft = lines.popleft
-        batch = [popleft() for _ in range(len(lines))]
-        data = ("\n".join(batch) + "\n").encode()
-        try:
-            while data:
-                data = data[os.write(self.fd, data) :]
-            self.written += len(batch)
-        except OSError as exc:
-            self.dropped += len(batch)
-            log.error("access log %s: %s (%d line(s) dropped)", self.path, exc.strerror, len(batch))
+                self.failed += count
+                log.error("access log %s: %s (%d line(s) dropped)", self.path, exc.strerror, count)
+
+    @property
+    def dropped(self) -> int:
+        """Lines lost: refused at the bound, or not written."""
+        return self.refused + self.failed

@@ -71,27 +71,40 @@ class TelemetryStats:
     access_log_dropped: int = 0
 
 
-class _Observed:
+class Observed:
+    """One histogram: counts per bucket (the last: above all) and the sum."""
+
     __slots__ = ("counts", "total")
 
     def __init__(self, buckets: int) -> None:
         self.counts = [0] * (buckets + 1)
         self.total = 0.0
 
+    def observe(self, buckets: tuple[float, ...], value: float) -> None:
+        self.counts[bisect_left(buckets, value)] += 1
+        self.total += value
+
+    def cumulative(self, buckets: tuple[float, ...]) -> list[tuple[str, float]]:
+        """Prometheus buckets: (upper bound, observations at most that), "+Inf" last."""
+        running, out = 0, []
+        for bound, count in zip([*map(str, buckets), "+Inf"], self.counts, strict=True):
+            running += count
+            out.append((bound, float(running)))
+        return out
+
 
 class Counters:
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str], int] = {}
-        self.connections: dict[tuple[str, str], _Observed] = {}
-        self.request_times: dict[str, _Observed] = {}
+        self.connections: dict[tuple[str, str], Observed] = {}
+        self.request_times: dict[str, Observed] = {}
 
     def connection(self, uid: str, direction: str, seconds: float) -> None:
         key = (uid, direction)
         seen = self.connections.get(key)
         if seen is None:
-            seen = self.connections[key] = _Observed(len(CONNECTION_BUCKETS))
-        seen.counts[bisect_left(CONNECTION_BUCKETS, seconds)] += 1
-        seen.total += seconds
+            seen = self.connections[key] = Observed(len(CONNECTION_BUCKETS))
+        seen.observe(CONNECTION_BUCKETS, seconds)
 
     def request(self, uid: str, method: str, status: int, seconds: float | None) -> None:
         """One request answered with `status` (0: none), `seconds` after its head (None: the
@@ -102,9 +115,8 @@ class Counters:
             return
         seen = self.request_times.get(uid)
         if seen is None:
-            seen = self.request_times[uid] = _Observed(len(REQUEST_BUCKETS))
-        seen.counts[bisect_left(REQUEST_BUCKETS, seconds)] += 1
-        seen.total += seconds
+            seen = self.request_times[uid] = Observed(len(REQUEST_BUCKETS))
+        seen.observe(REQUEST_BUCKETS, seconds)
 
     def forget(self, uid: str) -> None:
         """A workload is no longer served: its counters go with it (as its flows do)."""

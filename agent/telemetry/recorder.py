@@ -71,6 +71,11 @@ class Recorder:
         if self.log is not None:
             self.log.reopen()
 
+    def flush(self) -> None:
+        """Every second, from the worker's loop: access log lines go to their writer."""
+        if self.log is not None:
+            self.log.flush()
+
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
@@ -252,13 +257,12 @@ class RequestLog:
             attributes: tuple[tuple[str, str | int], ...] = (
                 ("http.request.method", request.method),
                 ("url.path", request.path),
-                ("server.address", request.host),
                 ("http.response.status_code", status),
                 ("ferry.workload", wl.uid),
-                ("ferry.source.principal", facts.source_principal),
-                ("ferry.decision", "allow" if denied_by is None else "deny"),
             )
-            if denied_by:
+            if facts.source_principal:
+                attributes += (("ferry.source.principal", facts.source_principal),)
+            if denied_by is not None:
                 attributes += (("ferry.policy", denied_by),)
             rec.tracer.end(request.span, request.method, attributes)
         if request.logged and rec.log is not None:

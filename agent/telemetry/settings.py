@@ -17,7 +17,7 @@ class TelemetryConfig:
     access_log_sample: float = 1.0
     access_log_queue: int = 8192
     otlp_endpoint: str = ""
-    trace_sample: float = 1.0
+    trace_sample: float = 0.01
     workload_label_limit: int = 500
     identity_label_limit: int = 1000
 

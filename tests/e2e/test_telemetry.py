@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import secrets
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +29,8 @@ from tests.run_id import SIM_PREFIX
 
 RECEIVER = Path(__file__).parents[2] / "sim" / "otlp_receiver.py"
 HTTP, TCP = 8080, 9000
-METRICS = "http://127.0.0.1:15020"
+METRICS = "http://127.0.0.1:15020"  # the proxy's
+AGENT = "http://127.0.0.1:15021"
 DENY_ADMIN = """\
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -62,15 +62,14 @@ def wait_until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> An
     raise AssertionError(f"timed out after {timeout} s waiting until {what}")
 
 
-def scrape(t: Telemetry, path: str = "/metrics") -> subprocess.CompletedProcess[str]:
-    result: subprocess.CompletedProcess[str] = t.node.exec(
-        ["curl", "-sS", "-w", "\n%{http_code}", "--max-time", "5", METRICS + path]
-    )
-    return result
+def scrape(t: Telemetry, path: str = "/metrics", base: str = METRICS) -> str:
+    """The body and the status code (last line) of a GET from inside the node."""
+    result = t.node.exec(["curl", "-sS", "-w", "\n%{http_code}", "--max-time", "5", base + path])
+    return str(result.stdout)
 
 
-def samples(t: Telemetry) -> list[tuple[str, dict[str, str], float]]:
-    text = scrape(t).stdout.rsplit("\n", 1)[0]
+def samples(t: Telemetry, base: str = METRICS) -> list[tuple[str, dict[str, str], float]]:
+    text = scrape(t, base=base).rsplit("\n", 1)[0]
     return [
         (s.name, s.labels, s.value)
         for family in text_string_to_metric_families(text)
@@ -115,9 +114,14 @@ def t(sim_environment: None) -> Iterator[Telemetry]:
         telemetry = {
             "access_log": str(access_log),
             "otlp_endpoint": "http://127.0.0.1:4318/v1/traces",
+            "trace_sample": 1.0,  # traces started here too (default: 1 %)
             "workload_label_limit": 2,
         }
-        config = {"policy": {"directory": str(policies)}, "telemetry": telemetry}
+        config = {
+            "policy": {"directory": str(policies)},
+            "telemetry": telemetry,
+            "agent": {"reconcile_interval": 0.5},
+        }
         ferry = FerryNode(node, workers=2, config=config)
         ferry.start()
         ferry.enroll(server, "shop", "server", {"app": "api"})
@@ -335,5 +339,20 @@ def test_label_cardinality_stays_within_its_bound(t: Telemetry) -> None:
 
 
 def test_health_and_readiness_on_the_metrics_address(t: Telemetry) -> None:
-    assert scrape(t, "/healthz").stdout == "ok\n\n200"
-    assert scrape(t, "/readyz").stdout == "ready\n\n200"
+    assert scrape(t, "/healthz") == "ok\n\n200"
+    assert scrape(t, "/readyz") == "ready\n\n200"
+
+
+def test_the_agent_serves_its_metrics_and_probes(t: Telemetry) -> None:
+    assert scrape(t, "/healthz", AGENT) == "ok\n\n200"
+    wait_until(lambda: scrape(t, "/readyz", AGENT) == "ready\n\n200", "the agent is ready")
+
+    def scraped() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(n, tuple(sorted(labels.items()))): v for n, labels, v in samples(t, AGENT)}
+
+    ok = ("ferry_agent_workloads", (("state", "ok"),))
+    wait_until(lambda: scraped().get(ok, 0) >= 2, "a reconcile read both workloads back")
+    agent = scraped()
+    assert agent[("ferry_agent_reconcile_runs_total", ())] >= 1
+    assert agent[("ferry_agent_enrollment_duration_seconds_count", ())] >= 2
+    assert agent[("ferry_agent_policy_rejected", ())] == 0
