@@ -16,7 +16,10 @@ the answer would otherwise hang).  The worker never copies a byte by hand, so no
 
 What the worker still sees: a FIN is not data, it stays in the socket and reads as EOF, so the
 relay shuts the other leg and closes both when both are done, exactly as before; a revocation,
-an idle sweep or an abort closes the sockets, which takes them out of the map.  The counters
+an idle sweep or an abort closes the sockets, which takes them out of the map.  Joined, the
+relay waits on EPOLLRDHUP instead of EPOLLIN: the kernel signals data-ready on a joined socket
+for every batch it moves (sk_psock_verdict_data_ready), which would wake the worker each time
+for nothing to read; the end (FIN) wakes it with EPOLLRDHUP.  The counters
 (`bytes_up`, `bytes_down`, and the idle sweep that compares them) read the legs' TCP_INFO
 `tcpi_bytes_received`, which counts what the kernel moved too.  Without the pinned map (another
 backend, or the agent has not loaded it yet) or when the join fails, the relay stays spliced.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import struct
 from pathlib import Path
@@ -41,6 +45,8 @@ SO_COOKIE = 57
 TCP_INFO_SIZE = 136
 TCPI_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received in struct tcp_info
 _U64 = struct.Struct("=Q")
+EPOLLIN = select.EPOLLIN
+EPOLLRDHUP = select.EPOLLRDHUP
 
 
 class FastPath:
@@ -108,6 +114,8 @@ class JoinedRelay(Relay):
         return self._received()[1] if self.joined else self.down_half.nbytes
 
     def on_event(self, fd: int, events: int) -> None:
+        if self.joined and events & EPOLLRDHUP:
+            events |= EPOLLIN  # the end, reported under the quiet mask
         super().on_event(fd, events)
         if self.joined or self.closed or self.connecting:
             return
@@ -115,6 +123,22 @@ class JoinedRelay(Relay):
         if any(h.pending or h.eof for h in halves):
             return  # the worker holds bytes (or an end): joining now could reorder them
         self.joined = self.fastpath.join(self.down, self.up)
+        if self.joined:
+            self._update()
+
+    def _update(self) -> None:
+        super()._update()
+        if self.joined and not self.closed:
+            self.mask_down = self._quiet(self.fd_down, self.mask_down)
+            self.mask_up = self._quiet(self.fd_up, self.mask_up)
+
+    def _quiet(self, fd: int, mask: int) -> int:
+        """`mask` with EPOLLRDHUP for EPOLLIN (see the module doc), applied to `fd`."""
+        if not mask & EPOLLIN:
+            return mask
+        quiet = (mask & ~EPOLLIN) | EPOLLRDHUP
+        self.watch(fd, mask, quiet)
+        return quiet
 
     def close(self) -> None:
         if self.joined and not self.closed:
