@@ -246,6 +246,9 @@ def test_agent_top_once_shows_talkers_errors_and_denials_of_the_live_node(
     assert [f"shop/{client}", "out", "mtls", "spiffe://cluster.local/ns/shop/sa/server"] in [
         row[:4] for row in rows
     ], out
+    errors = [line.split() for line in out.split("ERRORS\n")[1].split("\n\n")[0].splitlines()]
+    server_row = next(row for row in errors if row[0] == f"shop/{server}")
+    assert float(server_row[5]) > 0, out  # inspected HTTP requests per second
     denials = out.split("RECENT DENIALS\n")[1]
     assert "policy_denied" in denials and "rate_limited" in denials, out
     assert "shop/no-admin" in denials and "shop/one-a-day" in denials, out
