@@ -45,11 +45,12 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -59,6 +60,7 @@ import psutil
 
 from agent.admin import PROXY_SOCKET, request
 from bench.common import MB, OUT_DIR, log
+from bench.upgrade import gone_at, ignoring_stop_signals
 from sim.ferry import FerryNode
 from sim.node import Pod, SimNode
 
@@ -205,18 +207,6 @@ def _rss_mb(procs: Sequence[psutil.Process]) -> float:
     return total / MB
 
 
-def _gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 class Bench:
     def __init__(self, opts: Any) -> None:
         self.opts = opts
@@ -239,10 +229,18 @@ class Bench:
         ferry.enroll(server, "soak", "server")
         return ferry, client, server
 
+    def keep_logs(self, where: Path) -> None:
+        """Copy the agent's and the proxies' logs out of the node before it goes."""
+        if self.node is None:
+            return
+        shutil.rmtree(where, ignore_errors=True)
+        shutil.copytree(self.node.tmpdir / "logs", where, dirs_exist_ok=True)
+        log(f"logs kept in {where}")
+
     def teardown(self) -> None:
         if self.node is None:
             return
-        with _ignoring_stop_signals():
+        with ignoring_stop_signals():
             try:
                 self.node.teardown()
             except Exception as exc:
@@ -260,6 +258,8 @@ class Bench:
             if not status["proxy"].get("active_connections") or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
+        if not status["proxy"].get("running"):
+            raise RuntimeError(f"after cycle {cycle} no proxy answers: {status['proxy']}")
         proxy_pid = int(status["proxy"]["pid"])
         agent = _processes(ferry.agent.pid if ferry.agent else 0)
         proxy = _processes(proxy_pid)
@@ -369,19 +369,15 @@ class Bench:
         log(f"cycle {cycle}: upgrading the proxy (pid {old})")
         started = time.monotonic()
         code = ferry.upgrade_proxy().wait(UPGRADE_WAIT)
-        gone = code == 0 and _gone(old, UPGRADE_WAIT)
-        error = "" if gone else (ferry.upgrade_output()[-300:] if code else "old proxy still runs")
-        self.soak.upgrades.append(Upgrade(cycle, gone, time.monotonic() - started, error))
-
-
-@contextlib.contextmanager
-def _ignoring_stop_signals() -> Iterator[None]:
-    previous = [signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)]
-    try:
-        yield
-    finally:
-        for sig, handler in zip((signal.SIGINT, signal.SIGTERM), previous, strict=True):
-            signal.signal(sig, handler)
+        if code != 0:
+            error = ferry.upgrade_output()[-300:]
+        else:
+            try:
+                gone_at(old, UPGRADE_WAIT)
+                error = ""
+            except RuntimeError as exc:
+                error = str(exc)
+        self.soak.upgrades.append(Upgrade(cycle, not error, time.monotonic() - started, error))
 
 
 def report(bench: Bench) -> str:
@@ -464,11 +460,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted")
         status = 130
-    except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
+    except Exception as exc:  # reported as the soak's failure, with the logs kept
         bench.soak.error = f"{type(exc).__name__}: {exc}"
         log(f"soak failed: {bench.soak.error}")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if not bench.soak.passed:
+            bench.keep_logs(OUT_DIR / "soak-logs")
         bench.teardown()
     print(report(bench), flush=True)
     OUT_DIR.mkdir(exist_ok=True)

@@ -84,7 +84,8 @@ class Scenario:
     error: str = ""
 
 
-def _gone_at(pid: int, timeout: float) -> float:
+def gone_at(pid: int, timeout: float) -> float:
+    """When process `pid` ended (a zombie has), waiting at most `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -121,7 +122,7 @@ def _upgrade(ferry: FerryNode, client: Pod, server: Pod, streams: int) -> Upgrad
                        error=ferry.upgrade_output()[-500:])  # fmt: skip
     time.sleep(HOLD)
     survived = sum(1 for s in _finish(held)["streams"] if s["ok"] and s["ended"] > took_over)
-    old_gone = _gone_at(old, DRAIN + 30)
+    old_gone = gone_at(old, DRAIN + 30)
     return Upgrade(ferry.node.name, True, begun, took_over - begun, _handoff(ferry),
                    old_gone - begun, survived, streams)  # fmt: skip
 
@@ -211,7 +212,7 @@ class Bench:
             u.served_during = sum(1 for t in result["ends"] if overlap[0] <= t <= overlap[1])
 
     def teardown(self) -> None:
-        with _ignoring_stop_signals():
+        with ignoring_stop_signals():
             for node in reversed(self.nodes):
                 try:
                     node.teardown()
@@ -229,7 +230,8 @@ class Bench:
 
 
 @contextlib.contextmanager
-def _ignoring_stop_signals() -> Iterator[None]:
+def ignoring_stop_signals() -> Iterator[None]:
+    """Teardown is not interrupted by a second Ctrl-C or SIGTERM."""
     previous = [signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)]
     try:
         yield

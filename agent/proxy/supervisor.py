@@ -169,6 +169,7 @@ class Supervisor:
         self.draining = threading.Event()  # replaced: no longer accepting
         self.local: LocalServices | None = None
         self.report_fd: int | None = None  # `agent proxy --upgrade` waits for a line there
+        self.handing: threading.Thread | None = None  # the handoff to a successor, once replaced
 
     def _state(self) -> list[tuple[MakeMessage, list[int]]]:
         """Everything a (new) worker needs: trust, directory, policy, workloads and certs."""
@@ -440,6 +441,7 @@ class Supervisor:
             for uid in list(self.served):
                 self.served.pop(uid).close()
         if self.local is not None:
+            self.handing = self.local.handoff.thread  # it still owes the successor `draining`
             self.local.close(unlink=False)
             self.local = None
         return sum(s.active for s in self.pool.fresh_stats(timeout=0.5))
@@ -603,6 +605,8 @@ class Supervisor:
                     for error in self.pool.respawn(index, self._state()):
                         log.error("restarted worker %d: %s", index, error)
         if self.draining.is_set():
+            if self.handing is not None:  # drained at once: not before the successor knows
+                self.handing.join(self.config.proxy.handoff_timeout)
             self._wait_drained()
         self._close()
         return 0
