@@ -18,8 +18,9 @@ The innocent client runs as its own process, so an attack in this process takes 
 `python -m sim.attacks probe HOST PORT SECONDS` (inside the client pod, `Pod.popen` or
 `ip netns exec`) connects, sends a line to an echo server, reads it back and closes, again and
 again, and prints one JSON object: the latencies in ms and the failures.  `percentile` reads
-them.  `python -m sim.attacks hold HOST PORT COUNT SECONDS` holds silent connections from the
-pod it runs in (`hold_connections`, a Held as JSON): a load with descriptors of its own.
+them.  `python -m sim.attacks hold HOST PORT COUNT SECONDS [--mark M] [--source IP]` holds
+silent connections from the pod it runs in (`hold_connections`, a Held as JSON): a load with
+descriptors of its own.
 `ProcessWatch` samples one process (a proxy worker) while an attack runs: peak RSS (VmHWM after
 clearing it, and sampled VmRSS), peak descriptors and CPU seconds.
 """
@@ -630,11 +631,14 @@ def main(argv: list[str] | None = None) -> int:
     hold.add_argument("port", type=int)
     hold.add_argument("count", type=int)
     hold.add_argument("seconds", type=float)
+    hold.add_argument("--mark", type=lambda text: int(text, 0), default=0)
+    hold.add_argument("--source", default="")
     args = parser.parse_args(argv)
     if args.command == "hold":
         netns_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
         try:
-            held = hold_connections(netns_fd, (args.host, args.port), args.count, args.seconds)
+            held = hold_connections(netns_fd, (args.host, args.port), args.count, args.seconds,
+                                    args.mark, args.source)  # fmt: skip
         finally:
             os.close(netns_fd)
         print(json.dumps(held.__dict__), flush=True)
