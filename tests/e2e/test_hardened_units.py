@@ -1,22 +1,25 @@
 """Ferry still works under the hardening of its systemd units (what can be applied without systemd).
 
 This machine's PID 1 is not systemd, so `systemd-run -p ...` cannot run the units.  What the
-units' hardening does to the processes is applied here with the tools systemd's own options map
-to, read from systemd/*.service so the test follows the units:
+units' hardening does to the processes is applied here with the mechanisms systemd itself uses,
+read from systemd/*.service so the test follows the units:
 
 - `CapabilityBoundingSet=` and `NoNewPrivileges=`: `setpriv --bounding-set ... --no-new-privs`
   (root keeps only the bounding set across exec, exactly as under systemd);
 - the proxy's `ProtectSystem=full` and `ProtectHome=yes`: a mount namespace (`unshare --mount
   --propagation slave`, systemd's setup) with /usr, /boot and /etc read-only and /home, /root
-  and /run/user empty and read-only.
+  and /run/user empty and read-only;
+- `RestrictAddressFamilies=`, `RestrictNamespaces=`, `LockPersonality=`, `RestrictRealtime=` and
+  `SystemCallArchitectures=native`: seccomp filters built with libseccomp as systemd builds
+  them (`seccomp_exec.py`).
 
 Then a simulated node runs the agent and the proxy so restricted, with the iptables and the eBPF
 backends: two pods are enrolled, a request goes through the proxy (the server sees the client's
 address), a DENY policy is enforced, and `agent status` is healthy.  The processes' own
-/proc/<pid>/status shows the bounding set and no_new_privs in force.  Not applied here (seccomp
-and namespace options that need systemd itself): RestrictAddressFamilies=, RestrictNamespaces=,
-LockPersonality=, RestrictRealtime=, RestrictSUIDSGID=, SystemCallArchitectures=, ProtectClock=,
-ProtectHostname=, PrivateTmp=, PrivateDevices=, ProtectKernel*=, ProtectControlGroups=.
+/proc/<pid>/status shows the bounding set, no_new_privs and a seccomp filter in force, the
+proxy's mountinfo a read-only /usr and /etc.  Not applied here (they need systemd itself):
+ProtectClock=, ProtectHostname=, PrivateTmp=, PrivateDevices=, ProtectKernelTunables=,
+ProtectKernelModules=, ProtectKernelLogs=, ProtectControlGroups=, UMask=.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from sim.node import Pod, SimNode
 from tests.e2e.test_datapath import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
+SECCOMP_EXEC = Path(__file__).with_name("seccomp_exec.py")
 CAPABILITY_BITS = {
     "CAP_DAC_OVERRIDE": 1, "CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13,
     "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38,
@@ -65,7 +69,11 @@ def confined(section: configparser.SectionProxy, argv: list[str]) -> list[str]:
     wrapped = ["setpriv", f"--bounding-set={caps}", "--inh-caps=-all"]
     if section.get("NoNewPrivileges") == "yes":
         wrapped.append("--no-new-privs")
-    wrapped += ["--", *argv]
+    wrapped.append("--")
+    families, namespaces = section.get("RestrictAddressFamilies"), section.get("RestrictNamespaces")
+    if families and namespaces:
+        wrapped += ["/usr/bin/python3", str(SECCOMP_EXEC), families, namespaces, "--"]
+    wrapped += argv
     mounts = []
     if section.get("ProtectSystem") == "full":
         mounts += [f"mount --bind {d} {d} && mount -o remount,bind,ro {d}" for d in READ_ONLY]
@@ -149,6 +157,7 @@ def test_agent_and_proxy_work_under_their_units_capabilities_and_protections(
         expected = bounding_mask(capabilities(service(unit))) & own_bounding_set()
         assert int(status_word(proc_status, "CapBnd"), 16) == expected
         assert status_word(proc_status, "NoNewPrivs") == "1"
+        assert status_word(proc_status, "Seccomp") == "2"  # a filter: seccomp_exec.py's
     assert ferry.proxy is not None
     assert read_only_mounts(ferry.proxy.pid) >= {"/usr", "/etc"}  # ProtectSystem=full
     server, client = node.add_pod("server"), node.add_pod("client")
