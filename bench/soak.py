@@ -50,11 +50,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -69,6 +69,7 @@ HTTP, ECHO = 80, 9000
 SETTLE = 10.0  # seconds a sample waits for the proxy's connections to end
 UPGRADE_WAIT = 120.0  # seconds an upgrade and the old proxy's drain may take together
 IPAM_BOOKKEEPING = {"lock", "last_reserved_ip.0", "last_reserved_ip.1"}  # host-local's own files
+T = TypeVar("T")
 BPF_KINDS = ("anon_inode:bpf-prog", "anon_inode:bpf-map", "anon_inode:bpf-link")
 
 
@@ -186,17 +187,24 @@ def _fds(procs: Sequence[psutil.Process]) -> tuple[int, int, int]:
 
 
 def _threads(procs: Sequence[psutil.Process]) -> int:
-    """Threads of these processes: the fewest of a few looks, so that a thread serving one
-    `agent status` request (the sample's own) is not counted."""
-    counts = []
-    for _ in range(5):
-        count = 0
+    def count() -> int:
+        total = 0
         for proc in procs:
             with contextlib.suppress(psutil.NoSuchProcess):
-                count += proc.num_threads()
-        counts.append(count)
+                total += proc.num_threads()
+        return total
+
+    return min(_looks(count))
+
+
+def _looks(measure: Callable[[], T]) -> list[T]:
+    """A few looks at a figure, 0.1 s apart: the fewest is the one without the thread and the
+    connection that serve the sample's own `agent status`."""
+    looks = []
+    for _ in range(5):
+        looks.append(measure())
         time.sleep(0.1)
-    return min(counts)
+    return looks
 
 
 def _rss_mb(procs: Sequence[psutil.Process]) -> float:
@@ -263,8 +271,8 @@ class Bench:
         proxy_pid = int(status["proxy"]["pid"])
         agent = _processes(ferry.agent.pid if ferry.agent else 0)
         proxy = _processes(proxy_pid)
-        agent_fds, agent_bpf, _ = _fds(agent)
-        proxy_fds, proxy_bpf, proxy_pipes = _fds(proxy)
+        agent_fds, agent_bpf, _ = min(_looks(lambda: _fds(agent)))
+        proxy_fds, proxy_bpf, proxy_pipes = min(_looks(lambda: _fds(proxy)))
         rules = {f"node {k}": v for k, v in _rules(self.node).items()}
         for pod in steady:
             rules |= {f"{pod.name} {k}": v for k, v in _rules(pod).items()}
