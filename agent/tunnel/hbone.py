@@ -334,6 +334,12 @@ class HboneConnection:
         fields = headers.decode(self._decoder, block.take())
         st = self._streams.get(sid)
         if st is None:
+            if self.client and sid & 1 and not self._is_idle(sid):
+                # the answer to a stream of ours we already reset or closed: a busy peer answers
+                # late, thousands at once after a burst; ending the connection for it would cut
+                # every live stream on it (not a flood: at most one per stream we opened)
+                self._idle_frames = idle
+                return
             if (sid & 1) == self.client or not self._is_idle(sid):
                 # trailers or a response on a stream that is already gone
                 self._idle_frames = self._idle(idle, "header blocks for closed streams")

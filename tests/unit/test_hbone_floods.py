@@ -286,6 +286,23 @@ def test_h2_reads_the_goaway_of_a_flood() -> None:
     assert ended and ended[0].error_code == CALM
 
 
+def test_late_answers_to_our_reset_streams_do_not_end_the_tunnel() -> None:
+    """A client that reset many streams (its apps went away, a connect timeout) gets their 200s
+    late, in a row: that is a busy peer, not a flood, and the tunnel's live streams go on."""
+    client = HboneConnection(client=True)
+    client.receive(settings_frame([]) + window_update(0, 1 << 30))
+    client.open_stream("10.0.0.2:80")  # a live stream, never answered here
+    status = bytes(hpack.Encoder().encode([(":status", "200")]))
+    answers = bytearray()
+    for _ in range(3 * floods.DEFAULT.empty_frames_in_a_row):
+        sid = client.open_stream("10.0.0.2:80")
+        client.reset(sid)
+        answers += frame(HEADERS, END_HEADERS, sid, status)
+    client.receive(bytes(answers))
+    assert goaway_code(client.data_to_send()) is None
+    assert client.open_streams == 1 and not client.ended
+
+
 # -- local misuse ----------------------------------------------------------------------------
 
 
