@@ -284,12 +284,34 @@ def _schema_reason(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
-def _prune_nulls(value: Any) -> Any:
+MAX_DEPTH = 64  # collections in collections; Istio's deepest path is a dozen
+MAX_NODES = 100_000  # values in one document, YAML aliases expanded
+
+
+class _Unusable(ValueError):
+    """A decoded document no policy can be made of, whatever its fields: the reason."""
+
+
+def _prune_nulls(
+    value: Any, enclosing: frozenset[int] = frozenset(), budget: list[int] | None = None
+) -> Any:
+    """`value` without null members (Kubernetes drops them), as a tree of fresh collections;
+    `_Unusable` for a collection that holds itself (a YAML alias of a node around it), nesting
+    past MAX_DEPTH or more than MAX_NODES values (an alias bomb)."""
+    budget = [MAX_NODES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _Unusable(f"more than {MAX_NODES} values (YAML aliases expanded)")
+    if not isinstance(value, dict | list):
+        return value
+    if id(value) in enclosing:
+        raise _Unusable("a collection holds itself (a YAML alias of a node around it)")
+    if len(enclosing) >= MAX_DEPTH:
+        raise _Unusable(f"collections nested deeper than {MAX_DEPTH}")
+    inner = enclosing | {id(value)}
     if isinstance(value, dict):
-        return {k: _prune_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_prune_nulls(v) for v in value]
-    return value
+        return {k: _prune_nulls(v, inner, budget) for k, v in value.items() if v is not None}
+    return [_prune_nulls(v, inner, budget) for v in value]
 
 
 @dataclass
@@ -537,7 +559,10 @@ def parse_document(raw: Any, *, file: str, index: int) -> Parsed:
     if not isinstance(raw, dict):
         reason = f"expected a mapping (a Kubernetes-style object), got {type(raw).__name__}"
         return Parsed(None, label, (PolicyError(file, label, "", reason),))
-    raw = _prune_nulls(raw)
+    try:
+        raw = _prune_nulls(raw)
+    except _Unusable as exc:
+        return Parsed(None, label, (PolicyError(file, label, "", str(exc)),))
     kind = raw.get("kind")
     metadata = raw.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("name"), str):

@@ -13,7 +13,9 @@ had sent after the upgrade together with the ProtocolError, and deciding them, a
 does with every RequestHead, raised LocalProtocolError.  The CNI plugin's network config and
 the primary CNI's conflist, nested too deeply, escaped as RecursionError too, and a `.conf`
 that is Ferry's plugin alone was "chained" into a conflist holding it twice, which the next
-install changed again.  (The path
+install changed again.  A policy file whose YAML alias points at a node around it (`&x` /
+`b: *x`: a mapping that holds itself) sent the document check into endless recursion, and
+aliases of aliases expanded without bound; both are refused naming the document.  (The path
 normalization finding is tested beside `normalize_path`, in tests/unit/test_policy_facts.py.)
 """
 
@@ -30,6 +32,7 @@ from agent.config import ConfigError, load_config
 from agent.control.protocol import ProtocolError
 from agent.control.protocol import decode as decode_control
 from agent.directory import parse_node_file
+from agent.policy.documents import MAX_DEPTH, MAX_NODES, parse_text
 from agent.proxy.http1 import Http1Inspector, RequestHead
 from agent.proxy.http1 import ProtocolError as Http1ProtocolError
 from agent.proxy.messages import MessageError
@@ -126,3 +129,31 @@ def test_a_conflist_nested_too_deeply_is_refused_naming_the_file() -> None:
 def test_a_conf_that_is_ferry_alone_is_not_chained_into() -> None:
     with pytest.raises(ConflistError, match=r"10-net\.conf: is ferry-cni alone"):
         with_plugin("10-net.conf", b'{"type": "ferry-cni"}', plugin_entry())
+
+
+BOMB = (
+    "".join(  # 10^6 values from six short lines
+        f"{name}: &{name} [{', '.join([f'*{prev}' if prev else 'x'] * 10)}]\n"
+        for prev, name in zip(["", "a", "b", "c", "d"], "abcde", strict=True)
+    )
+    + "f: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("&x\nb: *x\n", "a collection holds itself"),
+        ("kind: AuthorizationPolicy\nspec: &s {rules: [{from: *s}]}\n", "holds itself"),
+        (BOMB, f"more than {MAX_NODES} values"),
+        ("a: " + "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1) + "\n", "nested deeper"),
+    ],
+    ids=["self", "nested-self", "alias-bomb", "depth"],
+)
+def test_a_policy_document_that_cannot_be_a_tree_is_refused_at_once(text: str, reason: str) -> None:
+    start = time.monotonic()
+    (parsed,) = parse_text(text, "bad.yaml")
+    assert parsed.document is None
+    assert [(e.file, e.document) for e in parsed.errors] == [("bad.yaml", "document #1")]
+    assert reason in parsed.errors[0].reason
+    assert time.monotonic() - start < 2
