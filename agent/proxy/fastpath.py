@@ -23,6 +23,14 @@ for nothing to read; the end (FIN) wakes it with EPOLLRDHUP.  The counters
 (`bytes_up`, `bytes_down`, and the idle sweep that compares them) read the legs' TCP_INFO
 `tcpi_bytes_received`, which counts what the kernel moved too.  Without the pinned map (another
 backend, or the agent has not loaded it yet) or when the join fails, the relay stays spliced.
+
+Experimental, off unless the proxy runs with FERRY_FASTPATH=1, for two reasons measured in
+`make bench` (`ferry-fastpath`): the kernel sends a redirected skb out of the other leg from the
+psock's kworker, after the FIN behind it has reached the worker, so passing that FIN on at once
+can overtake the last bytes (wrk with `Connection: close`: 4-21 errors in ~700 connections);
+and that per-skb kworker send (no GSO batching) moves fewer bytes per second than the splice
+relay here (about 0.5x direct against splice's 0.55x), though at about 0.01 proxy CPU s/GB and
+a third of the splice relay's added latency.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from agent.redirect import bpf_syscall as sys_bpf
 log = logging.getLogger("ferry.proxy")
 
 STATE_DIR_ENV = "FERRY_STATE_DIR"  # set by the supervisor for its workers
+ENABLE_ENV = "FERRY_FASTPATH"  # "1": join (experimental, off by default: see the module doc)
 JOINED_PIN = Path("bpf") / "maps" / "joined"
 SO_COOKIE = 57
 TCP_INFO_SIZE = 136
@@ -58,7 +67,8 @@ class FastPath:
     @classmethod
     def from_environment(cls) -> FastPath:
         state_dir = os.environ.get(STATE_DIR_ENV)
-        return cls(Path(state_dir) if state_dir else None)
+        enabled = os.environ.get(ENABLE_ENV) == "1"
+        return cls(Path(state_dir) if state_dir and enabled else None)
 
     @property
     def available(self) -> bool:

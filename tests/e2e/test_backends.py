@@ -31,6 +31,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent.proxy import fastpath
 from agent.redirect import bpf_syscall as bpf
 from agent.redirect import ebpf
 from agent.redirect.ebpf_object import load_or_compile
@@ -263,7 +264,7 @@ def joined(ferry: FerryNode) -> int:
 
 @pytest.mark.usefixtures("bpf_object")
 def test_same_node_connections_are_joined_in_the_kernel(
-    node: tuple[SimNode, Pod, Pod], tmp_path: Path
+    node: tuple[SimNode, Pod, Pod], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With eBPF, an uninspected same-node connection's bytes go from socket to socket in the
     kernel: they flow in order both ways, the proxy's CPU does not grow with them, they are
@@ -274,6 +275,7 @@ def test_same_node_connections_are_joined_in_the_kernel(
     policies = tmp_path / "policies"
     policies.mkdir()
     config = {"redirection": {"backend": "ebpf"}, "policy": {"directory": str(policies)}}
+    monkeypatch.setenv(fastpath.ENABLE_ENV, "1")  # experimental: off by default
     ferry = BpfNode(sim_node, config=config)
     ferry.start()
     try:
