@@ -39,6 +39,7 @@ from agent.tunnel.frames import ENHANCE_YOUR_CALM
 from agent.tunnel.tls import worker_environment
 from sim.attacks import (
     Acceptor,
+    Ended,
     HboneAttacker,
     Held,
     Probed,
@@ -158,6 +159,16 @@ class Victim(NetnsPair):
         return HboneAttacker(self.a_fd, (B_IP, self.redirection.tunnel_port), *self.rogue,
                              mark=self.redirection.mark, source=ROGUE_IP)  # fmt: skip
 
+    def flood(self, flood: Callable[[HboneAttacker], object], wait: float = 5.0) -> Ended:
+        """An authenticated attacker does `flood`; how the worker ended its connection (waited
+        for at most `wait` seconds)."""
+        attacker = self.attacker()
+        try:
+            flood(attacker)
+            return attacker.until_closed(wait)
+        finally:
+            attacker.close()
+
     def hold(self, addr: tuple[str, int], count: int) -> Held:
         """`count` silent connections from the attacker's address to `addr`, held 1.5 s."""
         return hold_connections(self.a_fd, addr, count, 1.5, self.redirection.mark, ROGUE_IP)
@@ -249,16 +260,7 @@ def test_an_authenticated_flood_ends_its_connection_calmly(
     second, counted at its bound, while the innocent client goes on."""
     before = victim.shed(limit)[0]
     attack = Attack(victim)
-
-    def run() -> Any:
-        attacker = victim.attacker()
-        try:
-            flood(attacker)
-            return attacker.until_closed(5.0)
-        finally:
-            attacker.close()
-
-    ended = attack(run)
+    ended = attack(lambda: victim.flood(flood))
     attack.check()
     assert ended.closed and ended.goaway == ENHANCE_YOUR_CALM, ended
     assert attack.seen.cpu_seconds < 1.5
@@ -272,16 +274,7 @@ def test_rapid_reset_costs_the_app_no_connects(victim: Victim) -> None:
     Rapid Reset bound (GOAWAY ENHANCE_YOUR_CALM)."""
     accepted = victim.stuck.accepted
     attack = Attack(victim)
-
-    def run() -> Any:
-        attacker = victim.attacker()
-        try:
-            attacker.rapid_reset(f"{B_IP}:{STUCK_PORT}", 20_000)
-            return attacker.until_closed(5.0)
-        finally:
-            attacker.close()
-
-    ended = attack(run)
+    ended = attack(lambda: victim.flood(lambda a: a.rapid_reset(f"{B_IP}:{STUCK_PORT}", 20_000)))
     attack.check()
     assert ended.goaway == ENHANCE_YOUR_CALM, ended
     time.sleep(0.5)
