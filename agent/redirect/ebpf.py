@@ -1,8 +1,9 @@
 """The eBPF redirection backend: cgroup connect hooks out, sk_lookup in (programs in bpf/ferry.c).
 
 Outbound.  `connect4`/`connect6` (and `sockops`, `getsockopt`) are attached once, as bpf_links,
-at the root of the cgroup v2 hierarchy, and act only on sockets whose network namespace cookie
-is in the `enrolled` map, which `apply` fills.  The root rather than each pod's own cgroup,
+at the root of the cgroup v2 hierarchy (the host's, also from a container's own cgroup namespace:
+`agent.redirect.cgroup_root`), and act only on sockets whose network namespace cookie is in the
+`enrolled` map, which `apply` fills.  The root rather than each pod's own cgroup,
 because a workload here is a network namespace: a standalone netns (`ip netns add`) has no cgroup
 of its own, and a Kubernetes pod's processes may sit in several cgroups (one per container,
 created after the CNI ran), while the netns exists before any of them and is the one thing every
@@ -70,6 +71,7 @@ from typing import TypeVar
 from agent.config import RedirectionConfig
 from agent.netns import NetnsExecutor
 from agent.redirect import bpf_syscall as sys_bpf
+from agent.redirect.cgroup_root import cgroup2_root
 from agent.redirect.ebpf_object import MAPS, PROGRAMS, BpfObject, ObjectError, bcc_version
 from agent.redirect.ebpf_object import load_or_compile as load_object
 from agent.redirect.kernel_headers import HeadersError, KernelHeaders, find_headers
@@ -101,20 +103,6 @@ _U64 = struct.Struct("=Q")
 
 def pin_root(state_dir: Path) -> Path:
     return state_dir / PIN_DIR
-
-
-def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> Path:
-    """Where the cgroup v2 hierarchy's root is mounted (hybrid hosts: /sys/fs/cgroup/unified)."""
-    with open(mountinfo) as lines:
-        for line in lines:
-            fields = line.split()
-            dash = fields.index("-")
-            if fields[dash + 1] == "cgroup2" and fields[3] == "/":
-                return Path(fields[4])
-    raise RedirectionError(
-        "no cgroup v2 hierarchy is mounted (see /proc/self/mountinfo); the eBPF backend attaches "
-        "its connect hooks there: mount -t cgroup2 none /sys/fs/cgroup/unified"
-    )
 
 
 def netns_cookie() -> int:

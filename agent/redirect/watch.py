@@ -245,7 +245,7 @@ class LossWatch:
         if self.backend_name != "ebpf":
             return ()
         if self._cgroup_fd is None:
-            from agent.redirect.ebpf import cgroup2_root
+            from agent.redirect.cgroup_root import cgroup2_root
 
             self._cgroup_fd = os.open(cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         return tuple(n for hook in _CGROUP_HOOKS for n in _programs(self._cgroup_fd, hook))
