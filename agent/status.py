@@ -370,11 +370,6 @@ def render(document: dict[str, Any]) -> str:
             last = watch["last_repair"]
             recon += (f"   {watch['repairs']} loss repair(s), last {last['workload']} "
                       f"{_ago(now - last['at'])} ago")  # fmt: skip
-        watch = agent.get("loss_watch") or {}
-        if watch.get("repairs"):  # lost redirection the watch put back between reconciles
-            last = watch["last_repair"]
-            recon += (f"   {watch['repairs']} loss repair(s), last {last['workload']} "
-                      f"{_ago(now - last['at'])} ago")  # fmt: skip
         lines.append(
             f"Agent   running   v{agent['version']} pid {agent['pid']} "
             f"up {_ago(agent['uptime_seconds'])}   last reconcile {recon}"
