@@ -28,7 +28,13 @@ from agent.config import parse_config
 from deploy.generate import REPO, SchemaTranslationError, crd_schema, rendered
 
 GOLDEN = REPO / "tests" / "golden" / "deploy"
-KUSTOMIZATIONS = ["base", "overlays/iptables", "overlays/ebpf", "overlays/without-istio"]
+KUSTOMIZATIONS = [
+    "base",
+    "overlays/iptables",
+    "overlays/ebpf",
+    "overlays/without-istio",
+    "overlays/node-scoped-ca",
+]
 UNINSTALL = "overlays/uninstall"
 KUBERNETES_VERSIONS = ["1.28.0", "1.37.0"]
 KUBECTL = Path(sys.executable).parent / "kubectl"
@@ -187,22 +193,25 @@ def test_istio_crds_only_without_istio() -> None:
     assert [v["name"] for v in crd["spec"]["versions"] if v["served"]] == ["v1", "v1beta1"]
 
 
-def test_agent_may_read_its_kinds_and_annotate_pods_and_nothing_more() -> None:
-    role = find("base", "ClusterRole", "ferry-agent")
-    granted = {
+def granted(kustomization: str, role: str) -> set[tuple[str, str, str]]:
+    """Every (API group, resource, verb) the ClusterRole `role` grants."""
+    return {
         (group, resource, verb)
-        for rule in role["rules"]
+        for rule in find(kustomization, "ClusterRole", role)["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
+
+
+def test_agent_may_read_its_kinds_and_annotate_pods_and_nothing_more() -> None:
     read = {"get", "list", "watch"}
     expected = {("", "pods", v) for v in read | {"patch"}}
     expected |= {("", "namespaces", v) for v in read}
     expected |= {("ferry.dev", "ratelimitpolicies", v) for v in read}
     for kind in ("authorizationpolicies", "requestauthentications"):
         expected |= {("security.istio.io", kind, v) for v in read}
-    assert granted == expected
+    assert granted("base", "ferry-agent") == expected
     binding = find("base", "ClusterRoleBinding", "ferry-agent")
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "ferry-agent", "namespace": "ferry-system"}
@@ -354,3 +363,148 @@ def test_containerfile_installs_the_package_list_as_its_header_says() -> None:
     assert install.group(1) == copied.group(1)
     assert "python3-bpfcc" in header
     assert re.search(r'(?m)^ENTRYPOINT \["agent"\]', instructions)
+
+
+CA = "overlays/node-scoped-ca"
+
+
+def ca_pod_spec() -> dict[str, Any]:
+    spec: dict[str, Any] = find(CA, "Deployment", "ferry-ca")["spec"]["template"]["spec"]
+    return spec
+
+
+def ca_args() -> dict[str, str]:
+    (container,) = ca_pod_spec()["containers"]
+    assert container["args"][:2] == ["ca", "serve"]
+    return dict(arg.removeprefix("--").split("=", 1) for arg in container["args"][2:])
+
+
+def test_ca_service_flags_are_those_of_agent_ca_serve() -> None:
+    from agent.identity.cli import ca
+
+    (container,) = ca_pod_spec()["containers"]
+    serve = ca.commands["serve"]
+    params = serve.make_context("serve", container["args"][2:]).params
+    assert params["listen"] == "0.0.0.0:15012"
+    assert params["audience"] == "ferry-ca"
+    assert params["agent_accounts"] == ("system:serviceaccount:ferry-system:ferry-agent",)
+
+
+def test_ca_root_secret_is_mounted_only_by_the_ca_service() -> None:
+    holders = set()
+    for kustomization in [*KUSTOMIZATIONS, UNINSTALL]:
+        for obj in objects(kustomization):
+            spec = obj.get("spec", {}).get("template", {}).get("spec")
+            for volume in spec["volumes"] if spec else []:
+                if volume.get("secret", {}).get("secretName") == "ferry-ca-root":
+                    holders.add((kustomization, obj["kind"], obj["metadata"]["name"]))
+                    assert volume["secret"]["defaultMode"] == 0o400
+    assert holders == {(CA, "Deployment", "ferry-ca")}
+    spec = ca_pod_spec()
+    secret = {v["name"] for v in spec["volumes"] if "secret" in v}
+    mounted_by = {
+        c["name"]
+        for c in spec["initContainers"] + spec["containers"]
+        for m in c["volumeMounts"]
+        if m["name"] in secret
+    }
+    assert mounted_by == {"root-key"}  # copied for the ca container, which mounts the copy
+    copy = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+    assert copy[ca_args()["ca-dir"]] == "ca-dir"
+
+
+def test_the_copied_root_key_passes_the_ca_s_mode_check(tmp_path: Path) -> None:
+    """kubelet leaves the Secret's files 0440 (defaultMode 0400 plus fsGroup's group read),
+    which the CA refuses for its key; the init container's copy is 0400 and loads."""
+    from agent.identity.ca import CA_KEY, check_key_mode
+    from agent.identity.ca_server import Root
+    from agent.identity.spiffe import IdentityError
+
+    secret, ca_dir = tmp_path / "ferry-ca-root", tmp_path / "ferry-ca"
+    ca_dir.mkdir()
+    subprocess.run([str(KUBECTL.parent / "agent"), "ca", "init", "--ca-dir", str(secret)],
+                   check=True, capture_output=True, timeout=30)  # fmt: skip
+    for path in secret.iterdir():
+        path.chmod(0o440)
+    with pytest.raises(IdentityError, match="0440"):
+        check_key_mode(secret / CA_KEY)
+    (init,) = ca_pod_spec()["initContainers"]
+    command = [
+        arg.replace("/var/run/ferry-ca-root", str(secret)).replace(
+            "/var/run/ferry-ca/", f"{ca_dir}/"
+        )
+        for arg in init["command"]
+    ]
+    subprocess.run(command, check=True, timeout=10)
+    assert {p.name: p.stat().st_mode & 0o777 for p in ca_dir.iterdir()} == {
+        "ca.key": 0o400,
+        "ca.crt": 0o400,
+        "bundle.pem": 0o400,
+    }
+    Root(ca_dir, ca_args()["trust-domain"])
+
+
+def test_ca_service_may_review_tokens_and_get_pods_and_nothing_more() -> None:
+    assert granted(CA, "ferry-ca") == {
+        ("authentication.k8s.io", "tokenreviews", "create"),
+        ("", "pods", "get"),
+    }
+    binding = find(CA, "ClusterRoleBinding", "ferry-ca")
+    assert binding["roleRef"]["name"] == "ferry-ca"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "ferry-ca", "namespace": "ferry-system"}
+    ]
+    assert ca_pod_spec()["serviceAccountName"] == "ferry-ca"
+
+
+def test_ca_service_runs_as_non_root_with_no_capabilities() -> None:
+    spec = ca_pod_spec()
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] > 0
+    assert spec["automountServiceAccountToken"] is False
+    for container in spec["initContainers"] + spec["containers"]:
+        security = container["securityContext"]
+        assert security["capabilities"] == {"drop": ["ALL"]}, container["name"]
+        assert security["allowPrivilegeEscalation"] is False, container["name"]
+        assert security["readOnlyRootFilesystem"] is True, container["name"]
+        assert container["resources"]["limits"]["memory"], container["name"]
+
+
+def test_ca_service_is_probed_and_served_on_its_https_port() -> None:
+    port = _port(ca_args()["listen"])
+    (container,) = ca_pod_spec()["containers"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"scheme": "HTTPS", "port": port, "path": "/healthz"}
+    service = find(CA, "Service", "ferry-ca")
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(port, port)]
+    labels = find(CA, "Deployment", "ferry-ca")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+
+
+def test_node_agent_asks_the_ca_service_and_holds_no_key() -> None:
+    config = parse_config(yaml.safe_load(find(CA, "ConfigMap")["data"]["ferry.yaml"]))
+    service = find(CA, "Service", "ferry-ca")
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    port = service["spec"]["ports"][0]["port"]
+    assert config.identity.ca_url == f"https://{name}.{namespace}.svc:{port}"
+    assert config.identity.trust_domain == ca_args()["trust-domain"]
+    node = pod_spec(CA)
+    assert ca_args()["agent-account"] == (
+        f"system:serviceaccount:ferry-system:{node['serviceAccountName']}"
+    )
+    volumes = {v["name"]: v for v in node["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in containers(CA)["agent"]["volumeMounts"]}
+    token_dir, token_name = config.identity.token_file.rsplit("/", 1)
+    (token,) = volumes[mounts[token_dir]]["projected"]["sources"]
+    assert token["serviceAccountToken"]["path"] == token_name
+    assert token["serviceAccountToken"]["audience"] == ca_args()["audience"]
+    bundle = volumes[mounts[config.identity.node_credentials]]["configMap"]
+    assert bundle["name"] == "ferry-ca-bundle"
+    assert bundle["items"] == [{"key": "bundle.pem", "path": "bundle.pem"}]
+    assert not any("secret" in v for v in node["volumes"])
+
+
+def test_ca_config_is_the_base_config_plus_identity() -> None:
+    base = yaml.safe_load(find("base", "ConfigMap")["data"]["ferry.yaml"])
+    with_ca = yaml.safe_load(find(CA, "ConfigMap")["data"]["ferry.yaml"])
+    assert {k: v for k, v in with_ca.items() if k != "identity"} == base
