@@ -35,6 +35,9 @@ proxy:
                                  # it has open after handing its listeners over; then it closes them
   handoff_timeout: 30.0          # default, seconds a takeover may take (the new proxy's snapshot);
                                  # past it the running proxy keeps serving (rollback)
+  exit_after_drain: true         # default: a replaced proxy exits once drained; false: it stays
+                                 # idle (not serving, /readyz not ready) until SIGTERM, as in a
+                                 # pod, where an exited container would be restarted
 limits:
   # What one peer or workload may make the proxy hold or do: past a bound, new work is refused
   # and counted (ferry_proxy_shed_total, `agent status`), what is established goes on; see
@@ -190,6 +193,7 @@ class ProxyConfig:
     metrics_address: str = "127.0.0.1:15020"
     drain_timeout: float = 30.0
     handoff_timeout: float = 30.0
+    exit_after_drain: bool = True
 
 
 @dataclass(frozen=True)
@@ -414,6 +418,8 @@ def _proxy(raw: Any) -> ProxyConfig:
     _positive("proxy.connect_timeout", cfg.connect_timeout)
     _positive("proxy.idle_timeout", cfg.idle_timeout)
     parse_address("proxy.metrics_address", cfg.metrics_address)
+    if not isinstance(cfg.exit_after_drain, bool):
+        raise ConfigError(f"proxy.exit_after_drain: {cfg.exit_after_drain!r} must be true or false")
     return replace(
         cfg,
         drain_timeout=_positive("proxy.drain_timeout", cfg.drain_timeout),

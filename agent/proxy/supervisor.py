@@ -32,7 +32,9 @@ a snapshot and serves each workload with the listeners it inherited (`open_liste
 inherited)`: the same sockets, so both proxies accept for a moment), and once every worker is up
 it says `serving`; the old one stops accepting (`Drain` to its workers), closes its metrics,
 proxy.sock and handoff.sock, and drains: it exits when its workers have (each when its last
-connection ended) or at `proxy.drain_timeout`, ignoring SIGTERM meanwhile.  Only then does the
+connection ended) or at `proxy.drain_timeout`, ignoring SIGTERM meanwhile (with
+`proxy.exit_after_drain: false`, as in a pod, it then stays idle, holding nothing, until
+SIGTERM: a container that exits is restarted and would take the listeners back).  Only then does the
 new one bind metrics, proxy.sock and handoff.sock, and tell systemd it is the main process.  If
 the new one cannot finish (no snapshot within `proxy.handoff_timeout`, a worker that will not
 start, a crash), the old one takes the agent link back and never stopped serving; the new one
@@ -167,6 +169,7 @@ class Supervisor:
         self.control_sock: socket.socket | None = None
         self.synced = threading.Event()  # an agent snapshot was applied
         self.draining = threading.Event()  # replaced: no longer accepting
+        self.idle = threading.Event()  # replaced and drained, staying until SIGTERM
         self.local: LocalServices | None = None
         self.report_fd: int | None = None  # `agent proxy --upgrade` waits for a line there
         self.handing: threading.Thread | None = None  # the handoff to a successor, once replaced
@@ -564,7 +567,8 @@ class Supervisor:
 
     # -------------------------------------------------------------------- run
     def run(self, report_fd: int | None = None) -> int:
-        """Serve until SIGTERM, or until replaced and drained: 0.  Take over from the proxy
+        """Serve until SIGTERM, or until replaced and drained (then, unless
+        `proxy.exit_after_drain`, until SIGTERM too): 0.  Take over from the proxy
         running on the state dir if there is one; 1 when that failed (it serves on).
         `report_fd` (`agent proxy --upgrade`): take over or fail, and say which there."""
         self.report_fd = report_fd
@@ -608,11 +612,23 @@ class Supervisor:
             if self.handing is not None:  # drained at once: not before the successor knows
                 self.handing.join(self.config.proxy.handoff_timeout)
             self._wait_drained()
+            if not self.config.proxy.exit_after_drain:
+                self._stay_idle()
         self._close()
         return 0
 
+    def _stay_idle(self) -> None:
+        """Drained, but told to stay (`proxy.exit_after_drain: false`, in a pod, where an exited
+        container is restarted and would take the listeners back): no worker, no listener, no
+        port or socket of the state dir held, until SIGTERM."""
+        self.pool.stop()
+        self.idle.set()
+        log.info("drained; idle until SIGTERM (proxy.exit_after_drain: false)")
+        while not self.stopping.wait(0.5):
+            pass
+
     def _on_signal(self, _signum: int, _frame: object) -> None:
-        if not self.draining.is_set():  # a draining proxy ends with its connections
+        if not self.draining.is_set() or self.idle.is_set():  # draining: ends with its connections
             self.stopping.set()
 
     def _reopen_logs(self, _signum: int, _frame: object) -> None:

@@ -80,6 +80,16 @@ class ScriptedAgent:
         self.listener.close()
 
 
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it is still there after 10 s."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -101,12 +111,7 @@ def proxy(tmp_path: Path) -> Iterator[tuple[ScriptedAgent, subprocess.Popen[byte
         yield agent, process, tmp_path / "proxy.log"
     finally:
         agent.close()
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        stop(process)
         log.close()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from agent.control.protocol import SnapshotSent
 
 from .netns_pair import REPO
-from .test_proxy_control import ScriptedAgent, _free_port, status
+from .test_proxy_control import ScriptedAgent, _free_port, status, stop
 
 GENERATIONS = 3
 
@@ -62,9 +62,4 @@ def test_each_replaced_proxy_leaves_its_successor_serving(tmp_path: Path) -> Non
     finally:
         agent.close()
         for process in proxies:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+            stop(process)
