@@ -73,9 +73,18 @@ def pod_spec(kustomization: str) -> dict[str, Any]:
     return spec
 
 
+def proxy_spec(kustomization: str) -> dict[str, Any]:
+    spec: dict[str, Any] = find(kustomization, "DaemonSet", "ferry-proxy")["spec"]["template"][
+        "spec"
+    ]
+    return spec
+
+
 def containers(kustomization: str) -> dict[str, dict[str, Any]]:
-    spec = pod_spec(kustomization)
-    return {c["name"]: c for c in spec.get("initContainers", []) + spec["containers"]}
+    """Every container of the node's two DaemonSets, ferry-node and ferry-proxy."""
+    spec, proxy = pod_spec(kustomization), proxy_spec(kustomization)
+    found = spec.get("initContainers", []) + spec["containers"] + proxy["containers"]
+    return {c["name"]: c for c in found}
 
 
 @pytest.mark.parametrize("kustomization", [*KUSTOMIZATIONS, UNINSTALL])
@@ -96,7 +105,7 @@ def test_every_object_is_valid_kubernetes(kustomization: str, version: str) -> N
 
 
 def test_validation_catches_a_misspelt_field() -> None:
-    daemonset = find("base", "DaemonSet")
+    daemonset = find("base", "DaemonSet", "ferry-node")
     daemonset["spec"]["template"]["spec"]["hostNetworking"] = True
     with pytest.raises(kubernetes_validate.ValidationError, match="hostNetworking"):
         kubernetes_validate.validate(daemonset, KUBERNETES_VERSIONS[-1], strict=True)
@@ -243,6 +252,7 @@ CAPABILITIES = {
         "uninstall-cni": set(),
         "cleanup": {"NET_ADMIN", "SYS_ADMIN", "NET_RAW", "SYS_PTRACE", "BPF"},
         "cleaned": set(),
+        "stopped": set(),
     },
 }
 
@@ -277,7 +287,10 @@ def test_daemonset_runs_on_every_node_one_at_a_time(kustomization: str) -> None:
     assert spec["hostNetwork"] is True and spec["hostPID"] is True
     assert spec["priorityClassName"] == "system-node-critical"
     assert spec["tolerations"] == [{"operator": "Exists"}]
-    assert daemonset["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1
+    assert daemonset["spec"]["updateStrategy"]["rollingUpdate"] == {
+        "maxUnavailable": 1,
+        "maxSurge": 0,  # two agents never run on one node
+    }
     run = containers(kustomization)
     assert run["agent"]["args"][0] == "run" and run["proxy"]["args"][0] == "proxy"
     assert run["install-cni"]["args"][:2] == ["cni", "install"] and "--watch" in run["cni"]["args"]
@@ -309,6 +322,30 @@ def test_config_loads_and_probes_match_it(kustomization: str) -> None:
     assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
 
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_a_proxy_update_starts_the_new_proxy_beside_the_old_one(kustomization: str) -> None:
+    """The takeover of docs/upgrade.md: the new pod surges, shares the state dir with the old
+    one and the agent, is ready once it serves, and the old one may drain and then idle."""
+    daemonset = find(kustomization, "DaemonSet", "ferry-proxy")
+    assert daemonset["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    spec = proxy_spec(kustomization)
+    assert spec["hostNetwork"] is True
+    assert spec["automountServiceAccountToken"] is False
+    config = parse_config(yaml.safe_load(find(kustomization, "ConfigMap")["data"]["ferry.yaml"]))
+    assert config.proxy.exit_after_drain is False  # an exited container would be restarted
+    assert spec["terminationGracePeriodSeconds"] > config.proxy.drain_timeout
+    for pod in (spec, pod_spec(kustomization)):
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["state"]["hostPath"] == {"path": "/run/ferry", "type": "DirectoryOrCreate"}
+    (proxy,) = spec["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in proxy["volumeMounts"]}
+    assert mounts["/run/ferry"] == "state" and "--state-dir=/run/ferry" in proxy["args"]
+    assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
 @pytest.mark.parametrize("kustomization", ["overlays/iptables", "overlays/ebpf"])
 def test_overlay_pins_its_backend(kustomization: str) -> None:
     backend = kustomization.removeprefix("overlays/")
@@ -320,8 +357,9 @@ def test_ebpf_pins_are_shared_by_agent_and_proxy() -> None:
     for name in ("agent", "proxy"):
         mounts = {m["mountPath"]: m["name"] for m in run[name]["volumeMounts"]}
         assert mounts["/run/ferry/bpf"] == "bpffs" and mounts["/run/ferry"] == "state"
-    volumes = {v["name"]: v for v in pod_spec("overlays/ebpf")["volumes"]}
-    assert volumes["bpffs"]["hostPath"]["path"] == "/sys/fs/bpf/ferry"
+    for spec in (pod_spec("overlays/ebpf"), proxy_spec("overlays/ebpf")):
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["bpffs"]["hostPath"]["path"] == "/sys/fs/bpf/ferry"
 
 
 def test_uninstall_removes_the_plugin_then_cleans_up_and_runs_no_agent() -> None:
