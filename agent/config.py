@@ -38,6 +38,9 @@ proxy:
   exit_after_drain: true         # default: a replaced proxy exits once drained; false: it stays
                                  # idle (not serving, /readyz not ready) until SIGTERM, as in a
                                  # pod, where an exited container would be restarted
+  ready_file: ""                 # default: none; a path: exists exactly while this proxy serves
+                                 # and /readyz says ready (a pod's readiness probe: on a node
+                                 # the metrics port answers for whichever proxy holds it)
 limits:
   # What one peer or workload may make the proxy hold or do: past a bound, new work is refused
   # and counted (ferry_proxy_shed_total, `agent status`), what is established goes on; see
@@ -194,6 +197,7 @@ class ProxyConfig:
     drain_timeout: float = 30.0
     handoff_timeout: float = 30.0
     exit_after_drain: bool = True
+    ready_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -420,6 +424,8 @@ def _proxy(raw: Any) -> ProxyConfig:
     parse_address("proxy.metrics_address", cfg.metrics_address)
     if not isinstance(cfg.exit_after_drain, bool):
         raise ConfigError(f"proxy.exit_after_drain: {cfg.exit_after_drain!r} must be true or false")
+    if not isinstance(cfg.ready_file, str) or (cfg.ready_file and cfg.ready_file[0] != "/"):
+        raise ConfigError(f'proxy.ready_file: {cfg.ready_file!r} must be an absolute path or ""')
     return replace(
         cfg,
         drain_timeout=_positive("proxy.drain_timeout", cfg.drain_timeout),

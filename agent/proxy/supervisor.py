@@ -573,6 +573,7 @@ class Supervisor:
         `report_fd` (`agent proxy --upgrade`): take over or fail, and say which there."""
         self.report_fd = report_fd
         prepare_state_dir(self.state_dir)
+        self._mark_ready(False)  # a crashed predecessor's, in the same pod
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGHUP, self._reopen_logs)
@@ -601,6 +602,7 @@ class Supervisor:
         log.info("proxy %s: %d worker(s), metrics on http://%s, state dir %s", __version__,
                  self.worker_count, self.config.proxy.metrics_address, self.state_dir)  # fmt: skip
         while not self.stopping.is_set() and not self.draining.is_set():
+            self._mark_ready(not self.ready())
             with contextlib.suppress(queue.Empty):
                 index = self.pool.dead.get(timeout=0.5)
                 with self.lock:
@@ -608,6 +610,7 @@ class Supervisor:
                         break  # a drained worker exits by design
                     for error in self.pool.respawn(index, self._state()):
                         log.error("restarted worker %d: %s", index, error)
+        self._mark_ready(False)
         if self.draining.is_set():
             if self.handing is not None:  # drained at once: not before the successor knows
                 self.handing.join(self.config.proxy.handoff_timeout)
@@ -616,6 +619,17 @@ class Supervisor:
                 self._stay_idle()
         self._close()
         return 0
+
+    def _mark_ready(self, ready: bool) -> None:
+        """`proxy.ready_file` exists exactly while this proxy serves and is ready: a pod's own
+        readiness, where the node's metrics port answers for whichever proxy holds it."""
+        if not self.config.proxy.ready_file:
+            return
+        path = Path(self.config.proxy.ready_file)
+        if ready:
+            path.touch(mode=0o600)
+        else:
+            path.unlink(missing_ok=True)
 
     def _stay_idle(self) -> None:
         """Drained, but told to stay (`proxy.exit_after_drain: false`, in a pod, where an exited

@@ -315,11 +315,9 @@ def test_config_loads_and_probes_match_it(kustomization: str) -> None:
         v.get("configMap", {}).get("name") == configmap["metadata"]["name"] for v in spec["volumes"]
     )
     proxy = containers(kustomization)["proxy"]
-    for probe in ("livenessProbe", "readinessProbe"):
-        get = proxy[probe]["httpGet"]
-        assert (get["host"], get["port"]) == ("127.0.0.1", _port(config.proxy.metrics_address))
-    assert proxy["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    get = proxy["livenessProbe"]["httpGet"]
+    assert (get["host"], get["port"]) == ("127.0.0.1", _port(config.proxy.metrics_address))
+    assert get["path"] == "/healthz"
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -343,7 +341,11 @@ def test_a_proxy_update_starts_the_new_proxy_beside_the_old_one(kustomization: s
     (proxy,) = spec["containers"]
     mounts = {m["mountPath"]: m["name"] for m in proxy["volumeMounts"]}
     assert mounts["/run/ferry"] == "state" and "--state-dir=/run/ferry" in proxy["args"]
-    assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Ready once this pod's proxy serves: its own file, not the node's shared metrics port.
+    ready = Path(config.proxy.ready_file)
+    assert proxy["readinessProbe"]["exec"]["command"] == ["test", "-e", str(ready)]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert "emptyDir" in volumes[mounts[str(ready.parent)]]
 
 
 @pytest.mark.parametrize("kustomization", ["overlays/iptables", "overlays/ebpf"])
