@@ -178,10 +178,21 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class HandshakeFailure:
+    """Tunnel TLS handshakes of one workload that failed for one reason (cumulative)."""
+
+    uid: str
+    direction: str  # inbound (our :15008) | outbound (our dial)
+    reason: str  # agent.tunnel.handshake_failure.REASONS
+    count: int
+
+
+@dataclass(frozen=True)
 class TunnelCounters:
     handshakes: int = 0  # completed, both roles, cumulative
     pooled_connections: int = 0  # client connections in the pool now
     streams: int = 0  # open now
+    handshake_failures: tuple[HandshakeFailure, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ peer and time win) and exposed as `ferry_proxy_shed_total{limit}`.
 
 The workers' `TelemetryStats` (`agent.telemetry.counters`) add inspected HTTP requests by method
 and status class, connection and request duration histograms and the access log's lines and
-drops; `Applied` gives certificate expiry, `TunnelCounters` the tunnel pool.  Labels are bounded:
+drops; `Applied` gives certificate expiry, `TunnelCounters` the tunnel pool and the failed
+tunnel handshakes by reason (`agent.tunnel.handshake_failure`).  Labels are bounded:
 `LabelBudget` keeps the first `telemetry.workload_label_limit` workloads and
 `identity_label_limit` identities, later ones count under "other" (series are summed), so many
 distinct clients or workloads cannot grow the scrape without bound (docs/telemetry.md).
@@ -233,6 +234,9 @@ class MetricsCollector(Collector):
             for r in t.requests:
                 if r.uid in named:
                     sums.add("requests", (*named[r.uid], r.method, r.status_class), r.count)
+            for f in stats.tunnel.handshake_failures:
+                if f.uid in named:
+                    sums.add("handshake_failures", (*named[f.uid], f.direction, f.reason), f.count)
         wl_labels = ["workload_namespace", "workload"]
         labels = [*wl_labels, "direction", "security", "source_identity", "destination_identity"]
         for fkey, name, text in (
@@ -258,6 +262,9 @@ class MetricsCollector(Collector):
         yield sums.fill(CounterMetricFamily(
             "ferry_proxy_http_requests", "inspected HTTP requests, by method and status class",
             labels=[*wl_labels, "method", "status_class"]), "requests")  # fmt: skip
+        yield sums.fill(CounterMetricFamily(
+            "ferry_proxy_tls_handshake_failures", "tunnel TLS handshakes that failed, by reason",
+            labels=[*wl_labels, "direction", "reason"]), "handshake_failures")  # fmt: skip
         yield from self._histograms(per_worker, named)
         yield from self._gauges(per_worker, workloads, named)
         yield CounterMetricFamily("ferry_access_log_lines", "access log lines written",

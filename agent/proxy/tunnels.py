@@ -14,7 +14,7 @@ worker that opens and accepts them:
   socket), 200 once connected, 503 when that connect fails; a stream to a port whose policy
   decides per request goes through the worker's HTTP inspection (`Loop.inspect`: the stream
   writes into one end of a socketpair, an `InspectedRelay` reads the other), and is accepted at
-  once;
+  once; the worker's `Recorder` has each admitted stream's duration and access log line;
 - `sweep` ends connections still connecting or handshaking after the connect timeout and closes
   idle pooled ones; `flush` writes each connection that queued frames once per batch of events;
 - `drain` (the proxy was upgraded, `agent.proxy.handoff`): pooled connections take no new
@@ -31,6 +31,10 @@ progress (per worker, per source IP); a stream is refused (503) before any socke
 the worker or the workload holds its share of connections.  Every connection and stream counts
 as one held connection until it ends.  Connections and streams cut off at a flood bound (their
 `shed`) are counted against the workload with the peer's identity (or IP).
+
+A connection that ends before its TLS handshake is done (either role) is counted per workload,
+direction and reason (`agent.tunnel.handshake_failure`: the text it failed with, mapped to a
+bounded set); one refused at a bound before any TLS state exists counts as `shed`.
 """
 
 from __future__ import annotations
@@ -50,12 +54,14 @@ from agent.policy.facts import Facts
 from agent.proxy import decide
 from agent.proxy.admission import Admission, bounds_of
 from agent.proxy.enforce import Enforcer, Guarded
-from agent.proxy.messages import TunnelCounters
+from agent.proxy.messages import HandshakeFailure, TunnelCounters
 from agent.proxy.sockets import upstream_socket
 from agent.proxy.tunnel_pool import TunnelPool
 from agent.proxy.workload import FlowStats, ServedWorkload
+from agent.telemetry.recorder import Recorder
 from agent.tunnel.authority import format_authority
 from agent.tunnel.connection import CLOSED, Buffers, TunnelConn
+from agent.tunnel.handshake_failure import TIMEOUT, reason_of
 from agent.tunnel.stream import TunnelStream
 
 log = logging.getLogger("ferry.proxy.worker")
@@ -68,6 +74,7 @@ Handler = Callable[[int, int], None]
 class Loop(Protocol):
     handlers: dict[int, Handler]
     stale: set[int]
+    recorder: Recorder
 
     def watch(self, fd: int, old: int, new: int) -> None: ...
 
@@ -107,6 +114,7 @@ class Tunnels:
         self.conns: set[TunnelConn] = set()
         self.handshaking: dict[TunnelConn, str] = {}  # server side, until TLS is done: its IP
         self.handshakes = 0
+        self.handshake_failures: dict[tuple[str, str, str], int] = {}  # (uid, direction, reason)
         self.to_flush: list[TunnelConn] = []
         self.draining = False
 
@@ -167,6 +175,7 @@ class Tunnels:
         ip = peer[0]
         admission = self.admission
         if not admission.admit(wl, ip, inbound=True, fds=1) or not admission.handshake(wl, ip):
+            self._handshake_failed(wl, "inbound", "shed")
             reset(client)
             return
         try:
@@ -248,6 +257,7 @@ class Tunnels:
         self.loop.handlers[stream.fd] = stream.on_event
         stats.relays.add(stream)
         self.admission.opened(stream, conn.peer_identity, fds)
+        self.loop.recorder.stream_opened(stream, wl, facts)
         if not http:
             self.guarded.add(stream, wl, facts, spliced=True)
         stream.update()
@@ -275,6 +285,9 @@ class Tunnels:
                   conn.peer_ip, reason)  # fmt: skip
         if conn.core is None and not conn.client:
             wl.flow("inbound", "mtls").deny(decide.Reason.UNKNOWN_PEER)  # never authenticated
+        if conn.core is None and conn.bio is not None:  # the TLS handshake had begun
+            direction = "outbound" if conn.client else "inbound"
+            self._handshake_failed(wl, direction, reason_of(reason))
         ip = self.handshaking.pop(conn, None)
         if ip is not None:
             self.admission.handshake_over(ip)
@@ -288,12 +301,17 @@ class Tunnels:
         if key is not None:
             self.pool.discard(key, conn)
 
+    def _handshake_failed(self, wl: ServedWorkload, direction: str, reason: str) -> None:
+        key = (wl.uid, direction, reason)
+        self.handshake_failures[key] = self.handshake_failures.get(key, 0) + 1
+
     def stream_done(self, stream: TunnelStream) -> None:
         stats: FlowStats = stream.owner
         self.loop.handlers.pop(stream.fd, None)
         self.loop.stale.add(stream.fd)
         self.guarded.discard(stream)
         self.admission.closed(stream)
+        self.loop.recorder.closed(stream)  # inbound ones: their duration and access log line
         if stream.shed:
             conn = stream.conn
             self.admission.shed(conn.owner[0], stream.shed, conn.peer_identity or conn.peer_ip)
@@ -321,7 +339,7 @@ class Tunnels:
         for conn in list(self.conns):
             if conn.core is None:
                 if now - conn.started_at >= connect_timeout:
-                    conn.fail("connect/handshake timeout")
+                    conn.fail(TIMEOUT)
                 continue
             conn.sweep(now)  # an open header block that never completes ends the connection
             if conn.state != CLOSED and not conn.streams and not conn.queued:
@@ -358,4 +376,6 @@ class Tunnels:
 
     def counters(self) -> TunnelCounters:
         streams = sum(len(c.streams) + len(c.queued) for c in self.conns)
-        return TunnelCounters(self.handshakes, len(self.pool), streams)
+        failures = tuple(HandshakeFailure(*key, count)
+                         for key, count in sorted(self.handshake_failures.items()))  # fmt: skip
+        return TunnelCounters(self.handshakes, len(self.pool), streams, failures)

@@ -49,14 +49,15 @@ def connection_line(
     workload: str,
     direction: str,
     security: str,
-    source: tuple[str, str, int],
+    source: tuple[str, str, int | None],
     destination: tuple[str, str, int],
     received: int,
     sent: int,
     seconds: float,
     outcome: str,
 ) -> str:
-    """A relayed connection that ended; `source` and `destination` are (identity, ip, port)."""
+    """A relayed connection that ended; `source` and `destination` are (identity, ip, port),
+    the source's port None when unknown (a tunnel stream)."""
     return (
         f'{{"time":"{timestamp(time.time())}","kind":"connection","workload":"{workload}",'
         f'"direction":"{direction}","security":"{security}",'

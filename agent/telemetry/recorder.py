@@ -3,7 +3,9 @@
 The worker calls `Recorder` at the few points where a connection or request is decided or ends:
 
 - `opened(relay, ...)` when a relay starts (its workload, direction and, with an access log,
-  the addresses and identities of both ends) and `closed(relay)` when it ends: the connection's
+  the addresses and identities of both ends), `stream_opened(stream, ...)` when a tunnel stream
+  is admitted at the destination (the source is the tunnel's peer: its identity and IP; HBONE
+  carries no source port), and `closed(relay)` when either ends: the connection's
   duration goes into ferry_proxy_connection_duration_seconds, and a sampled line (bytes both
   ways, duration, whether it was reset) into the access log;
 - `AccessDenials`, the enforcer's denial log, adds a line for every connection denied at L4,
@@ -46,7 +48,7 @@ class _Connection:
         self,
         uid: str,
         direction: str,
-        source: tuple[str, str, int] | None,
+        source: tuple[str, str, int | None] | None,
         destination: tuple[str, str, int],
     ) -> None:
         self.uid, self.direction = uid, direction
@@ -99,7 +101,7 @@ class Recorder:
         """A relay of `wl` started: outbound (passthrough) when `source_ip` is None, else
         inbound from it."""
         outbound = source_ip is None
-        source = None
+        source: tuple[str, str, int | None] | None = None
         destination = ("" if outbound else wl.identity, dst[0], dst[1])
         if self.sampled():
             try:
@@ -111,6 +113,12 @@ class Recorder:
         self.open[relay] = _Connection(
             wl.uid, "outbound" if outbound else "inbound", source, destination
         )
+
+    def stream_opened(self, stream: Any, wl: ServedWorkload, facts: Facts) -> None:
+        """An inbound tunnel stream of `wl` was admitted, from the tunnel's peer."""
+        source = (facts.source_principal, facts.source_ip, None) if self.sampled() else None
+        destination = (wl.identity, facts.destination_ip, facts.destination_port)
+        self.open[stream] = _Connection(wl.uid, "inbound", source, destination)
 
     def closed(self, relay: Any) -> None:
         conn = self.open.pop(relay, None)

@@ -3,11 +3,12 @@
 One simulated node with node credentials (so same-node traffic is mutual TLS), a policy folder
 with a DENY AuthorizationPolicy and a RateLimitPolicy, three pods (`client` and `server`
 enrolled, `outsider` not: a plaintext client), real curl traffic: allowed over mTLS, denied,
-rate-limited and plaintext.  Debian's `prometheus` runs in the node's network namespace and
-scrapes the proxy's and the agent's metrics every second.  Then, for every panel's every query
-(Grafana's variables replaced by what "All" sends), Prometheus' /api/v1/query must answer
-`success` (the PromQL parses and evaluates) with at least one series, and every variable's
-`label_values` must list at least one value.  `agent top --once` runs against the same node.
+rate-limited and plaintext, and a TLS client without a certificate at the tunnel port.
+Debian's `prometheus` runs in the node's network namespace and scrapes the proxy's and the
+agent's metrics every second.  Then, for every panel's every query (Grafana's variables
+replaced by what "All" sends), Prometheus' /api/v1/query must answer `success` (the PromQL
+parses and evaluates) with at least one series, and every variable's `label_values` must list
+at least one value.  `agent top --once` runs against the same node.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tests.e2e.test_datapath import wait_until
 from tests.run_id import SIM_PREFIX
 
 DASHBOARDS = Path(__file__).parents[2] / "deploy" / "grafana"
+PROBE = Path(__file__).with_name("tls_probe.py")
 PROMETHEUS = "127.0.0.1:9090"
 PROXY_METRICS, AGENT_METRICS = "127.0.0.1:15020", "127.0.0.1:15021"  # the defaults
 # What Grafana sends for "All" (allValue) and for the rate window at a 1 s scrape interval.
@@ -150,6 +152,12 @@ def status_code(pod: Pod, url: str) -> str:
     return str(pod.curl(url, 5.0, ["-o", "/dev/null", "-w", "%{http_code}"]).stdout)
 
 
+def tunnel_handshake(pod: Pod, ip: str) -> str:
+    """TLS without a client certificate to `ip`'s tunnel port: "refused", as it must be."""
+    answer = str(pod.exec([sys.executable, str(PROBE), ip, "15008"], timeout=30).stdout).strip()
+    return "refused" if answer.startswith("refused") else answer
+
+
 @dataclass
 class Observed:
     """The node under observation and a round of its traffic (the status codes it got)."""
@@ -182,12 +190,13 @@ def observed(sim_environment: None, tmp_path_factory: pytest.TempPathFactory) ->
         def traffic() -> list[str]:
             paths = [(client, "/ok"), (client, "/admin/y"), (client, "/limited/1"),
                      (outsider, "/ok")]  # fmt: skip
-            return [status_code(pod, f"{url}{path}") for pod, path in paths]
+            codes = [status_code(pod, f"{url}{path}") for pod, path in paths]
+            return [*codes, tunnel_handshake(outsider, server.ip4)]
 
-        assert traffic() == ["200", "403", "200", "200"]
+        assert traffic() == ["200", "403", "200", "200", "refused"]
         # Counters Prometheus first sees already counting do not increase: traffic flows on.
         wait_until(lambda: bool(series(node, "ferry_policy_decisions_total")), "a scrape", 15)
-        assert traffic() == ["200", "403", "429", "200"]
+        assert traffic() == ["200", "403", "429", "200", "refused"]
         yield Observed(node, ferry, traffic)
         prometheus.terminate()
         prometheus.wait(10)

@@ -5,6 +5,9 @@ echo on 9000; a policy denies /admin* on 8080, so that port is inspected), 2 pro
 access log file, traces exported to a local OTLP/HTTP receiver (`sim/otlp_receiver.py`, in the
 node's netns, decoding the protobuf requests) and `workload_label_limit: 2`.  Clients run in
 the client pod; the metrics are scraped from the proxy's localhost address in the node.
+
+Tunnel traffic needs two nodes that trust one CA (`tunnelled`): failed handshakes at the tunnel
+port, counted by reason, and the access log lines of TCP streams carried over the tunnel.
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.admin import request
-from sim.ferry import FerryNode
-from sim.node import Pod, SimNode
+from agent.identity.ca import init_ca, issue_node
+from agent.identity.certs import NodeSigner
+from sim.ferry import FerryNode, Mesh
+from sim.node import Pod, SimNode, link_nodes
 from tests.run_id import SIM_PREFIX
 
 RECEIVER = Path(__file__).parents[2] / "sim" / "otlp_receiver.py"
+PROBE = Path(__file__).with_name("tls_probe.py")
 HTTP, TCP = 8080, 9000
 METRICS = "http://127.0.0.1:15020"  # the proxy's
 AGENT = "http://127.0.0.1:15021"
@@ -356,3 +362,113 @@ def test_the_agent_serves_its_metrics_and_probes(t: Telemetry) -> None:
     assert agent[("ferry_agent_reconcile_runs_total", ())] >= 1
     assert agent[("ferry_agent_enrollment_duration_seconds_count", ())] >= 2
     assert agent[("ferry_agent_policy_rejected", ())] == 0
+
+
+@dataclass
+class Tunnelled:
+    """Two nodes that trust one CA: `client` on node a, `server` (TCP echo) and `outsider`
+    (never enrolled) on node b, whose proxy writes `access_log`."""
+
+    b: SimNode
+    ferry_b: FerryNode
+    client: Pod
+    server: Pod
+    outsider: Pod
+    access_log: Path
+
+
+@pytest.fixture(scope="module")
+def tunnelled(
+    sim_environment: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Tunnelled]:
+    nodes = [SimNode(SIM_PREFIX)]
+    mesh: Mesh | None = None
+    try:
+        nodes.append(SimNode(SIM_PREFIX))
+        a, b = nodes
+        link_nodes(a, b)
+        mesh = Mesh(tmp_path_factory.mktemp("tunnelled"))
+        access_log = b.tmpdir / "access.log"
+        ferry_a = mesh.add(a)
+        ferry_b = mesh.add(b, config={"telemetry": {"access_log": str(access_log)}})
+        client = a.add_pod("client")
+        server, outsider = b.add_pod("server"), b.add_pod("outsider")
+        server.start_tcp_echo_server(TCP)
+        for ferry in (ferry_a, ferry_b):
+            ferry.start()
+        ferry_a.enroll(client, "shop", "client")
+        ferry_b.enroll(server, "shop", "server")
+        mesh.wait_directory(entries=4)  # two pods, v4 and v6 each
+        yield Tunnelled(b, ferry_b, client, server, outsider, access_log)
+    except BaseException:
+        for ferry in mesh.nodes if mesh is not None else ():
+            print(ferry.log_text())
+        raise
+    finally:
+        for node in reversed(nodes):
+            node.teardown()
+
+
+def metric(node: SimNode, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples on `node`'s proxy whose labels include `labels`."""
+    text = node.exec(["curl", "-sS", "--max-time", "5", METRICS + "/metrics"]).stdout
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(str(text))
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_failed_tunnel_handshakes_are_counted_by_reason(
+    tunnelled: Tunnelled, tmp_path: Path
+) -> None:
+    t = tunnelled
+    init_ca(tmp_path / "rogue-ca", "cluster.local")
+    issue_node(tmp_path / "rogue-ca", "rogue", tmp_path / "rogue")
+    rogue = NodeSigner.load(tmp_path / "rogue", "cluster.local").mint("shop", "client", 600)
+    server = {"workload": t.server.netns, "direction": "inbound"}
+    name = "ferry_proxy_tls_handshake_failures_total"
+
+    def failures() -> dict[str, float]:
+        return {r: metric(t.b, name, **server, reason=r) for r in ("no_client_cert", "unknown_ca")}
+
+    before = failures()
+    probe = [sys.executable, str(PROBE), t.server.ip4, "15008"]
+    for certificate in ([], [str(path) for path in rogue.write(tmp_path)]):
+        answer = t.outsider.exec([*probe, *certificate], timeout=30).stdout.strip()
+        assert answer.startswith("refused"), answer
+
+    def grown() -> dict[str, float]:
+        return {r: n - before[r] for r, n in failures().items()}
+
+    expected = {"no_client_cert": 1, "unknown_ca": 1}
+    wait_until(lambda: grown() == expected, f"one failure of each reason ({grown()})")
+
+
+def test_each_tcp_stream_over_the_tunnel_gets_an_access_log_line(tunnelled: Tunnelled) -> None:
+    t = tunnelled
+    run_in(t.client, ECHO_CLIENT, t.server.ip4, str(TCP), "3", "4321")
+
+    def stream_lines() -> list[dict[str, Any]]:
+        if not t.access_log.exists():
+            return []
+        lines = [json.loads(line) for line in t.access_log.read_text().splitlines()]
+        return [x for x in lines if x["kind"] == "connection" and x["security"] == "mtls"]
+
+    wait_until(lambda: len(stream_lines()) >= 3, "3 stream lines in node b's access log")
+    lines = stream_lines()
+    assert len(lines) == 3, lines
+    for line in lines:
+        assert line["direction"] == "inbound" and line["decision"] == "allow"
+        assert line["source"] == {
+            "identity": "spiffe://cluster.local/ns/shop/sa/client",
+            "ip": t.client.ip4,
+        }
+        assert line["destination"] == {
+            "identity": "spiffe://cluster.local/ns/shop/sa/server",
+            "ip": t.server.ip4,
+            "port": TCP,
+        }
+        assert line["bytes_received"] == line["bytes_sent"] == 4321
+        assert line["outcome"] == "closed" and line["duration_ms"] >= 0
