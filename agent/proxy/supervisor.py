@@ -123,6 +123,7 @@ log = logging.getLogger("ferry.proxy")
 BACKOFF_MIN, BACKOFF_MAX = 0.01, 2.0
 WORKER_TIMEOUT = 10.0  # seconds a worker may take to apply one message
 BIND_RETRY = 2.0  # seconds to wait for the metrics port a predecessor just let go of
+ORPHANED_AFTER = 5.0  # seconds an idle, replaced proxy waits with no proxy on the metrics port
 
 
 @dataclass
@@ -568,7 +569,7 @@ class Supervisor:
     # -------------------------------------------------------------------- run
     def run(self, report_fd: int | None = None) -> int:
         """Serve until SIGTERM, or until replaced and drained (then, unless
-        `proxy.exit_after_drain`, until SIGTERM too): 0.  Take over from the proxy
+        `proxy.exit_after_drain`, until SIGTERM too, or 1 once no proxy serves): 0.  Take over from the proxy
         running on the state dir if there is one; 1 when that failed (it serves on).
         `report_fd` (`agent proxy --upgrade`): take over or fail, and say which there."""
         self.report_fd = report_fd
@@ -615,8 +616,9 @@ class Supervisor:
             if self.handing is not None:  # drained at once: not before the successor knows
                 self.handing.join(self.config.proxy.handoff_timeout)
             self._wait_drained()
-            if not self.config.proxy.exit_after_drain:
-                self._stay_idle()
+            if not self.config.proxy.exit_after_drain and not self._stay_idle():
+                self._close()
+                return 1
         self._close()
         return 0
 
@@ -631,15 +633,25 @@ class Supervisor:
         else:
             path.unlink(missing_ok=True)
 
-    def _stay_idle(self) -> None:
+    def _stay_idle(self) -> bool:
         """Drained, but told to stay (`proxy.exit_after_drain: false`, in a pod, where an exited
         container is restarted and would take the listeners back): no worker, no listener, no
-        port or socket of the state dir held, until SIGTERM."""
+        port or socket of the state dir held, until SIGTERM (True).  False when no proxy has
+        answered on the metrics port for ORPHANED_AFTER (the successor stopped without one of
+        its own, e.g. an older release's that was replaced cold): exit, to be started again."""
         self.pool.stop()
         self.idle.set()
         log.info("drained; idle until SIGTERM (proxy.exit_after_drain: false)")
+        address = parse_address("proxy.metrics_address", self.config.proxy.metrics_address)
+        answered = time.monotonic()
         while not self.stopping.wait(0.5):
-            pass
+            if _answers(address):
+                answered = time.monotonic()
+            elif time.monotonic() - answered > ORPHANED_AFTER:
+                log.error("no proxy has answered on %s for %.0f s: exiting, to be started again",
+                          self.config.proxy.metrics_address, ORPHANED_AFTER)  # fmt: skip
+                return False
+        return True
 
     def _on_signal(self, _signum: int, _frame: object) -> None:
         if not self.draining.is_set() or self.idle.is_set():  # draining: ends with its connections
@@ -732,6 +744,13 @@ def _metrics_server(
             if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def _answers(address: tuple[str, int]) -> bool:
+    """A proxy listens on its metrics `address` (connected, then closed without a request)."""
+    with contextlib.suppress(OSError), socket.create_connection(address, timeout=1.0):
+        return True
+    return False
 
 
 def _relabelled(served: Served, workload: Workload) -> bool:

@@ -4,7 +4,9 @@ In a pod, a proxy that exits once drained is restarted by the kubelet, and the r
 would take the listeners back from its successor.  Here two real `agent proxy` processes share
 a state dir: the first, replaced by the second, drains (nothing is open), then stays alive with
 no worker and nothing bound until SIGTERM, when it exits 0; the successor serves throughout.
-Each proxy's `proxy.ready_file` (its pod's readiness) exists exactly while it serves.
+Each proxy's `proxy.ready_file` (its pod's readiness) exists exactly while it serves.  An idle
+proxy whose successor died without one of its own (no proxy on the metrics port) exits 1, for
+the kubelet to start it again.
 The agent's side is the scripted one of `test_proxy_control`; no network namespace is involved.
 """
 
@@ -25,6 +27,8 @@ from agent.control.protocol import SnapshotSent
 from .netns_pair import REPO
 from .test_proxy_control import ScriptedAgent, _free_port, status, stop
 from .test_proxy_handoff import _serving
+
+NAMES = ["old", "new", "newest"]
 
 
 def _children(pid: int) -> list[str]:
@@ -54,10 +58,10 @@ def test_a_drained_proxy_stays_idle_until_sigterm_and_its_successor_serves(tmp_p
     metrics = f"127.0.0.1:{_free_port()}"
     agent = ScriptedAgent(state)
     proxies: list[subprocess.Popen[bytes]] = []
-    logs = [tmp_path / "old.log", tmp_path / "new.log"]
-    ready = [tmp_path / "old.ready", tmp_path / "new.ready"]
+    logs = [tmp_path / f"{name}.log" for name in NAMES]
+    ready = [tmp_path / f"{name}.ready" for name in NAMES]
     try:
-        for log, ready_file in zip(logs, ready, strict=True):
+        for log, ready_file in zip(logs[:2], ready[:2], strict=True):
             config = tmp_path / f"{log.stem}.yaml"
             config.write_text(f"proxy:\n  metrics_address: {metrics}\n  exit_after_drain: false\n"
                               f"  ready_file: {ready_file}\n")  # fmt: skip
@@ -86,6 +90,21 @@ def test_a_drained_proxy_stays_idle_until_sigterm_and_its_successor_serves(tmp_p
         assert new.poll() is None, logs[1].read_text()
         assert ready[1].exists()
         assert status(state)["pid"] == new.pid
+        with logs[2].open("wb") as out:
+            newest = subprocess.Popen(
+                [sys.executable, "-m", "agent", "proxy", "--state-dir", str(state),
+                 "--workers", "1", "--config", str(tmp_path / "new.yaml"), "--metrics-address",
+                 metrics],
+                cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        proxies.append(newest)
+        agent.accept()
+        assert agent.send(SnapshotSent()) is None
+        assert _serving(state, newest.pid), logs[2].read_text()
+        assert _wait_for(logs[1], "idle until SIGTERM", 20), logs[1].read_text()
+        newest.kill()  # its workers die with it: no proxy serves, none restarts it here
+        newest.wait(5)
+        assert new.wait(15) == 1, logs[1].read_text()  # orphaned: exits, to be started again
     finally:
         agent.close()
         for process in proxies:
