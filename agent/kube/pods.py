@@ -18,10 +18,11 @@ The answer carries the rule that applied, which `agent status` shows for every p
 `plan` compares the whole desired state with what is enrolled and returns the actions, in order:
 unenrollments first (a pod deselected or deleted, or enrolled under another identity), then
 enrollments of selected pods whose network namespace is known (from the CNI call or a process
-scan), then relabels (a selected, enrolled pod whose labels changed: the workload's labels are
-updated in place, connections stay).  A workload enrolled by someone else (`agent enroll`) is
-never touched, except when a selected pod's namespace is that workload's: the pod's identity
-then wins.  An enrollment that failed is retried after `RETRY_FAILED` seconds.  `plan` also
+scan; never of a pod being deleted, whose sandbox the runtime is tearing down: it stays enrolled
+until its CNI DEL), then relabels (a selected, enrolled pod whose labels changed: the workload's
+labels are updated in place, connections stay).  A workload enrolled by someone else (`agent
+enroll`) is never touched, except when a selected pod's namespace is that workload's: the pod's
+identity then wins.  An enrollment that failed is retried after `RETRY_FAILED` seconds.  `plan` also
 says, for every pod, its redirection state as the annotations show it:
 
     ferry.dev/redirection: enabled | pending | failed    (absent: not enrolled)
@@ -66,6 +67,7 @@ class Pod:
     annotations: Labels = ()
     host_network: bool = False
     phase: str = "Pending"
+    deleting: bool = False  # metadata.deletionTimestamp is set: its sandbox is going away
 
     @property
     def key(self) -> str:
@@ -127,6 +129,7 @@ def pod_from(raw: Mapping[str, Any]) -> Pod:
         annotations=_annotations(meta.get("annotations"), f"{what} metadata.annotations"),
         host_network=spec.get("hostNetwork") is True,
         phase=_text(status.get("phase"), f"{what} status.phase", required=False) or "Pending",
+        deleting=bool(meta.get("deletionTimestamp")),
     )
 
 
@@ -250,7 +253,9 @@ def plan(
             views[uid] = PodView(pod, True, selection.rule, "enabled", selection.rule, current.uid)
             continue
         failed = failures.get(uid)
-        if failed is not None and now - failed[1] < RETRY_FAILED:
+        if pod.deleting:  # kept while enrolled (fail closed until the CNI DEL), never enrolled
+            views[uid] = PodView(pod, False, "pod is being deleted", None, "")
+        elif failed is not None and now - failed[1] < RETRY_FAILED:
             views[uid] = PodView(pod, False, selection.rule, "failed", failed[0])
         elif ref is None:
             waiting = "waiting for the pod's network namespace (CNI or process scan)"

@@ -18,6 +18,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -339,3 +340,68 @@ def test_policy_objects_are_enforced_and_labels_change_in_place(node: KubeNode) 
         conn.close()
     finally:
         wired.close()
+
+
+PLUGIN = Path(__file__).resolve().parents[2] / "build" / "ferry-cni"
+
+
+def pod_object(name: str, uid: str, labels: dict[str, str], **meta: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "shop", "uid": uid, "labels": labels, **meta},
+        "spec": {"nodeName": NODE, "serviceAccountName": "web",
+                 "containers": [{"name": "app", "image": "app"}]},
+        "status": {"phase": "Pending"},
+    }  # fmt: skip
+
+
+def plugin(node: KubeNode, command: str, netns: str, name: str,
+           uid: str) -> subprocess.Popen[str]:  # fmt: skip
+    """`ferry-cni` as the runtime runs it for a pod sandbox (answer with `.communicate()`)."""
+    body = {
+        "cniVersion": "1.0.0",
+        "name": "pods",
+        "type": "ferry-cni",
+        "state_dir": str(node.state_dir),
+        "prevResult": {"cniVersion": "1.0.0", "ips": []},
+    }
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": f"sandbox-{name}",
+           "CNI_NETNS": f"/var/run/netns/{netns}", "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni",
+           "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={name};"
+                       f"K8S_POD_UID={uid}"}  # fmt: skip
+    with tempfile.TemporaryFile("w+") as config:
+        config.write(json.dumps(body))
+        config.seek(0)
+        return subprocess.Popen([str(PLUGIN)], stdin=config, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, text=True)  # fmt: skip
+
+
+def test_the_cni_plugin_is_answered_by_the_kubernetes_rules(node: KubeNode) -> None:
+    if not PLUGIN.exists():
+        pytest.fail(f"{PLUGIN} is missing: run `make setup` (it builds the plugin)", pytrace=False)
+    node.namespace("shop", **{MESH: "enabled"})
+    node.start()
+    node.wait(lambda: node.kube_status()["watches"]["namespaces"]["synced"], "the watches")
+
+    web, web_uid = node.pod("cni-web"), secrets.token_hex(16)  # no process: only the CNI call
+    adding = plugin(node, "ADD", web, "cni-web", web_uid)  # tells where its namespace is
+    time.sleep(0.3)  # the ADD came before the pod watch saw the pod: the agent waits for it
+    node.server.apply("pods", pod_object("cni-web", web_uid, {"app": "web"}))
+    out, err = adding.communicate(timeout=30)
+    assert adding.returncode == 0, out + err
+    assert "cni-web" in node.enrolled() and ferry_rules(web) != []  # before the ADD returned
+    node.wait(lambda: node.annotations("cni-web").get(STATE) == "enabled", "the annotation")
+
+    off, off_uid = node.pod("cni-off"), secrets.token_hex(16)
+    node.server.apply("pods", pod_object("cni-off", off_uid, {MESH: "disabled"}))
+    adding = plugin(node, "ADD", off, "cni-off", off_uid)
+    out, err = adding.communicate(timeout=30)
+    assert adding.returncode == 0, out + err  # starts, not enrolled
+    assert "cni-off" not in node.enrolled() and ferry_rules(off) == []
+
+    deleting = {"deletionTimestamp": "2026-11-30T16:00:00Z"}
+    node.server.apply("pods", pod_object("cni-web", web_uid, {"app": "web"}, **deleting))
+    removing = plugin(node, "DEL", web, "cni-web", web_uid)
+    assert removing.wait(30) == 0
+    assert "cni-web" not in node.enrolled()
+    time.sleep(0.5)  # reconciles meanwhile must not enroll a pod whose sandbox is going away
+    assert "cni-web" not in node.enrolled() and ferry_rules(web) == []

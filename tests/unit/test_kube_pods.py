@@ -220,6 +220,18 @@ def test_a_failed_enrollment_waits_before_it_is_tried_again() -> None:
     assert planned({UID: ENABLED}, {}, {UID: REF}, old).actions == (Enroll(ENABLED, REF),)
 
 
+def test_a_pod_being_deleted_stays_enrolled_but_is_never_enrolled_again() -> None:
+    deleting = replace(ENABLED, deleting=True)
+    enrolled = workload(labels=ENABLED.labels)
+    assert planned({UID: deleting}, {enrolled.uid: enrolled}, {UID: REF}).actions == ()
+    result = planned({UID: deleting}, {}, {UID: REF})  # the CNI DEL unenrolled it
+    assert result.actions == ()
+    assert (result.views[UID].state, result.views[UID].rule) == (None, "pod is being deleted")
+    raw = {**RAW_POD, "metadata": {**RAW_POD["metadata"],
+                                   "deletionTimestamp": "2026-11-30T16:00:00Z"}}  # fmt: skip
+    assert pod_from(raw).deleting
+
+
 @pytest.mark.parametrize(
     ("annotations", "state", "reason", "patch"),
     [
