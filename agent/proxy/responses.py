@@ -10,8 +10,9 @@ Istio):
 | JWT missing or invalid | 401 (reason), www-authenticate  | grpc-status 16 UNAUTHENTICATED    |
 | rate limited           | 429 "local_rate_limited",       | grpc-status 8 RESOURCE_EXHAUSTED  |
 |                        | retry-after, x-ratelimit-*      |                                   |
-| malformed request      | 400 "bad request" (HTTP/1.1)    | (HTTP/2: stream or connection     |
-|                        |                                 | errors instead)                   |
+| malformed request      | 400 "bad request"               | grpc-status 13 INTERNAL (a path   |
+|                        |                                 | that does not normalize; else     |
+|                        |                                 | stream or connection errors)      |
 | request head too slow  | 408 "request header timeout"    | (HTTP/2: GOAWAY instead)          |
 |                        | (HTTP/1.1, limits.request_      |                                   |
 |                        | header_timeout)                 |                                   |
@@ -44,10 +45,12 @@ REQUEST_TIMEOUT = 408
 GRPC_PERMISSION_DENIED = 7
 GRPC_UNAUTHENTICATED = 16
 GRPC_RESOURCE_EXHAUSTED = 8
+GRPC_INTERNAL = 13  # HTTP 400 in gRPC's HTTP-to-gRPC status mapping, as Envoy answers it
 GRPC_STATUS = {
     FORBIDDEN: GRPC_PERMISSION_DENIED,
     UNAUTHORIZED: GRPC_UNAUTHENTICATED,
     TOO_MANY_REQUESTS: GRPC_RESOURCE_EXHAUSTED,
+    BAD_REQUEST: GRPC_INTERNAL,
 }
 DEFAULT_MESSAGE = {
     FORBIDDEN: "RBAC: access denied",
@@ -142,7 +145,7 @@ def h2_reply(denial: Denial, *, grpc: bool) -> tuple[list[tuple[str, str]], byte
     if grpc:
         status = GRPC_STATUS.get(denial.status)
         if status is None:
-            raise ValueError(f"HTTP status {denial.status} has no gRPC status (403, 401, 429)")
+            raise ValueError(f"HTTP status {denial.status} has no gRPC status (403, 401, 429, 400)")
         fields = [
             (":status", "200"),
             ("content-type", "application/grpc"),

@@ -103,6 +103,11 @@ def test_h2_plain_reply() -> None:
     assert ("retry-after", "1") in fields
 
 
+def test_a_malformed_grpc_request_gets_internal_as_envoy_answers_it() -> None:
+    fields, _ = h2_reply(Denial(400, message="path '/a/%2e%2e' is not valid"), grpc=True)
+    assert (":status", "200") in fields and ("grpc-status", "13") in fields
+
+
 def test_no_grpc_status_for_other_statuses() -> None:
-    with pytest.raises(ValueError, match="HTTP status 400 has no gRPC status"):
-        h2_reply(Denial(400), grpc=True)
+    with pytest.raises(ValueError, match="HTTP status 408 has no gRPC status"):
+        h2_reply(Denial(408), grpc=True)
