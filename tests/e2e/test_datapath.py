@@ -7,6 +7,7 @@ and `agent proxy` in it, enrolls pods with the CLI and talks to real servers wit
 from __future__ import annotations
 
 import json
+import secrets
 import signal
 import stat
 import time
@@ -156,12 +157,24 @@ def test_bulk_transfer_through_the_proxy(mesh: tuple[FerryNode, Pod, Pod]) -> No
 
 
 def test_proxy_down_fails_closed_and_a_restart_recovers(mesh: tuple[FerryNode, Pod, Pod]) -> None:
+    """SIGKILL: no cleanup runs.  Its workers die with it, every redirected connection, out of
+    the client and into the server, is refused at once, nothing reaches the app around the
+    proxy, and a restarted proxy (what systemd's Restart=always does) gets its snapshot from the
+    agent and serves again."""
     ferry, client, server = mesh
     ferry.enroll(client)
+    ferry.enroll(server)
     client.fetch_json(f"http://{server.ip4}:8080/")
+    assert ferry.proxy is not None
+    workers = psutil.Process(ferry.proxy.pid).children()
     ferry.stop(ferry.proxy, kill=True)
-    refused = client.curl(f"http://{server.ip4}:8080/", timeout=3)
-    assert refused.returncode != 0  # never a silent bypass
+    wait_until(lambda: not any(alive(w) for w in workers), "its workers died with it")
+    gap = f"/gap-{secrets.token_hex(4)}"
+    outbound = client.curl(f"http://{server.ip4}:8080{gap}", timeout=3)
+    assert outbound.returncode == 7, outbound.stderr  # refused, not a timeout, not a bypass
+    inbound = ferry.node.exec(["curl", "-sS", "--max-time", "3", f"http://{server.ip4}:8080{gap}"])
+    assert inbound.returncode == 7, inbound.stderr  # into the pod too
+    assert not [seen for seen in server.seen("http", 8080) if seen["path"] == gap]
     result = ferry.cli("status", "--config", str(ferry.config_path))
     assert result.returncode == 1
     assert "proxy is not running" in result.stdout and "fail closed" in result.stdout
@@ -169,6 +182,13 @@ def test_proxy_down_fails_closed_and_a_restart_recovers(mesh: tuple[FerryNode, P
     ferry.wait_connected()
     assert client.fetch_json(f"http://{server.ip4}:8080/")["peer"] == client.ip4
     assert ferry.status()["healthy"]
+
+
+def alive(process: psutil.Process) -> bool:
+    try:
+        return bool(process.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_agent_restart_keeps_traffic_and_enrollments(mesh: tuple[FerryNode, Pod, Pod]) -> None:
@@ -382,5 +402,5 @@ def test_state_dir_and_sockets_are_root_only(mesh: tuple[FerryNode, Pod, Pod]) -
     ferry, client, _server = mesh
     ferry.enroll(client)
     assert stat.S_IMODE(ferry.state_dir.stat().st_mode) == 0o700
-    for name in ("agent.sock", "proxy.sock", "control.sock", "enrollments.json"):
+    for name in ("agent.sock", "cni.sock", "proxy.sock", "control.sock", "enrollments.json"):
         assert stat.S_IMODE((ferry.state_dir / name).stat().st_mode) == 0o600, name
