@@ -26,6 +26,9 @@ redirection:
   exclude_inbound_ports: []      # default
   exclude_outbound_cidrs: ["10.96.0.0/12"]  # example; default: []
   ipv6: true                     # default
+  kernel_fastpath: false         # default: true joins an uninspected same-node connection's two
+                                 # proxy sockets in the kernel (eBPF backend only; see
+                                 # agent/proxy/fastpath.py); off: it was no faster than splice
 proxy:
   workers: 0                     # default: 0 = one per core
   connect_timeout: 5.0           # default, seconds
@@ -186,6 +189,7 @@ class RedirectionConfig:
     exclude_inbound_ports: tuple[int, ...] = ()
     exclude_outbound_cidrs: tuple[str, ...] = ()
     ipv6: bool = True
+    kernel_fastpath: bool = False
 
 
 @dataclass(frozen=True)
@@ -399,6 +403,10 @@ def _redirection(raw: Any) -> RedirectionConfig:
             ) from exc
     if not isinstance(cfg.ipv6, bool):
         raise ConfigError(f"redirection.ipv6: {cfg.ipv6!r} must be true or false")
+    if not isinstance(cfg.kernel_fastpath, bool):
+        raise ConfigError(
+            f"redirection.kernel_fastpath: {cfg.kernel_fastpath!r} must be true or false"
+        )
     return cfg
 
 

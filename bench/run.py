@@ -29,8 +29,8 @@ ferry, ferry-nftables, ferry-ebpf
     cgroup v2 hierarchy the eBPF hooks attach to).  Afterwards the pods are unenrolled, `agent
     cleanup` runs and the state dir (the eBPF pins with it) is removed, so the next backend
     starts from a clean node.  Client and server are on the same node, so with eBPF the proxy
-    joins each uninspected connection's two sockets in the kernel when its experimental fast
-    path is on (`agent.proxy.fastpath`, FERRY_FASTPATH=1): `ferry-fastpath` measures that, the
+    joins each uninspected connection's two sockets in the kernel when its fast path is on
+    (`agent.proxy.fastpath`, `redirection.kernel_fastpath`): `ferry-fastpath` measures that, the
     other Ferry paths the splice relay.
 
 For each path: wrk against nginx (keep-alive at c=1 with 1 thread and at c=64 with 2 threads:
@@ -73,7 +73,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.proxy import fastpath
 from agent.redirect import ebpf
 from agent.redirect.ebpf_object import load_or_compile
 from bench.common import (
@@ -346,11 +345,11 @@ class Bench(PodBench[Options, PathResult]):
         if backend == "ebpf":  # compiled before the agent starts (it waits for no compile)
             os.environ.setdefault(ebpf.CACHE_ENV, str(OUT_DIR / "bpf-cache"))
             load_or_compile(Path(os.environ[ebpf.CACHE_ENV]))
-        redirection = {**FERRY_CONFIG.get("redirection", {}), "backend": backend}
+        redirection = {**FERRY_CONFIG.get("redirection", {}), "backend": backend,
+                       "kernel_fastpath": name == "ferry-fastpath"}  # fmt: skip
         config = {**FERRY_CONFIG, "redirection": redirection}
         ferry = HostMountsFerry(node, workers=self.opts.workers, config=config)
         enrolled: list[Pod] = []
-        os.environ[fastpath.ENABLE_ENV] = "1" if name == "ferry-fastpath" else "0"
         try:
             log(f"{name}: starting agent and proxy (--workers {self.opts.workers}, {backend})")
             ferry.start()
@@ -378,7 +377,6 @@ class Bench(PodBench[Options, PathResult]):
         finally:
             self.stop_ferry([ferry], [(ferry, pod) for pod in enrolled])
             self.forget_ferry(ferry)
-            os.environ.pop(fastpath.ENABLE_ENV)
 
     @staticmethod
     def forget_ferry(ferry: FerryNode) -> None:

@@ -79,7 +79,6 @@ from agent.control.protocol import (
     WorkloadCertificate,
 )
 from agent.directory import DirectoryError, DirectoryTable, DirectoryUpdate
-from agent.proxy import fastpath
 from agent.proxy.handoff import HANDOFF_SOCKET
 from agent.proxy.messages import (
     AddWorkload,
@@ -142,11 +141,14 @@ class Served:
         os.close(self.netns_fd)
 
 
+STATE_DIR_ENV = "FERRY_STATE_DIR"  # as `agent.proxy.fastpath` reads it (the CLI's too)
+
+
 class Supervisor:
     def __init__(self, config: Config, state_dir: Path, workers: int) -> None:
         self.config = config
         self.state_dir = state_dir
-        os.environ[fastpath.STATE_DIR_ENV] = str(state_dir)  # workers find the fast path's map
+        os.environ[STATE_DIR_ENV] = str(state_dir)  # workers find the fast path's map there
         self.worker_count = workers or os.cpu_count() or 1
         self.served: dict[str, Served] = {}
         self.lock = threading.RLock()

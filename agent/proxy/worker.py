@@ -137,7 +137,7 @@ class Worker:
         self.guarded = Guarded()
         self.requests = RequestChecker(self.enforcer)
         self.pipes = PipePool()
-        self.fastpath = FastPath.from_environment()
+        self.fastpath = FastPath.configured(redirection_cfg.kernel_fastpath)
         self.limits = limits = config.limits
         self.bounds = bounds_of(limits)
         workers = config.proxy.workers or os.cpu_count() or 1
@@ -164,6 +164,7 @@ class Worker:
         handlers = self.handlers
         stale = self.stale
         tunnels = self.tunnels
+        fastpath = self.fastpath
         limits = self.limits
         sweep_every = max(0.05, min(
             1.0, self.proxy_cfg.connect_timeout / 4, self.proxy_cfg.idle_timeout / 4,
@@ -174,7 +175,7 @@ class Worker:
         next_stats = monotonic() + STATS_INTERVAL
         try:
             while self.running:
-                timeout = min(next_sweep, next_stats) - monotonic()
+                timeout = min(next_sweep, next_stats, fastpath.due) - monotonic()
                 for fd, ev in poll(timeout if timeout > 0 else 0, MAX_EVENTS):
                     if stale and fd in stale:
                         continue
@@ -185,6 +186,8 @@ class Worker:
                     tunnels.flush()
                 stale.clear()
                 now = monotonic()
+                if now >= fastpath.due:  # joined relays' ends waiting for their last bytes
+                    fastpath.settle(now)
                 if self.draining_since and self._drained(now):
                     break
                 if now >= next_sweep:
