@@ -173,6 +173,7 @@ class Supervisor:
         self.synced = threading.Event()  # an agent snapshot was applied
         self.draining = threading.Event()  # replaced: no longer accepting
         self.idle = threading.Event()  # replaced and drained, staying until SIGTERM
+        self.terminated = threading.Event()  # SIGTERM/SIGINT came, maybe while draining
         self.local: LocalServices | None = None
         self.report_fd: int | None = None  # `agent proxy --upgrade` waits for a line there
         self.handing: threading.Thread | None = None  # the handoff to a successor, once replaced
@@ -571,8 +572,9 @@ class Supervisor:
     # -------------------------------------------------------------------- run
     def run(self, report_fd: int | None = None) -> int:
         """Serve until SIGTERM, or until replaced and drained (then, unless
-        `proxy.exit_after_drain`, until SIGTERM too, or 1 once no proxy serves): 0.  Take over from the proxy
-        running on the state dir if there is one; 1 when that failed (it serves on).
+        `proxy.exit_after_drain`, until SIGTERM too, or 1 once no proxy serves): 0.  Take over
+        from the proxy running on the state dir if there is one; 1 when that failed (it serves
+        on).
         `report_fd` (`agent proxy --upgrade`): take over or fail, and say which there."""
         self.report_fd = report_fd
         prepare_state_dir(self.state_dir)
@@ -643,6 +645,8 @@ class Supervisor:
         its own, e.g. an older release's that was replaced cold): exit, to be started again."""
         self.pool.stop()
         self.idle.set()
+        if self.terminated.is_set():  # its pod was deleted while it drained: done
+            return True
         log.info("drained; idle until SIGTERM (proxy.exit_after_drain: false)")
         address = parse_address("proxy.metrics_address", self.config.proxy.metrics_address)
         answered = time.monotonic()
@@ -656,6 +660,7 @@ class Supervisor:
         return True
 
     def _on_signal(self, _signum: int, _frame: object) -> None:
+        self.terminated.set()
         if not self.draining.is_set() or self.idle.is_set():  # draining: ends with its connections
             self.stopping.set()
 

@@ -160,6 +160,40 @@ def test_an_upgrade_under_load_fails_no_request_and_open_connections_finish_on_t
     assert client.curl(f"http://{server.ip4}:{HTTP}/").returncode == 0
 
 
+def test_a_pod_s_old_proxy_deleted_while_it_drains_ends_with_its_connections(
+    sim_node: SimNode,
+) -> None:
+    """The DaemonSet's update (deploy/base/proxy.yaml, `proxy.exit_after_drain: false`): the
+    old pod is deleted (SIGTERM) as soon as the new proxy serves, while the old one drains; it
+    lets its connections finish, then exits 0 at once, not idle until the kubelet's SIGKILL."""
+    drain = 10.0
+    ferry, client, server = node_with_ferry(
+        sim_node, {"drain_timeout": drain, "exit_after_drain": False}
+    )
+    assert ferry.proxy is not None
+    try:
+        load = requests(client, server)
+        finishing = streams(client, server, 2)
+        wait_until(lambda: active(ferry) >= 2, "the long-lived connections are open")
+        upgrade = ferry.upgrade_proxy()
+        assert upgrade.wait(60) == 0, ferry.upgrade_output()
+        ferry.proxy.send_signal(signal.SIGTERM)  # the controller deletes the old pod
+        time.sleep(1.0)
+        assert ferry.proxy.poll() is None  # draining: SIGTERM waits for its connections
+        done = finish(finishing)
+        ended = time.monotonic()
+        assert ferry.proxy.wait(drain) == 0
+        gone = time.monotonic()
+        served = finish(load)
+    except BaseException:
+        print(ferry.log_text())
+        raise
+    assert served["failed"] == 0, served["errors"]
+    assert all(stream["ok"] for stream in done["streams"]), done["streams"]
+    assert gone - ended < drain / 2  # once they ended, not at the deadline or later
+    assert client.curl(f"http://{server.ip4}:{HTTP}/").returncode == 0
+
+
 def test_a_new_proxy_that_cannot_take_over_rolls_back_and_no_request_fails(
     sim_node: SimNode,
 ) -> None:
