@@ -13,8 +13,11 @@ route and rule monitor saw any change since the last sample.
 `suspects` decides whom to look at: a workload whose fingerprint differs from the last healthy
 one (a new workload has none), or whose routing changed.  Only those get their redirection
 applied again, which writes only what is missing; a change that was not Ferry's (the app adding
-its own rules) costs one such apply and is then the new healthy fingerprint.  `WatchCounts` is
-what `agent status` shows of the watch.
+its own rules, the agent's own enrollment of the pod) costs one such apply and is then the new
+healthy fingerprint.  `lost` decides whether that apply was a repair: only what moved between a
+sample taken right before it and one right after it (both under the agent's state lock, so no
+enrollment or reconcile of the agent's writes in between) counts.  `WatchCounts` is what
+`agent status` shows of the watch.
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ def suspects(healthy: Mapping[str, Fingerprint], samples: Mapping[str, Sample]) 
         for uid, sample in samples.items()
         if sample.routing_changed or healthy.get(uid) != sample.fingerprint
     )
+
+
+def lost(before: Sample, after: Sample) -> str:
+    """What an apply between the two samples wrote back ("rules", "routing", both, or ""):
+    the fingerprint moved, or routing messages came in after `before` had drained them."""
+    moved = (("rules", after.fingerprint != before.fingerprint), ("routing", after.routing_changed))
+    return ", ".join(what for what, changed in moved if changed)
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 Twice a second (`INTERVAL`) the watch samples every enrolled workload cheaply, decides with
 `agent.redirect.loss.suspects` whom to look at, and has the backend `apply` their redirection
-under the agent's state lock, as the reconcile loop repairs drift.  `apply` reads what is there
+under the agent's state lock, as the reconcile loop repairs drift.  It samples under that lock
+too, so what the agent itself writes (an enrollment's apply, a reconcile repair) is complete
+before the watch looks and is never counted as a loss.  `apply` reads what is there
 and writes only what differs, so a sample taken right after it tells whether anything was lost
 (the fingerprint or the routing moved: a repair, counted and logged) or the change was someone
 else's (nothing written: the new fingerprint is the healthy one).  Reading back first, as the
@@ -48,7 +50,7 @@ from agent.config import RedirectionConfig
 from agent.netns import NetnsExecutor
 from agent.redirect import bpf_syscall as sys_bpf
 from agent.redirect.backend import RedirectionBackend
-from agent.redirect.loss import Fingerprint, Sample, WatchCounts, suspects
+from agent.redirect.loss import Fingerprint, Sample, WatchCounts, lost, suspects
 from agent.redirect.rules import TABLES
 from agent.workloads import Workload
 
@@ -178,6 +180,10 @@ def _drained(sock: socket.socket) -> bool:
             changed = True
 
 
+def _identity(workload: Workload) -> tuple[int, int]:
+    return workload.netns_dev, workload.netns_inode
+
+
 class LossWatch:
     """The loop (see the module doc); `counts` is its part of `agent status`."""
 
@@ -210,14 +216,23 @@ class LossWatch:
             await asyncio.sleep(max(0.0, started + self.counts.interval - time.monotonic()))
 
     async def tick(self, enrollments: Callable[[], Mapping[str, Workload]]) -> None:
-        """Sample every workload, read back the suspects, repair what is not ok."""
-        current = dict(enrollments())
-        await self._follow(current)
-        shared = self._shared()
-        samples = {uid: sentinel.sample(shared) for uid, sentinel in self._sentinels.items()}
-        self.counts.samples += len(samples)
-        for uid in suspects(self._healthy, samples):
-            await self._check(current[uid], samples[uid], enrollments)
+        """Sample every workload, read back the suspects, repair what is not ok.
+
+        Sampling and repairs happen under the state lock, so an enrollment, an unenrollment or
+        a reconcile repair has finished before the watch looks: a new pod is first sampled
+        after its enrollment's apply, and the agent's own writes are never taken for a loss."""
+        await self._follow(dict(enrollments()))
+        async with self.lock:
+            current = dict(enrollments())
+            shared = self._shared()
+            samples = {
+                uid: sentinel.sample(shared)
+                for uid, sentinel in self._sentinels.items()
+                if uid in current and sentinel.identity == _identity(current[uid])
+            }
+            self.counts.samples += len(samples)
+            for uid in suspects(self._healthy, samples):
+                await self._check(current[uid], self._sentinels[uid])
 
     async def _follow(self, current: Mapping[str, Workload]) -> None:
         """Sentinels for exactly the enrolled workloads, each on its own namespace."""
@@ -225,7 +240,7 @@ class LossWatch:
             self._drop(uid)
         for uid, workload in current.items():
             sentinel = self._sentinels.get(uid)
-            wanted = (workload.netns_dev, workload.netns_inode)
+            wanted = _identity(workload)
             if sentinel is not None and sentinel.identity == wanted:
                 continue
             self._drop(uid)
@@ -250,34 +265,23 @@ class LossWatch:
             self._cgroup_fd = os.open(cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         return tuple(n for hook in _CGROUP_HOOKS for n in _programs(self._cgroup_fd, hook))
 
-    async def _check(
-        self,
-        workload: Workload,
-        sample: Sample,
-        enrollments: Callable[[], Mapping[str, Workload]],
-    ) -> None:
-        """Make one suspect's redirection whole again (unless it is no longer enrolled as it
-        was): `apply` writes only what differs, so whether the fingerprint or the routing moved
-        under it says whether anything was lost."""
+    async def _check(self, workload: Workload, sentinel: Sentinel) -> None:
+        """Make one suspect's redirection whole again (called under the state lock).  A sample
+        right before `apply` takes in whatever changed since the last tick (routing messages
+        included); `apply` writes only what differs, so whether the fingerprint or the routing
+        moved between that sample and one right after it says whether anything was lost."""
+        before = sentinel.sample(self._shared())
         start = time.monotonic()
-        async with self.lock:
-            if enrollments().get(workload.uid) != workload:
-                return
-            try:
-                await asyncio.to_thread(self.backend.apply, Path(workload.netns))
-                self.counts.applied += 1
-            except Exception as exc:  # retried on the next tick
-                self.counts.failures += 1
-                self._healthy.pop(workload.uid, None)
-                log.error("loss watch: %s/%s: %s", workload.namespace, workload.name, exc)
-                return
-        sentinel = self._sentinels.get(workload.uid)
-        if sentinel is None:
+        try:
+            await asyncio.to_thread(self.backend.apply, Path(workload.netns))
+            self.counts.applied += 1
+        except Exception as exc:  # retried on the next tick
+            self.counts.failures += 1
+            self._healthy.pop(workload.uid, None)
+            log.error("loss watch: %s/%s: %s", workload.namespace, workload.name, exc)
             return
         after = sentinel.sample(self._shared())
-        changed = ", ".join(what for what, moved in (
-            ("rules", after.fingerprint != sample.fingerprint), ("routing", after.routing_changed),
-        ) if moved)  # fmt: skip
+        changed = lost(before, after)
         if not changed:  # nothing of Ferry's was missing: someone else's change
             self._healthy[workload.uid] = after.fingerprint
             return

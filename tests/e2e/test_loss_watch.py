@@ -11,6 +11,7 @@ tests/e2e/test_datapath.py and test_backends.py kill it with SIGKILL.)
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -105,5 +106,62 @@ def test_every_pod_losing_its_rules_is_repaired_within_2s(
         print(ferry.log_text())
         raise
     finally:
+        ferry.stop(ferry.agent)
+        ferry.stop(ferry.proxy)
+
+
+CHURN_CYCLES = 20
+
+
+def test_pods_coming_and_going_are_no_loss_for_the_steady_pods(
+    pods: tuple[SimNode, Pod, list[Pod]],
+) -> None:
+    """With traffic flowing between two enrolled pods, enrolling and unenrolling other pods
+    (the churn soak's shape) is never taken for a loss: nothing is "repaired" (not the steady
+    pods, not a pod sampled while its enrollment was still being applied) and no request fails.
+    The watch ticks every 50 ms here, so it looks often while an enrollment is under way."""
+    sim_node, server, (client, *_) = pods
+    ferry = FerryNode(sim_node, config={"agent": {"reconcile_interval": 3600,
+                                                  "loss_watch_interval": 0.05}})  # fmt: skip
+    ferry.start()
+    served, failed = [0], [""]
+    stop = threading.Event()
+
+    def steady_traffic() -> None:
+        while not stop.is_set():
+            result = client.curl(f"http://{server.ip4}:8080/", timeout=3.0, args=["--fail"])
+            if result.returncode:
+                failed.append(result.stderr.strip())
+            else:
+                served[0] += 1
+
+    traffic = threading.Thread(target=steady_traffic)
+    try:
+        for pod in (server, client):
+            ferry.enroll(pod)
+        assert intercepted(ferry, client, server)
+        traffic.start()
+        for cycle in range(CHURN_CYCLES):
+            churned = sim_node.add_pod(f"churn{cycle}")
+            try:
+                ferry.enroll(churned)
+                ferry.cli("unenroll", churned.netns, check=True)
+            finally:
+                sim_node.remove_pod(churned)
+        stop.set()
+        traffic.join()
+        assert failed == [""], failed
+        assert served[0] > CHURN_CYCLES
+        assert "loss watch: repaired" not in (ferry.logs / "run.log").read_text()
+        watch = ferry.status()["agent"]["loss_watch"]
+        assert watch["repairs"] == 0 and watch["failures"] == 0, watch
+        assert intercepted(ferry, client, server)
+    except BaseException:
+        print(ferry.log_text())
+        raise
+    finally:
+        stop.set()
+        if traffic.is_alive():
+            traffic.join()
         ferry.stop(ferry.agent)
         ferry.stop(ferry.proxy)

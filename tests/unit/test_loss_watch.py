@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from agent.config import ConfigError, parse_config
-from agent.redirect.loss import Sample, WatchCounts, suspects
+from agent.redirect.loss import Sample, WatchCounts, lost, suspects
 from agent.status import render
 from tests.unit.test_status import NOW, document
 
@@ -31,6 +31,33 @@ HEALTHY = {"web": (14, 2312, 18, 3032), "db": (7,)}
 )
 def test_suspects(samples: dict[str, Sample], expected: list[str]) -> None:
     assert suspects(HEALTHY, samples) == expected
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [
+        (Sample((14, 2312)), Sample((14, 2312)), ""),  # the apply wrote nothing: not a loss
+        (Sample((14, 2312), routing_changed=True), Sample((14, 2312)), ""),  # drained before
+        (Sample((0, 0)), Sample((14, 2312)), "rules"),
+        (Sample((14, 2312)), Sample((14, 2312), routing_changed=True), "routing"),
+        (Sample((0, 0), routing_changed=True), Sample((14, 2312), True), "rules, routing"),
+    ],
+    ids=["no-op", "earlier-routing-noise", "rules", "routing", "both"],
+)
+def test_only_what_the_apply_wrote_back_is_a_loss(
+    before: Sample, after: Sample, expected: str
+) -> None:
+    assert lost(before, after) == expected
+
+
+def test_a_pod_sampled_mid_enrollment_is_not_repaired() -> None:
+    """The race the churn soak hit: a sample taken while the agent was still enrolling the pod
+    (no rules yet) made it a suspect; the apply then found everything in place.  Whether that
+    was a loss compares the samples around the apply, not the early one."""
+    mid_enrollment = Sample((0, 0), routing_changed=True)
+    assert suspects({}, {"new": mid_enrollment}) == ["new"]
+    settled = Sample((14, 2312))
+    assert lost(settled, Sample((14, 2312))) == ""
 
 
 def test_a_repair_is_counted_and_described() -> None:
