@@ -86,9 +86,9 @@ limits:
                                  # head to its end; past it 408 and the connection is closed
 agent:
   reconcile_interval: 10.0       # default, seconds between full drift checks
-  metrics_address: 127.0.0.1:15021  # default: the agent's /metrics, /healthz, /readyz
   loss_watch_interval: 0.5       # default, seconds between the loss watch's samples of every
                                  # pod (lost rules repaired at once); 0: off, reconcile only
+  metrics_address: 127.0.0.1:15021  # default: the agent's /metrics, /healthz, /readyz
 identity:
   trust_domain: cluster.local    # default: spiffe://<trust_domain>/ns/<namespace>/sa/<sa>
   node_credentials: ""           # default, meaning <state-dir>/identity: a dir with node.crt,
@@ -235,8 +235,8 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class AgentConfig:
     reconcile_interval: float = 10.0
-    metrics_address: str = "127.0.0.1:15021"
     loss_watch_interval: float = 0.5
+    metrics_address: str = "127.0.0.1:15021"
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,6 @@ by `cni_service.CniService`, which asks a `cni_enroll.PodDecider` (`Agent(decide
 standalone one enrolls every pod it is told about) and enrolls through the same path, under the
 same lock.
 
-
-The CNI plugin's requests (`<state-dir>/cni.sock`: a pod sandbox's ADD, DEL and CHECK) are served
-by `cni_service.CniService`, which asks a `cni_enroll.PodDecider` (`Agent(decider=...)`; the
-standalone one enrolls every pod it is told about) and enrolls through the same path, under the
-same lock.
-
 This module wires them, serves the admin socket (`agent.sock`: enroll, unenroll, status,
 reconcile, policy_check; every request gets an answer, also when it fails unexpectedly) and runs
 six loops: accepting proxies, the loss watch, reconciling (observe every workload without the
@@ -463,7 +457,6 @@ def run_agent(config: Config, state_dir: Path, backend_origin: str = "redirectio
     """`agent run`; `backend_origin` names what set the backend (for `agent status`)."""
     try:
         asyncio.run(Agent(config, state_dir, backend_origin=backend_origin).run())
-
     except IdentityError as exc:
         raise SystemExit(f"agent: node credentials are unusable: {exc}") from exc
     except (AgentRunning, ConfigError, StoreError, OSError) as exc:
