@@ -4,7 +4,9 @@ PY := .venv/bin/python
 VENV_STAMP := .venv/.ferry-setup
 # The Debian packages setup installs: one list, also for the Vagrantfile and the Containerfile.
 DEB_PACKAGES_FILE := scripts/debian-packages.txt
-PYTEST_ARGS ?=
+# Three workers, a module per worker at a time (tests/conftest.py says which modules run alone);
+# PYTEST_ARGS= runs them one after another.
+PYTEST_ARGS ?= -n 3 --dist loadfile
 # make fuzz: seconds per atheris target, and which targets (comma-separated; default all)
 FUZZ_SECONDS ?= 60
 TARGET ?=

@@ -10,10 +10,17 @@ cleans them up and names them.  The eBPF backend's compiled object is cached for
 session in one directory (FERRY_BPF_CACHE_DIR), so it is compiled once per run, not per test.
 A test that needs nodes but runs somewhere they cannot be built (not root, CNI plugins missing)
 fails with the reason; it is never skipped.
+
+`make test` runs the modules on several pytest-xdist workers (`--dist loadfile`: a module stays
+on one worker).  Modules that build namespaces share the machine; a module in `MACHINE_WIDE`
+needs it alone (`agent cleanup` sweeps Ferry's rules out of every namespace on the machine, or
+it asserts latency and repair bounds that other suites' load would blur), so it takes the
+machine lock exclusively and the others take it shared, for the whole module (its fixtures too).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -29,6 +36,13 @@ from sim.node import CNI_PATH, CNI_PLUGINS, NETNS_DIR, SimNode
 from tests.run_id import NAME_PREFIX, RUN_ID, SIM_PREFIX
 
 _BASELINE_FDS: dict[int, str] = {}
+MACHINE_WIDE = {
+    "tests/e2e/test_backends.py",
+    "tests/e2e/test_datapath.py",
+    "tests/e2e/test_kube_probes.py",
+    "tests/e2e/test_loss_watch.py",
+    "tests/integration/test_hostile.py",
+}
 _BPF_CACHE = Path(tempfile.gettempdir()) / f"ferry-bpf-{RUN_ID}"
 
 
@@ -129,6 +143,23 @@ def _is_raw(fd: int) -> bool:
             return sock.type == socket.SOCK_RAW
     except OSError:
         return False
+
+
+@pytest.fixture(scope="module", autouse=True)
+def machine_lock(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Shared or exclusive use of the machine by this module, when workers run in parallel."""
+    module = request.path.relative_to(Path(__file__).resolve().parents[1]).as_posix()
+    if not module.startswith(("tests/e2e/", "tests/integration/")):
+        yield
+        return
+    # Two files of this checkout (every worker of every run sees them): a turnstile, taken
+    # briefly by every module and held by a machine-wide one until it has the machine, so a
+    # machine-wide module waits only for the modules already running, never for new ones.
+    with open(Path(__file__).with_name("run_id.py")) as turnstile, open(__file__) as machine:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(machine, fcntl.LOCK_EX if module in MACHINE_WIDE else fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
