@@ -235,7 +235,9 @@ def test_a_watch_that_expired_relists_and_unenrolls_what_was_deleted(node: KubeN
     node.wait(lambda: node.kube_status()["watches"]["pods"]["events"] >= 2, "annotation events")
     node.server.expire(lambda: node.server.delete("pods", "shop", "web"))  # unseen by any watch
     node.wait(lambda: node.enrolled() == ["api"], "web unenrolled after the relist")
-    assert ferry_rules(web.netns) == [] and ferry_rules(api.netns) != []
+    # the record goes first, then the rules (enrollment.py: persist, redirection, proxies)
+    node.wait(lambda: ferry_rules(web.netns) == [], "web's rules removed")
+    assert ferry_rules(api.netns) != []
     watches = node.kube_status()["watches"]["pods"]
     assert watches["relists"] == 1, watches
     assert "listing again" in node.log.read_text()
