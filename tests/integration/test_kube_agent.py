@@ -186,7 +186,7 @@ def test_pods_are_enrolled_by_their_labels_and_annotated(node: KubeNode) -> None
     assert (stored["namespace"], stored["service_account"], stored["labels"]) == (
         "shop", "web", {"app": "web"})  # fmt: skip
     assert stored["netns"] == web.netns_path
-    assert ferry_rules(web.netns) != []
+    node.wait(lambda: ferry_rules(web.netns) != [], "web's rules")  # the record goes first
     assert ferry_rules(off.netns) == [] and ferry_rules(other.netns) == []
     node.wait(
         lambda: (
