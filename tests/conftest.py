@@ -15,7 +15,8 @@ fails with the reason; it is never skipped.
 on one worker).  Modules that build namespaces share the machine; a module in `MACHINE_WIDE`
 needs it alone (`agent cleanup` sweeps Ferry's rules out of every namespace on the machine, or
 it asserts latency and repair bounds that other suites' load would blur), so it takes the
-machine lock exclusively and the others take it shared, for the whole module (its fixtures too).
+machine lock exclusively and every other module (unit tests too: their CPU is load) takes it
+shared, for the whole module (its fixtures too).
 """
 
 from __future__ import annotations
@@ -150,9 +151,6 @@ def _is_raw(fd: int) -> bool:
 def machine_lock(request: pytest.FixtureRequest) -> Iterator[None]:
     """Shared or exclusive use of the machine by this module, when workers run in parallel."""
     module = request.path.relative_to(Path(__file__).resolve().parents[1]).as_posix()
-    if not module.startswith(("tests/e2e/", "tests/integration/")):
-        yield
-        return
     # Two files of this checkout (every worker of every run sees them): a turnstile, taken
     # briefly by every module and held by a machine-wide one until it has the machine, so a
     # machine-wide module waits only for the modules already running, never for new ones.
