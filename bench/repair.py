@@ -52,19 +52,11 @@ from agent.redirect import ebpf
 from agent.redirect.ebpf_object import load_or_compile
 from agent.redirect.watch import INTERVAL, Sentinel
 from bench.common import OUT_DIR, log
-from sim.ferry import FerryNode
+from sim.ferry import FerryNode, HostMountsFerry
 from sim.node import Pod, SimNode
 
 TARGET = 2.0  # seconds
 BACKENDS = ("iptables", "nftables", "ebpf")
-
-
-class HostMountFerry(FerryNode):
-    """Ferry in the node's netns but this process's mount namespace (`ip netns exec` gives a
-    fresh /sys without the cgroup v2 hierarchy and bpffs the eBPF backend needs)."""
-
-    def _argv(self, *args: str) -> list[str]:
-        return ["nsenter", f"--mount=/proc/{os.getpid()}/ns/mnt", "--", *super()._argv(*args)]
 
 
 @dataclass
@@ -161,7 +153,7 @@ def measure(case: Case, rounds: int, idle: float) -> None:
         log(f"{case.backend}, {case.pods} pod(s): building the node and its pods")
         pods = [node.add_pod(f"p{i}") for i in range(case.pods)]
         config = {"redirection": {"backend": case.backend}, "agent": {"reconcile_interval": 3600}}
-        ferry = (HostMountFerry if case.backend == "ebpf" else FerryNode)(node, config=config)
+        ferry = (HostMountsFerry if case.backend == "ebpf" else FerryNode)(node, config=config)
         ferry.start()
         for pod in pods:
             ferry.enroll(pod)

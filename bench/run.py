@@ -110,7 +110,7 @@ from bench.common import (
     wrk_rps,
 )
 from bench.envoy import EnvoyPod, EnvoyProcess
-from sim.ferry import FerryNode
+from sim.ferry import FerryNode, HostMountsFerry
 from sim.node import Pod, SimNode
 
 T = TypeVar("T")
@@ -149,14 +149,6 @@ class PathResult:
 class Enrollment:
     agent_ms: list[float] = field(default_factory=list)
     cli_ms: list[float] = field(default_factory=list)
-
-
-class HostMountsFerry(FerryNode):
-    """Ferry in the node's netns and this process's mount namespace, where the cgroup v2
-    hierarchy is mounted (under `ip netns exec` it is not) and its bpffs is seen by all."""
-
-    def _argv(self, *args: str) -> list[str]:
-        return ["nsenter", f"--mount=/proc/{os.getpid()}/ns/mnt", "--", *super()._argv(*args)]
 
 
 @dataclass(frozen=True)

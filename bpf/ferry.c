@@ -19,12 +19,18 @@
 // app are never steered, and get the connmark (see is_proxy) so the app's replies find their
 // way back.  Everything else is left exactly as it was.
 //
-// Same-node fast path: `fastpath`, a stream verdict program on the `joined` SOCKHASH, joins the
-// two sockets the proxy holds for a same-node connection that policy lets through without
-// inspection (agent/proxy/fastpath.py puts both in, crosswise: under each leg's socket cookie,
-// the other leg).  Every skb that arrives on one leg goes out of the other, in the receiving
-// softirq and the psock's kworker, never queued to the proxy: its worker is out of the byte
-// path.  A FIN is not data and still reaches the proxy's socket, so the proxy sees the close.
+// Same-node fast path (`config.fastpath`): `sockops` puts the app sockets of proxied
+// connections into `apps` (an app's connection to the outbound listener, and the app's end of
+// the proxy's delivery), each with a byte count in `app_state`.  `fastpath`, the sk_msg verdict
+// program of `apps`, runs on every send of such a socket.  Once the proxy offers a join in
+// `joins` (agent/proxy/fastpath.py: under the app socket's key, the proxy socket that carries
+// its bytes on, from the proxy's `legs`, and how many bytes the proxy has passed on so far),
+// the first send that finds every earlier byte passed on (`relayed == passed`) switches the
+// socket for good: from then on its sends are pushed straight into the proxy's other socket,
+// in the sender's own system call, behind everything the proxy wrote there, so nothing can
+// overtake.  The proxy's worker is out of the byte path; the app's FIN still travels the
+// ordinary way and reaches the proxy after the last byte went through, so the proxy sees the
+// close, and closing its sockets (revocation) ends the joined connection too.
 
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -56,6 +62,7 @@ struct config {
     __u16 inbound_port;
     __u16 tunnel_port;
     __u16 ipv6;
+    __u32 fastpath;  // 1: track app sockets for the same-node fast path
 };
 
 struct port_key {
@@ -123,7 +130,23 @@ __attribute__((section("maps/sockhash")))
 struct listeners_table_t listeners = {.max_entries = 65536};
 BPF_ANNOTATE_KV_PAIR(listeners, struct listener_key, __u64);
 
-BPF_SOCKHASH(joined, __u64, 65536);
+// The same-node fast path (see the top): the proxy's sockets by cookie, the app sockets by
+// 4-tuple with what each has sent the ordinary way, and the proxy's offers.
+struct app_state {
+    __u64 passed;  // bytes sent through the proxy so far
+    __u64 target;  // the proxy socket (cookie, in `legs`) its sends go to once switched; 0: not
+};
+
+struct join {
+    __u64 relayed;  // bytes of this app socket the proxy has written on (proxy's count)
+    __u64 target;   // the proxy socket (cookie) that carries them on
+};
+
+BPF_SOCKHASH(legs, __u64, 65536);
+BPF_SOCKHASH(apps, struct flow_key, 65536);
+BPF_TABLE("lru_hash", struct flow_key, struct app_state, app_state, 65536);
+BPF_TABLE("lru_hash", struct flow_key, struct join, joins, 65536);
+BPF_ARRAY(switches, __u64, 1);  // app sockets switched to the fast path since the map was made
 
 static __always_inline struct config *enrolled_config(void *ctx) {
     __u64 netns = ferry_netns_cookie(ctx);
@@ -309,6 +332,44 @@ static __always_inline int key_original_dst(struct bpf_sock_ops *skops) {
     return 1;
 }
 
+// An app socket the proxy carries (see the top): counted from its first byte, joinable.
+static __always_inline int track_app(struct bpf_sock_ops *skops) {
+    struct flow_key key = {};
+    delivery_key(skops, &key);
+    struct app_state fresh = {};
+    app_state.update(&key, &fresh);
+    long err = apps.sock_hash_update(skops, &key, BPF_ANY);
+    if (err)
+        app_state.delete(&key);
+    return 1;
+}
+
+// Established from the app's side: its connection to the outbound listener (it has an
+// original destination) is tracked for the fast path.
+static __always_inline int active_established(struct bpf_sock_ops *skops) {
+    struct config *cfg = enrolled_config(skops);
+    __u64 cookie = ferry_socket_cookie(skops);
+    int captured = origdst_cookie.lookup(&cookie) != 0;
+    key_original_dst(skops);
+    if (cfg && cfg->fastpath && captured)
+        track_app(skops);
+    return 1;
+}
+
+// Established to the app: the app's end of a proxy delivery (it took the delivery's connmark,
+// see is_proxy) is tracked for the fast path.
+static __always_inline int passive_established(struct bpf_sock_ops *skops) {
+    struct bpf_sock *sk = skops->sk;
+    if (!sk)
+        return 1;
+    struct config *cfg = enrolled_config(skops);
+    if (!cfg || !cfg->fastpath)
+        return 1;
+    if ((sk->mark & cfg->mark_mask) != (cfg->connmark & cfg->mark_mask))
+        return 1;
+    return track_app(skops);
+}
+
 int sockops(struct bpf_sock_ops *skops) {
     switch (skops->op) {
     case BPF_SOCK_OPS_TCP_CONNECT_CB:
@@ -316,7 +377,9 @@ int sockops(struct bpf_sock_ops *skops) {
     case BPF_SOCK_OPS_STATE_CB:
         return forget_delivery(skops);
     case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-        return key_original_dst(skops);
+        return active_established(skops);
+    case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+        return passive_established(skops);
     }
     return 1;
 }
@@ -438,7 +501,42 @@ int sk_lookup(struct bpf_sk_lookup *ctx) {
     return err ? SK_DROP : SK_PASS;
 }
 
-int fastpath(struct __sk_buff *skb) {
-    __u64 cookie = ferry_socket_cookie(skb);
-    return joined.sk_redirect_hash(skb, &cookie, 0);  // to the other leg's egress
+// Every send of an app socket in `apps` (see the top).  It runs under the socket's lock, so
+// the count is the socket's own.
+int fastpath(struct sk_msg_md *msg) {
+    struct flow_key key = {};
+    key.netns = ferry_netns_cookie(msg);
+    key.family = msg->family;
+    key.sport = msg->local_port;
+    key.dport = bpf_ntohl(msg->remote_port);
+    if (msg->family == AF_INET) {
+        key.src[0] = msg->local_ip4;
+        key.dst[0] = msg->remote_ip4;
+    } else {
+        key.src[0] = msg->local_ip6[0];
+        key.src[1] = msg->local_ip6[1];
+        key.src[2] = msg->local_ip6[2];
+        key.src[3] = msg->local_ip6[3];
+        key.dst[0] = msg->remote_ip6[0];
+        key.dst[1] = msg->remote_ip6[1];
+        key.dst[2] = msg->remote_ip6[2];
+        key.dst[3] = msg->remote_ip6[3];
+    }
+    struct app_state *app = app_state.lookup(&key);
+    if (!app)
+        return SK_PASS;
+    if (!app->target) {
+        struct join *join = joins.lookup(&key);
+        if (!join || !join->target || join->relayed != app->passed) {
+            app->passed += msg->size;  // not yet: the proxy still has earlier bytes to pass on
+            return SK_PASS;
+        }
+        app->target = join->target;
+        int zero = 0;
+        __u64 *count = switches.lookup(&zero);
+        if (count)
+            __sync_fetch_and_add(count, 1);
+    }
+    __u64 target = app->target;
+    return legs.msg_redirect_hash(msg, &target, 0);  // into the proxy's other socket
 }

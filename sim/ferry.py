@@ -235,3 +235,18 @@ class Mesh:
                 return
             time.sleep(0.1)
         raise FerryError(f"directory did not converge to {entries} entries: {counts}")
+
+
+def in_host_mounts(argv: list[str]) -> list[str]:
+    """`argv` run in this process's mount namespace and root, from the node's netns: `ip netns
+    exec` would give it a sysfs of its own, without the cgroup v2 hierarchy and the bpffs the eBPF
+    backend needs.  The root is this process's too, so it also works in a chroot (`make
+    fresh-check`), where the mount namespace's own root is outside it."""
+    return ["nsenter", f"--target={os.getpid()}", "--mount", "--root", "--wd", "--", *argv]
+
+
+class HostMountsFerry(FerryNode):
+    """Ferry in the node's netns, in this process's mounts (`in_host_mounts`)."""
+
+    def _argv(self, *args: str) -> list[str]:
+        return in_host_mounts(super()._argv(*args))

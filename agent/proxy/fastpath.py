@@ -1,91 +1,92 @@
-"""The same-node fast path, proxy side: a relay whose two sockets the kernel joins.
+"""The same-node fast path, proxy side: the two apps' sends go into the proxy's sockets in the
+kernel, and the worker is out of the byte path.
 
 A same-node connection that policy lets through without inspection (`decide.Local`, no HTTP
-facts needed) is relayed with `JoinedRelay` when the eBPF backend's `joined` SOCKHASH is pinned
-in the state dir.  It starts as the splice `Relay`; as soon as the upstream is connected and
-both pipes are empty (nothing held by the worker), `FastPath.join` puts both sockets into the
-map crosswise (under each leg's socket cookie, the other leg) and sets SO_RCVLOWAT on each.
-From then on the map's stream verdict program (`fastpath` in bpf/ferry.c) sends every skb that
-arrives on one leg out of the other, in the kernel: the worker is out of the byte path.
+facts needed) is relayed with `JoinedRelay` when the eBPF backend's maps are pinned in the state
+dir and `redirection.kernel_fastpath` is on.  It starts as the splice `Relay`: client app C ->
+the proxy's `down` socket -> `up` -> server app S, and back.
 
-Ordering.  Bytes that reached a leg before the join sit in its receive queue.  The kernel runs a
-joined socket's whole receive queue through the verdict, in order, whenever data is ready
-(tcp_read_skb); setting SO_RCVLOWAT signals data-ready at once (tcp_set_rcvlowat), so queued
-bytes leave first and nothing waits for the next segment (a request whose client then waits for
-the answer would otherwise hang).  While the two entries go in, one by one, SO_RCVLOWAT is at
-its maximum (HOLD): a leg already in the map whose partner's entry is not there yet would
-otherwise run the verdict on arriving bytes, find no partner and drop them.  The worker never
-copies a byte by hand, so none can overtake.
+What the kernel does (bpf/ferry.c).  `sockops` puts C (its connection to the outbound listener)
+and S (the app's end of the proxy's delivery) into the `apps` SOCKHASH and counts, in
+`app_state`, the bytes each sends the ordinary way.  The sk_msg program of `apps` runs on each
+of their sends.
 
-What the worker still sees: a FIN is not data, it stays in the socket and reads as EOF, so the
-relay shuts the other leg and closes both when both are done, as before, but only once every
-byte the ending leg received has been pushed into the other leg (below); a revocation,
-an idle sweep or an abort closes the sockets, which takes them out of the map.  Joined, the
-relay waits on EPOLLRDHUP instead of EPOLLIN: the kernel signals data-ready on a joined socket
-for every batch it moves (sk_psock_verdict_data_ready), which would wake the worker each time
-for nothing to read; the end (FIN) wakes it with EPOLLRDHUP.  The counters
-(`bytes_up`, `bytes_down`, and the idle sweep that compares them) read the legs' TCP_INFO
-`tcpi_bytes_received`, which counts what the kernel moved too.  Without the pinned map (another
-backend, or the agent has not loaded it yet) or when the join fails, the relay stays spliced.
+The offer.  Once `up` is connected, `FastPath.offer` puts `down` and `up` into the `legs`
+SOCKHASH (by socket cookie) and writes a join for each app into `joins`, keyed by the app
+socket's 4-tuple as the app sees it (the peer of `down`, and of `up`): the proxy socket that
+carries its bytes on (C's: `up`, S's: `down`) and how many of its bytes the proxy has written
+there so far.  While the worker relays, it keeps that count current (`FastPath.progress`).
 
-Ends.  The verdict queues a redirected skb on the other leg's psock, and the psock's kworker
-sends it later (sk_psock_backlog): the FIN behind it can reach the worker first, and shutting
-the other leg then would cut the last bytes off (wrk with `Connection: close` saw errors).
-Taking a leg out of the map does not help: its psock's queue is purged, not sent.  So on EOF
-of leg A the relay compares what A received (`tcpi_bytes_received`) with what leg B accepted
-(`tcpi_bytes_acked` plus its send queue, SIOCOUTQ); every byte A received went into B, by the
-worker before the join or by the kernel after it, so the two are equal once nothing is in
-flight.  Until then the relay waits on the worker's timer (`FastPath.settle`, from SETTLE_FIRST
-doubling to SETTLE_MAX), not on epoll; if B accepts nothing for SETTLE_STALL (its peer stopped
-reading, or reset), the end is passed on anyway and counted in `FastPath.unflushed`.
+The switch.  On an app's send, when the proxy has written on every byte the app sent before
+(`relayed == passed`), the kernel switches that app socket for good: this send and every later
+one are pushed straight into the proxy's other socket, in the app's own system call, behind
+everything the worker wrote there.  Nothing can overtake: the worker's bytes were all written
+first, and the app's later bytes enter the same send queue after them.  Until the counts agree
+(the worker is still behind), sends go the ordinary way and the worker carries them.
 
-Off by default (`redirection.kernel_fastpath`): that per-skb kworker send (no GSO batching)
-moves fewer bytes per second than the splice relay here, though at about 0.01 proxy CPU s/GB
-and a third of the splice relay's added latency (`make bench`, `ferry-fastpath`).
+What the worker still sees.  An app's FIN travels the ordinary way, after its last byte went
+into the other socket, so the relay reads EOF on `down` (or `up`) and shuts the other socket,
+exactly as before, and closes both when both are done.  A revocation, an idle sweep or an abort
+closes the proxy's sockets, which takes them out of `legs`: a switched app's next send finds no
+target and fails (fail closed), and the app sees the close.  The counters (`bytes_up`,
+`bytes_down`, and the idle sweep that compares them) read what the proxy's sockets sent, from
+TCP_INFO and the send queue, which counts the kernel's bytes too.  Without the pinned maps
+(another backend, or the agent has not loaded them yet), or when the offer fails, the relay
+stays spliced.
+
+Backpressure.  A switched app's send waits for room in the proxy's socket as a send on that
+socket would: a blocking app blocks, a nonblocking app gets EAGAIN (its own socket stays
+writable, so it retries).
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
-import math
 import os
-import select
 import socket
 import struct
 import termios
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from agent.proxy.relay import Relay, _Half
+from agent.proxy.relay import Relay
 from agent.redirect import bpf_syscall as sys_bpf
 
 log = logging.getLogger("ferry.proxy")
 
 STATE_DIR_ENV = "FERRY_STATE_DIR"  # set by the supervisor for its workers (it imports no relay)
-JOINED_PIN = Path("bpf") / "maps" / "joined"
+MAPS_PIN = Path("bpf") / "maps"
 SO_COOKIE = 57
-HOLD = 2**31 - 1  # SO_RCVLOWAT while joining: arriving bytes wake no verdict yet
+SO_NETNS_COOKIE = 71
 TCP_INFO_SIZE = 136
 TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked in struct tcp_info
-TCPI_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received in struct tcp_info
-FIN = 1  # an ended leg's tcpi_bytes_received counts its peer's FIN
-SETTLE_FIRST = 0.001  # seconds: the first look at an ending leg's bytes in flight
-SETTLE_MAX = 0.016  # seconds between looks, at most
-SETTLE_STALL = 1.0  # seconds the other leg may accept nothing before the end is passed on
 _U64 = struct.Struct("=Q")
-EPOLLIN = select.EPOLLIN
-EPOLLRDHUP = select.EPOLLRDHUP
+FLOW_KEY = struct.Struct("=Q16s16sHHI")  # struct flow_key in bpf/ferry.c
+JOIN = struct.Struct("=QQ")  # struct join: relayed, target
+APP_STATE = struct.Struct("=QQ")  # struct app_state: passed, target
+
+
+@dataclass
+class Offer:
+    """The joins offered for one relay: each app's key, and what was last written for it."""
+
+    client: bytes  # C's key (its bytes go on through `up`); b"" when C is not tracked
+    server: bytes  # S's key (its bytes go on through `down`); b"" when S is not tracked
+    up_cookie: bytes
+    down_cookie: bytes
+    client_relayed: int  # -1: C is not tracked, nothing offered
+    server_relayed: int
 
 
 class FastPath:
-    """Joins sockets in the pinned `joined` map under `state_dir`, if there is one."""
+    """The pinned fast-path maps under `state_dir`, if there are any."""
 
     def __init__(self, state_dir: Path | None) -> None:
-        self.path = None if state_dir is None else state_dir / JOINED_PIN
-        self.settling: set[JoinedRelay] = set()  # ended, waiting for bytes in flight
-        self.due = math.inf  # when `settle` should run next (monotonic)
-        self.unflushed = 0  # ends passed on with bytes still in flight (SETTLE_STALL)
+        self.maps = None if state_dir is None else state_dir / MAPS_PIN
+        self._fds: dict[str, tuple[int, int]] = {}  # name -> (fd, inode of the pin it came from)
+        self.offered = 0  # relays offered to the kernel
+        self.failed = 0  # offers that failed (the relay stayed spliced)
 
     @classmethod
     def configured(cls, enabled: bool) -> FastPath:
@@ -95,183 +96,187 @@ class FastPath:
 
     @property
     def available(self) -> bool:
-        return self.path is not None and self.path.exists()
+        return self.maps is not None and (self.maps / "joins").exists()
 
-    def join(self, down: socket.socket, up: socket.socket) -> bool:
-        """Put both legs into the map, each under its own cookie pointing at the other, then
-        flush what was queued before; False (nothing changed) when there is no map."""
-        if self.path is None:
-            return False
+    def offer(self, down: socket.socket, up: socket.socket, up_relayed: int,
+              down_relayed: int) -> Offer | None:  # fmt: skip
+        """Put both proxy sockets into `legs` and offer each tracked app its join; None (nothing
+        offered) when there are no maps or neither app is tracked."""
         try:
-            fd = sys_bpf.obj_get(self.path)  # per join: a map made anew is found at once
-        except OSError as exc:  # gone, or not ours to open (no CAP_BPF): stay spliced
-            log.debug("fast path: %s: %s", self.path, exc)
-            return False
+            legs, joins, apps = self._fd("legs"), self._fd("joins"), self._fd("app_state")
+            client = _tracked(apps, _keys(down, down.getpeername(), down.getsockname()))
+            server = _tracked(apps, _keys(up, up.getpeername(), up.getsockname()))
+            tracked = [client is not None, server is not None]
+            if client is None or server is None:
+                if not any(tracked):
+                    return None
+                client, server = client or b"", server or b""
+            offer = Offer(client, server, _cookie(up), _cookie(down), -1, -1)
+            size = sys_bpf.map_info(legs).value_size
+            for sock, cookie in ((down, offer.down_cookie), (up, offer.up_cookie)):
+                value = sock.fileno().to_bytes(size, "little")
+                sys_bpf.map_update(legs, cookie, value, f"joining {sock.getsockname()}")
+            if tracked[0]:
+                self._write(joins, client, up_relayed, offer.up_cookie)
+                offer.client_relayed = up_relayed
+            if tracked[1]:
+                self._write(joins, server, down_relayed, offer.down_cookie)
+                offer.server_relayed = down_relayed
+        except OSError as exc:  # gone, not ours to open (no CAP_BPF), or a socket already shut
+            log.debug("fast path: not offered: %s", exc)
+            self.failed += 1
+            return None
+        self.offered += 1
+        return offer
+
+    def progress(self, offer: Offer, up_relayed: int, down_relayed: int) -> None:
+        """Keep the offer's counts current while the worker still relays."""
         try:
-            for leg in (down, up):  # no verdict runs until both entries are in (module doc)
-                leg.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, HOLD)
-            size = sys_bpf.map_info(fd).value_size
-            legs = ((down, up), (up, down))
-            for leg, other in legs:
-                value = other.fileno().to_bytes(size, "little")
-                sys_bpf.map_update(fd, _cookie(leg), value, f"joining {leg.getsockname()}")
-        except OSError as exc:
-            log.debug("fast path: not joined: %s", exc)
-            for leg, _ in ((down, up), (up, down)):
-                sys_bpf.map_delete(fd, _cookie(leg))
-                leg.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-            return False
-        finally:
+            joins = self._fd("joins")
+            if 0 <= offer.client_relayed != up_relayed:
+                self._write(joins, offer.client, up_relayed, offer.up_cookie)
+                offer.client_relayed = up_relayed
+            if 0 <= offer.server_relayed != down_relayed:
+                self._write(joins, offer.server, down_relayed, offer.down_cookie)
+                offer.server_relayed = down_relayed
+        except OSError as exc:  # the maps went away: the apps stay on the ordinary path
+            log.debug("fast path: offer not kept current: %s", exc)
+            offer.client_relayed = offer.server_relayed = -1
+
+    def withdraw(self, offer: Offer) -> None:
+        """Forget both apps' joins and counts (the relay is closing)."""
+        try:
+            joins, apps = self._fd("joins"), self._fd("app_state")
+        except OSError:
+            return
+        for key in (offer.client, offer.server):
+            if key:
+                sys_bpf.map_delete(joins, key)
+                sys_bpf.map_delete(apps, key)
+
+    def switched(self, offer: Offer) -> int:
+        """How many of the offer's two apps the kernel has switched (status and tests)."""
+        try:
+            apps = self._fd("app_state")
+        except OSError:
+            return 0
+        count = 0
+        for key in filter(None, (offer.client, offer.server)):
+            value = sys_bpf.map_lookup(apps, key, APP_STATE.size)
+            count += value is not None and APP_STATE.unpack(value)[1] != 0
+        return count
+
+    def close(self) -> None:
+        for fd, _ in self._fds.values():
             os.close(fd)
-        for leg in (down, up):
-            leg.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)  # queued bytes go now
-        return True
+        self._fds.clear()
 
-    def wait(self, relay: JoinedRelay) -> None:
-        self.settling.add(relay)
-        self.due = min(self.due, relay.settle_at)
+    def _fd(self, name: str) -> int:
+        """An fd on the pinned map `name`, opened again when the agent pinned a new one."""
+        if self.maps is None:
+            raise FileNotFoundError("no fast-path maps")
+        path = self.maps / name
+        inode = os.stat(path).st_ino
+        held = self._fds.get(name)
+        if held is not None and held[1] == inode:
+            return held[0]
+        fd = sys_bpf.obj_get(path)
+        if held is not None:
+            os.close(held[0])
+        self._fds[name] = (fd, inode)
+        return fd
 
-    def settle(self, now: float) -> None:
-        """Pass on the ends whose bytes have all arrived (the worker's loop calls this once
-        `due` has passed)."""
-        due = math.inf
-        for relay in list(self.settling):
-            if relay.closed:
-                self.settling.discard(relay)
-                continue
-            if relay.settle_at <= now:
-                relay.settle(now)
-            if relay.closed or not relay.waiting:
-                self.settling.discard(relay)
-            else:
-                due = min(due, relay.settle_at)
-        self.due = due
+    @staticmethod
+    def _write(joins: int, key: bytes, relayed: int, target: bytes) -> None:
+        value = JOIN.pack(relayed, _U64.unpack(target)[0])
+        sys_bpf.map_update(joins, key, value, "offering a join")
 
 
 class JoinedRelay(Relay):
-    """A `Relay` that hands its bytes to the kernel once it safely can (see the module doc)."""
+    """A `Relay` whose apps the kernel may switch to the fast path (see the module doc)."""
 
-    __slots__ = ("accepted", "fastpath", "joined", "progress_at", "received", "settle_at",
-                 "settle_every", "waiting")  # fmt: skip
+    __slots__ = ("fastpath", "offer", "sent")
 
     def __init__(
         self, down: socket.socket, up: socket.socket, fastpath: FastPath, **kw: object
     ) -> None:
         super().__init__(down, up, **kw)  # type: ignore[arg-type]
         self.fastpath = fastpath
-        self.joined = False
-        self.received = (0, 0)  # the legs' bytes received, as last read (kept after close)
-        self.waiting = False  # an end waits for its bytes in flight (see the module doc)
-        self.settle_at = 0.0
-        self.settle_every = SETTLE_FIRST
-        self.progress_at = 0.0  # when the waiting end's other leg last accepted bytes
-        self.accepted = -1  # what it had accepted then
+        self.offer: Offer | None = None
+        self.sent = (0, 0)  # what `up` and `down` sent, as last read (kept after close)
 
     @property
     def bytes_up(self) -> int:
-        return self._received()[0] if self.joined else self.up_half.nbytes
+        return self._sent()[0] if self.offer is not None else self.up_half.nbytes
 
     @property
     def bytes_down(self) -> int:
-        return self._received()[1] if self.joined else self.down_half.nbytes
+        return self._sent()[1] if self.offer is not None else self.down_half.nbytes
+
+    @property
+    def offered(self) -> bool:
+        return self.offer is not None
 
     def on_event(self, fd: int, events: int) -> None:
-        if self.joined and events & EPOLLRDHUP:
-            events |= EPOLLIN  # the end, reported under the quiet mask
         super().on_event(fd, events)
-        if self.joined or self.closed or self.connecting:
-            return
-        halves = (self.up_half, self.down_half)
-        if any(h.pending or h.eof for h in halves):
-            return  # the worker holds bytes (or an end): joining now could reorder them
-        self.joined = self.fastpath.join(self.down, self.up)
-        if self.joined:
-            self._update()
+        if self.offer is not None and not self.closed:
+            self.fastpath.progress(self.offer, self.up_half.nbytes, self.down_half.nbytes)
 
-    def _update(self) -> None:
-        super()._update()
-        if self.joined and not self.closed:
-            self.mask_down = self._quiet(self.fd_down, self.mask_down)
-            self.mask_up = self._quiet(self.fd_up, self.mask_up)
-
-    def _quiet(self, fd: int, mask: int) -> int:
-        """`mask` with EPOLLRDHUP for EPOLLIN (see the module doc), applied to `fd`."""
-        if not mask & EPOLLIN:
-            return mask
-        quiet = (mask & ~EPOLLIN) | EPOLLRDHUP
-        self.watch(fd, mask, quiet)
-        return quiet
-
-    def _drain(self, h: _Half) -> None:
-        if self.joined and h.eof and not h.shut and not h.pending and self._in_flight(h):
-            if not self.waiting:
-                now = time.monotonic()
-                self.waiting = True
-                self.settle_every = SETTLE_FIRST
-                self.settle_at = now + SETTLE_FIRST
-                self.progress_at = now
-                self.fastpath.wait(self)
-            return
-        super()._drain(h)
-
-    def settle(self, now: float) -> None:
-        """Pass on each end whose bytes have all gone into the other leg; past SETTLE_STALL
-        without progress, pass it on anyway (counted)."""
-        still = False
-        try:
-            for h in (self.up_half, self.down_half):
-                if not h.eof or h.shut or h.pending:
-                    continue
-                if self._in_flight(h):
-                    accepted = _accepted(h.dst)
-                    if accepted != self.accepted:
-                        self.accepted = accepted
-                        self.progress_at = now
-                    if now - self.progress_at < SETTLE_STALL:
-                        still = True
-                        continue
-                    self.fastpath.unflushed += 1
-                    log.warning("fast path: an end passed on with bytes still in flight")
-                super()._drain(h)
-        except OSError:
-            self.abort()
-            return
-        self.waiting = still
-        if still:
-            self.settle_every = min(self.settle_every * 2, SETTLE_MAX)
-            self.settle_at = now + self.settle_every
-        self._update()
-
-    def _in_flight(self, h: _Half) -> bool:
-        """Bytes that `h`'s source leg received and its destination has not accepted yet."""
-        if h is self.up_half:  # the upstream leg, which we connected: its SYN counts as acked
-            source, syn = self.down, 1
-        else:
-            source, syn = self.up, 0
-        return _bytes_received(source) - FIN > _accepted(h.dst) - syn
+    def _finish_connect(self) -> bool:
+        """Connected: offer the joins before the first byte goes up, so the server app cannot
+        answer before its join is there."""
+        if not super()._finish_connect():
+            return False
+        self.offer = self.fastpath.offer(self.down, self.up, 0, 0)
+        return True
 
     def close(self) -> None:
-        if self.joined and not self.closed:
-            self._received()
+        if self.offer is not None and not self.closed:
+            self._sent()
+            self.fastpath.withdraw(self.offer)
         super().close()
 
-    def _received(self) -> tuple[int, int]:
+    def _sent(self) -> tuple[int, int]:
         if not self.closed:
-            self.received = (_bytes_received(self.down), _bytes_received(self.up))
-        return self.received
+            try:
+                up = _written(self.up) - 1 - self.up_half.shut  # its SYN, its FIN
+                down = _written(self.down) - self.down_half.shut
+            except OSError:
+                return self.sent
+            self.sent = (max(up, 0), max(down, 0))
+        return self.sent
+
+
+def _keys(sock: socket.socket, local: tuple[str, int], remote: tuple[str, int]) -> list[bytes]:
+    """The flow keys the app socket at the other end of `sock` (which lives in the app's netns)
+    may have, `local` and `remote` as the app sees them: an IPv4 connection's app socket may be
+    an IPv6 one (a dual-stack socket, IPv4-mapped addresses)."""
+    netns = _U64.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+    v6 = socket.AF_INET6
+    if sock.family == v6:
+        addrs = [(v6, socket.inet_pton(v6, local[0]), socket.inet_pton(v6, remote[0]))]
+    else:
+        here, there = socket.inet_aton(local[0]), socket.inet_aton(remote[0])
+        mapped = bytes(10) + b"\xff\xff"
+        addrs = [(socket.AF_INET, here, there), (v6, mapped + here, mapped + there)]
+    return [FLOW_KEY.pack(netns, a, b, local[1], remote[1], int(f)) for f, a, b in addrs]
+
+
+def _tracked(apps: int, keys: list[bytes]) -> bytes | None:
+    """The one of `keys` the kernel tracks (`app_state`), if any."""
+    for key in keys:
+        if sys_bpf.map_lookup(apps, key, APP_STATE.size) is not None:
+            return key
+    return None
 
 
 def _cookie(sock: socket.socket) -> bytes:
     return sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
 
 
-def _accepted(sock: socket.socket) -> int:
-    """Bytes written into `sock`: acknowledged by its peer, or still in its send queue."""
+def _written(sock: socket.socket) -> int:
+    """Sequence space written into `sock`: acknowledged by its peer, or still in its send
+    queue (its SYN and FIN included)."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
     unacked = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
     return int(_U64.unpack_from(info, TCPI_BYTES_ACKED)[0]) + int(unacked)
-
-
-def _bytes_received(sock: socket.socket) -> int:
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
-    return int(_U64.unpack_from(info, TCPI_BYTES_RECEIVED)[0])

@@ -17,10 +17,10 @@ acts on the answer; it never decides inline:
 - outbound accept -> SO_ORIGINAL_DST -> `route_outbound`: `Passthrough` opens a marked upstream
   socket in the source netns and relays with splice (`agent.proxy.relay`); `Local` (a workload
   this proxy serves) connects inside the destination's netns from the source's IP, one relay and
-  no TLS with itself, as ztunnel's local path, joined in the kernel when uninspected and the eBPF
-  backend's map is there (`agent.proxy.fastpath`); `Tunnel` adds a CONNECT stream to a pooled HBONE
-  connection (`agent.proxy.tunnel_pool`) whose server must present the expected identity;
-  `Refuse` resets the client.
+  no TLS with itself, as ztunnel's local path, offered to the kernel's fast path when
+  uninspected and the eBPF backend's maps are there (`agent.proxy.fastpath`); `Tunnel` adds a
+  CONNECT stream to a pooled HBONE connection (`agent.proxy.tunnel_pool`) whose server must
+  present the expected identity; `Refuse` resets the client.
 - inbound accept -> `admit_inbound`: an admitted connection is relayed with a transparent socket
   bound to the client's IP, so the app sees its real peer.
 - tunnel accept -> `admit_tunnel`, then TLS with the workload's certificate and a required client
@@ -164,7 +164,6 @@ class Worker:
         handlers = self.handlers
         stale = self.stale
         tunnels = self.tunnels
-        fastpath = self.fastpath
         limits = self.limits
         sweep_every = max(0.05, min(
             1.0, self.proxy_cfg.connect_timeout / 4, self.proxy_cfg.idle_timeout / 4,
@@ -175,7 +174,7 @@ class Worker:
         next_stats = monotonic() + STATS_INTERVAL
         try:
             while self.running:
-                timeout = min(next_sweep, next_stats, fastpath.due) - monotonic()
+                timeout = min(next_sweep, next_stats) - monotonic()
                 for fd, ev in poll(timeout if timeout > 0 else 0, MAX_EVENTS):
                     if stale and fd in stale:
                         continue
@@ -186,8 +185,6 @@ class Worker:
                     tunnels.flush()
                 stale.clear()
                 now = monotonic()
-                if now >= fastpath.due:  # joined relays' ends waiting for their last bytes
-                    fastpath.settle(now)
                 if self.draining_since and self._drained(now):
                     break
                 if now >= next_sweep:
@@ -213,6 +210,7 @@ class Worker:
             os.close(wl.netns_fd)
         self.registry.workloads.clear()
         self.pipes.close()
+        self.fastpath.close()
         self.recorder.close()
         self.ep.close()
         os.close(self.home_fd)

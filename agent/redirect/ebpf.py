@@ -36,9 +36,11 @@ take the mark of that SYN; and the policy route of `agent.redirect.routing` (the
 table as the iptables backend's, shared state between backends) sends packets with the connmark
 over lo to the proxy.  No netfilter rule is involved.
 
-Same-node fast path.  The `fastpath` program is attached (BPF_PROG_ATTACH, no link: the map
-holds it) to the `joined` SOCKHASH as its stream verdict; the proxy joins the two sockets of an
-uninspected same-node connection there (`agent.proxy.fastpath`), and the kernel moves the bytes.
+Same-node fast path (`redirection.kernel_fastpath`, the config map's `fastpath`).  `sockops`
+puts the app sockets of proxied connections into the `apps` SOCKHASH; the `fastpath` program is
+its sk_msg verdict (BPF_PROG_ATTACH, no link: the map holds it).  The proxy offers joins for
+uninspected same-node connections (`agent.proxy.fastpath`, maps `legs` and `joins`), and each
+app's sends then go straight into the proxy's socket toward the other app (bpf/ferry.c).
 
 State.  Maps, programs and links are pinned under `<state dir>/bpf` (a bpffs instance Ferry
 mounts there unless one already is): `maps/<name>`, `progs/<object key>/<name>`,
@@ -95,7 +97,7 @@ KERNEL_NAMES = {
 OUTBOUND, INBOUND = 0, 1
 FWMARK_ACCEPT = "net/ipv4/tcp_fwmark_accept"
 SYSCTL_LINE = "sysctl -w net.ipv4.tcp_fwmark_accept=1"
-_CONFIG = struct.Struct("=IIIHHHH")  # struct config in bpf/ferry.c
+_CONFIG = struct.Struct("=IIIHHHHI")  # struct config in bpf/ferry.c
 _PORT_KEY = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
@@ -332,6 +334,7 @@ class EbpfRedirection:
             c.inbound_port,
             c.tunnel_port,
             1 if c.ipv6 else 0,
+            1 if c.kernel_fastpath else 0,
         )
 
     def _excluded_ports(self) -> set[tuple[int, int]]:
@@ -407,8 +410,8 @@ class EbpfRedirection:
             self._update_netns_link(obj, path)
 
     def _attach_fastpath(self, obj: BpfObject, path: Path) -> None:
-        """The same-node fast path's verdict program, on the `joined` SOCKHASH (the map holds
-        it as long as the map lives; attaching again replaces it)."""
+        """The same-node fast path's sk_msg verdict program, on the `apps` SOCKHASH (the map
+        holds it as long as the map lives; attaching again replaces it)."""
         try:
             fd = sys_bpf.obj_get(path)
         except FileNotFoundError:
@@ -418,10 +421,8 @@ class EbpfRedirection:
             fd = sys_bpf.prog_load(name, program.prog_type, program.attach_type, code)
             sys_bpf.obj_pin(fd, path)
         try:
-            what = f"the fast path to {self.root / 'maps' / 'joined'}"
-            sys_bpf.prog_attach(
-                fd, self._maps["joined"], sys_bpf.ATTACH_SK_SKB_STREAM_VERDICT, what
-            )
+            what = f"the fast path to {self.root / 'maps' / 'apps'}"
+            sys_bpf.prog_attach(fd, self._maps["apps"], sys_bpf.ATTACH_SK_MSG_VERDICT, what)
         finally:
             os.close(fd)
 
@@ -624,11 +625,11 @@ def _read_sysctl(name: str) -> str:
 
 
 def _config_line(value: bytes) -> str:
-    mark, mask, connmark, outbound, inbound, tunnel, ipv6 = _CONFIG.unpack(value)
+    mark, mask, connmark, outbound, inbound, tunnel, ipv6, fastpath = _CONFIG.unpack(value)
     return (
         f"bpf config mark {mark:#x}/{mask:#x} connmark {connmark:#x} outbound {outbound} "
-        f"inbound {inbound} "
-        f"tunnel {tunnel} ipv6 {'on' if ipv6 else 'off'}"
+        f"inbound {inbound} tunnel {tunnel} ipv6 {'on' if ipv6 else 'off'} "
+        f"fastpath {'on' if fastpath else 'off'}"
     )
 
 

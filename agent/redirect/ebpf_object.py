@@ -45,7 +45,11 @@ MAPS = (
     "origdst_tuple",
     "deliveries",
     "listeners",
-    "joined",
+    "legs",
+    "apps",
+    "app_state",
+    "joins",
+    "switches",
 )
 PROGRAMS = {
     "connect4": (sys_bpf.PROG_CGROUP_SOCK_ADDR, sys_bpf.ATTACH_CGROUP_INET4_CONNECT),
@@ -53,7 +57,7 @@ PROGRAMS = {
     "sockops": (sys_bpf.PROG_SOCK_OPS, sys_bpf.ATTACH_CGROUP_SOCK_OPS),
     "getsockopt": (sys_bpf.PROG_CGROUP_SOCKOPT, sys_bpf.ATTACH_CGROUP_GETSOCKOPT),
     "sk_lookup": (sys_bpf.PROG_SK_LOOKUP, sys_bpf.ATTACH_SK_LOOKUP),
-    "fastpath": (sys_bpf.PROG_SK_SKB, sys_bpf.ATTACH_SK_SKB_STREAM_VERDICT),
+    "fastpath": (sys_bpf.PROG_SK_MSG, sys_bpf.ATTACH_SK_MSG_VERDICT),
 }
 _LD_IMM64 = 0x18
 _PSEUDO_MAP_FD = 1

@@ -28,9 +28,8 @@ import yaml
 from agent.identity.ca import BUNDLE, init_ca
 from agent.netns import NetnsExecutor
 from agent.redirect import ebpf
-from sim.ferry import FerryNode
+from sim.ferry import FerryNode, HostMountsFerry
 from sim.node import NETNS_DIR, Pod, SimNode
-from tests.e2e.test_backends import BpfNode
 from tests.kube_standin import KubeStandin
 
 PLUGIN = Path(__file__).resolve().parents[2] / "build" / "ferry-cni"
@@ -169,7 +168,7 @@ def kube_cluster(authority: Authority, backend: str = "iptables") -> Iterator[Cl
     a.api.apply("namespaces", {"metadata": {"name": "shop", "labels": {MESH: "enabled"}}})
     client, server = a.node.add_pod("client"), a.node.add_pod("server")
     server.start_http_server(8080)
-    node_class = BpfNode if backend == "ebpf" else FerryNode
+    node_class = HostMountsFerry if backend == "ebpf" else FerryNode
     ferry = node_class(a.node, config={
         "agent": {"reconcile_interval": 3600},
         "redirection": {"backend": backend},

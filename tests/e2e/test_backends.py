@@ -13,9 +13,9 @@ the agent with `--backend`, with traffic checked after each switch and none of t
 backend's rules left.
 
 `ip netns exec` gives each process a private mount namespace with a fresh /sys, where no cgroup
-v2 hierarchy is mounted and a bpffs mounted by the agent is invisible to the proxy; `BpfNode`
-runs Ferry in the node's netns but in the test's own mount namespace (as a DaemonSet with the
-host's /sys/fs mounted does), so the eBPF backend runs there.
+v2 hierarchy is mounted and a bpffs mounted by the agent is invisible to the proxy;
+`sim.ferry.HostMountsFerry` runs Ferry in the node's netns but in the test's own mount namespace
+(as a DaemonSet with the host's /sys/fs mounted does), so the eBPF backend runs there.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent.proxy.fastpath import APP_STATE, FLOW_KEY
 from agent.redirect import bpf_syscall as bpf
 from agent.redirect import ebpf
 from agent.redirect.ebpf_object import load_or_compile
-from sim.ferry import FerryNode
+from sim.ferry import FerryNode, HostMountsFerry
 from sim.node import Pod, SimNode
 from tests.e2e.test_datapath import save, wait_until
 
@@ -74,13 +75,6 @@ def through_proxy(ferry: FerryNode, client: Pod, server: Pod) -> None:
     out, inb = relayed(ferry, client, server)
     assert client.fetch_json(f"http://{server.ip4}:8080/")["peer"] == client.ip4
     assert relayed(ferry, client, server) == (out + 1, inb + 1)
-
-
-class BpfNode(FerryNode):
-    """Ferry in the node's netns, in the test process's mount namespace (see the module doc)."""
-
-    def _argv(self, *args: str) -> list[str]:
-        return ["nsenter", f"--mount=/proc/{os.getpid()}/ns/mnt", "--", *super()._argv(*args)]
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +151,7 @@ def vandalise(backend: str, ferry: FerryNode, pod: Pod) -> Iterator[str]:
 def test_backend_end_to_end(backend: str, node: tuple[SimNode, Pod, Pod]) -> None:
     sim_node, client, server = node
     fresh = residue(client), residue(server)
-    ferry = BpfNode(
+    ferry = HostMountsFerry(
         sim_node,
         config={
             "redirection": {"backend": backend, "exclude_outbound_ports": [8081]},
@@ -235,6 +229,35 @@ try:
 except OSError as exc:
     print("closed", type(exc).__name__, flush=True)
 """
+STREAM = """
+import hashlib, random, socket, sys, threading, time
+# Writes from the moment of connect, back to back, so the proxy still holds earlier bytes when it
+# offers the join and the kernel is asked to switch; then writes of random sizes with random
+# pauses. The echo (switched too) must come back byte for byte.
+rng = random.Random(int(sys.argv[3]))
+data = rng.randbytes(4 << 20)
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+s.sendall(data[:1 << 16])
+s.sendall(data[1 << 16:1 << 20])
+got = bytearray()
+def read():
+    while len(got) < len(data):
+        chunk = s.recv(1 << 16)
+        if not chunk:
+            break
+        got.extend(chunk)
+reader = threading.Thread(target=read)
+reader.start()
+sent = 1 << 20
+while sent < len(data):
+    size = rng.choice((1, 100, 1500, 65536, 300000))
+    s.sendall(data[sent:sent + size])
+    sent += size
+    if rng.random() < 0.2:
+        time.sleep(rng.random() / 100)
+reader.join()
+print(len(got), hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest(), flush=True)
+"""
 DENY_CLIENT = """
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -253,28 +276,37 @@ def kernel_seconds(pid: int) -> float:
 
 
 def joined(ferry: FerryNode) -> int:
-    """How many sockets the fast path's map holds."""
-    fd = bpf.obj_get(ebpf.pin_root(ferry.state_dir) / "maps" / "joined")
+    """How many app sockets the kernel has switched to the fast path (`app_state` entries with
+    a target)."""
+    fd = bpf.obj_get(ebpf.pin_root(ferry.state_dir) / "maps" / "app_state")
     try:
-        return len(bpf.map_keys(fd, 8))
+        keys = bpf.map_keys(fd, FLOW_KEY.size)
+        values = (bpf.map_lookup(fd, key, APP_STATE.size) for key in keys)
+        return sum(1 for v in values if v is not None and APP_STATE.unpack(v)[1] != 0)
     finally:
         os.close(fd)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9: a response that reaches the upstream leg around the join is never "
-    "forwarded (about 1 connection in 25); why kernel_fastpath is off by default",
-)
+def switches(ferry: FerryNode) -> int:
+    """How many app sockets the kernel has switched to the fast path so far."""
+    fd = bpf.obj_get(ebpf.pin_root(ferry.state_dir) / "maps" / "switches")
+    try:
+        value = bpf.map_lookup(fd, bytes(4), 8)
+        assert value is not None
+        return int.from_bytes(value, "little")
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.usefixtures("bpf_object")
 def test_joined_connections_deliver_every_response(node: tuple[SimNode, Pod, Pod]) -> None:
-    """wrk with `Connection: close` through joined connections: every response arrives whole
-    before its connection ends (no read errors), at thousands of connections in a few seconds
-    (an end waits for its last bytes on a millisecond timer, not a spin)."""
+    """wrk with `Connection: close` through the fast path: nginx's responses go into the
+    proxy's socket in the kernel, and every one arrives whole before its connection ends (no
+    read errors), at thousands of connections in a few seconds."""
     sim_node, client, server = node
     server.start_nginx(8082)
     config = {"redirection": {"backend": "ebpf", "kernel_fastpath": True}}
-    ferry = BpfNode(sim_node, config=config)
+    ferry = HostMountsFerry(sim_node, config=config)
     ferry.start()
     try:
         ferry.enroll(client, "shop", "client")
@@ -284,8 +316,10 @@ def test_joined_connections_deliver_every_response(node: tuple[SimNode, Pod, Pod
         result = client.exec(argv, timeout=30)
         assert result.returncode == 0, result.stderr
         assert "Socket errors" not in result.stdout, result.stdout  # no response cut short
+        assert "Non-2xx" not in result.stdout, result.stdout
         requests = int(result.stdout.split(" requests in ")[0].split()[-1])
         assert requests >= 2000, result.stdout
+        assert switches(ferry) >= requests, "the responses went through the kernel"
     finally:
         ferry.stop(ferry.agent)
         ferry.stop(ferry.proxy)
@@ -309,7 +343,7 @@ def test_same_node_connections_are_joined_in_the_kernel(
         "redirection": {"backend": "ebpf", "kernel_fastpath": True},
         "policy": {"directory": str(policies)},
     }
-    ferry = BpfNode(sim_node, config=config)
+    ferry = HostMountsFerry(sim_node, config=config)
     ferry.start()
     try:
         ferry.enroll(client, "shop", "client")
@@ -325,6 +359,12 @@ def test_same_node_connections_are_joined_in_the_kernel(
         assert per_gb < 0.1, f"the proxy moved bytes: {per_gb:.3f} system CPU s/GB"  # splice 0.2+
         counted = ferry.workload(client)["traffic"]["outbound"]["bytes_received"]
         assert counted >= received
+
+        before = switches(ferry)
+        for seed in range(4):  # each side switched mid-stream, bytes still in the proxy
+            result = client.exec([sys.executable, "-c", STREAM, server.ip4, "7000", str(seed)])
+            assert result.stdout == f"{4 << 20} True\n", (result.stdout, result.stderr)
+        assert switches(ferry) >= before + 4, "the streams went through the kernel"
 
         hold = client.popen([sys.executable, "-c", HOLD, server.ip4, "7000"],
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
@@ -347,7 +387,7 @@ def test_same_node_connections_are_joined_in_the_kernel(
 def test_switching_backends_migrates_every_pod(node: tuple[SimNode, Pod, Pod]) -> None:
     sim_node, client, server = node
     fresh = residue(client), residue(server)
-    ferry = BpfNode(sim_node, workers=2, config={"agent": {"reconcile_interval": 0.5}})
+    ferry = HostMountsFerry(sim_node, workers=2, config={"agent": {"reconcile_interval": 0.5}})
     ferry.start_agent("--backend", "iptables")
     ferry.start_proxy()
     ferry.wait_connected()

@@ -34,7 +34,7 @@ import yaml
 
 from agent.redirect import ebpf
 from agent.redirect.ebpf_object import load_or_compile
-from sim.ferry import FerryNode
+from sim.ferry import FerryNode, in_host_mounts
 from sim.node import Pod, SimNode
 from tests.e2e.test_datapath import wait_until
 
@@ -94,8 +94,7 @@ class HardenedFerry(FerryNode):
     def _argv(self, *args: str) -> list[str]:
         argv = super()._argv(*args)
         unit = {"run": "ferry-agent.service", "proxy": "ferry-proxy.service"}.get(args[0])
-        host = ["nsenter", f"--mount=/proc/{os.getpid()}/ns/mnt", "--"]
-        return [*host, *(confined(service(unit), argv) if unit else argv)]
+        return in_host_mounts(confined(service(unit), argv) if unit else argv)
 
 
 def status_word(path: Path, field: str) -> str:
