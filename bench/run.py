@@ -28,10 +28,10 @@ ferry, ferry-nftables, ferry-ebpf
     but in this process's mount namespace (`HostMountsFerry`: `ip netns exec` would hide the
     cgroup v2 hierarchy the eBPF hooks attach to).  Afterwards the pods are unenrolled, `agent
     cleanup` runs and the state dir (the eBPF pins with it) is removed, so the next backend
-    starts from a clean node.  Client and server are on the same node, so with eBPF the proxy
-    joins each uninspected connection's two sockets in the kernel when its fast path is on
-    (`agent.proxy.fastpath`, `redirection.kernel_fastpath`): `ferry-fastpath` measures that, the
-    other Ferry paths the splice relay.
+    starts from a clean node.  Client and server are on the same node, so with eBPF the apps'
+    sends go past the proxy's worker in the kernel when the fast path is on (the default;
+    `agent.proxy.fastpath`, `redirection.kernel_fastpath`): `ferry-fastpath` measures that, the
+    other Ferry paths (`ferry-ebpf` with the fast path off) the splice relay.
 
 For each path: wrk against nginx (keep-alive at c=1 with 1 thread and at c=64 with 2 threads:
 req/s, p50, p99; new connection per request at c=64: req/s), iperf3 with 1 and 4 streams, and the
@@ -120,8 +120,8 @@ BACKENDS = {
     "ferry-ebpf": "ebpf",
     "ferry-fastpath": "ebpf",
 }
-"""Ferry's paths and the redirection backend each runs with (`ferry-fastpath`: with the
-experimental same-node fast path on)."""
+"""Ferry's paths and the redirection backend each runs with (`ferry-fastpath`: the same-node
+fast path on, as by default; the other Ferry paths with it off: they measure the splice relay)."""
 PATH_NAMES = ("direct", "envoy", *BACKENDS)
 RESULTS = OUT_DIR / "results.json"
 

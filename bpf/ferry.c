@@ -30,7 +30,10 @@
 // in the sender's own system call, behind everything the proxy wrote there, so nothing can
 // overtake.  The proxy's worker is out of the byte path; the app's FIN still travels the
 // ordinary way and reaches the proxy after the last byte went through, so the proxy sees the
-// close, and closing its sockets (revocation) ends the joined connection too.
+// close, and closing its sockets (revocation) ends the joined connection too.  While the proxy
+// socket it pushes into holds more than TARGET_BACKLOG unacknowledged bytes (its reader is slow;
+// `sockops` keeps each such socket's acknowledged count in `leg_acked`), a switched socket's
+// sends go the ordinary way again, so the app waits on its own socket, which wakes it.
 
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -133,8 +136,9 @@ BPF_ANNOTATE_KV_PAIR(listeners, struct listener_key, __u64);
 // The same-node fast path (see the top): the proxy's sockets by cookie, the app sockets by
 // 4-tuple with what each has sent the ordinary way, and the proxy's offers.
 struct app_state {
-    __u64 passed;  // bytes sent through the proxy so far
-    __u64 target;  // the proxy socket (cookie, in `legs`) its sends go to once switched; 0: not
+    __u64 passed;  // bytes sent the ordinary way (through the proxy's worker)
+    __u64 target;  // the proxy socket (cookie, in `legs`) its sends go to while switched; 0: not
+    __u64 pushed;  // bytes pushed straight into the target
 };
 
 struct join {
@@ -143,6 +147,9 @@ struct join {
 };
 
 BPF_SOCKHASH(legs, __u64, 65536);
+// What each of the proxy's sockets that a switched app may push into has had acknowledged by its
+// peer (tcp_sock.bytes_acked), by cookie: `sockops` keeps it current on every ACK.
+BPF_TABLE("lru_hash", __u64, __u64, leg_acked, 65536);
 BPF_SOCKHASH(apps, struct flow_key, 65536);
 BPF_TABLE("lru_hash", struct flow_key, struct app_state, app_state, 65536);
 BPF_TABLE("lru_hash", struct flow_key, struct join, joins, 65536);
@@ -332,15 +339,48 @@ static __always_inline int key_original_dst(struct bpf_sock_ops *skops) {
     return 1;
 }
 
-// An app socket the proxy carries (see the top): counted from its first byte, joinable.
+// An IPv4 connection of a dual-stack (IPv6) socket, keyed as IPv4: the proxy's socket at the
+// other end is an IPv4 one, and names it that way.
+static __always_inline void unmap_ipv4(struct flow_key *key) {
+    if (key->family != AF_INET6 || key->src[0] || key->src[1] ||
+        key->src[2] != bpf_htonl(0xffff))
+        return;
+    key->family = AF_INET;
+    key->src[0] = key->src[3];
+    key->dst[0] = key->dst[3];
+    key->src[2] = key->src[3] = key->dst[1] = key->dst[2] = key->dst[3] = 0;
+}
+
+// An app socket the proxy carries (see the top): counted from its first byte, joinable.  A join
+// left under the same 4-tuple by a connection the proxy never closed (its worker died) is
+// dropped: it names a socket that is gone, and the new socket's first send would match it.
 static __always_inline int track_app(struct bpf_sock_ops *skops) {
     struct flow_key key = {};
     delivery_key(skops, &key);
+    unmap_ipv4(&key);
+    joins.delete(&key);
     struct app_state fresh = {};
     app_state.update(&key, &fresh);
     long err = apps.sock_hash_update(skops, &key, BPF_ANY);
     if (err)
         app_state.delete(&key);
+    return 1;
+}
+
+// One of the proxy's sockets an app may push into (see `fastpath`): what its peer acknowledged,
+// now and on every ACK from now on (BPF_SOCK_OPS_RTT_CB).
+static __always_inline int track_leg(struct bpf_sock_ops *skops) {
+    __u64 cookie = ferry_socket_cookie(skops);
+    __u64 acked = skops->bytes_acked;
+    leg_acked.update(&cookie, &acked);
+    bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_RTT_CB_FLAG);
+    return 1;
+}
+
+static __always_inline int leg_acked_now(struct bpf_sock_ops *skops) {
+    __u64 cookie = ferry_socket_cookie(skops);
+    __u64 acked = skops->bytes_acked;
+    leg_acked.update(&cookie, &acked);
     return 1;
 }
 
@@ -351,8 +391,14 @@ static __always_inline int active_established(struct bpf_sock_ops *skops) {
     __u64 cookie = ferry_socket_cookie(skops);
     int captured = origdst_cookie.lookup(&cookie) != 0;
     key_original_dst(skops);
-    if (cfg && cfg->fastpath && captured)
-        track_app(skops);
+    if (!cfg || !cfg->fastpath)
+        return 1;
+    if (captured)
+        return track_app(skops);
+    // The proxy's delivery to an app (it carries the connmark, see is_proxy): a leg.
+    struct bpf_sock *sk = skops->sk;
+    if (sk && (sk->mark & cfg->mark_mask) == (cfg->connmark & cfg->mark_mask))
+        return track_leg(skops);
     return 1;
 }
 
@@ -365,9 +411,13 @@ static __always_inline int passive_established(struct bpf_sock_ops *skops) {
     struct config *cfg = enrolled_config(skops);
     if (!cfg || !cfg->fastpath)
         return 1;
-    if ((sk->mark & cfg->mark_mask) != (cfg->connmark & cfg->mark_mask))
-        return 1;
-    return track_app(skops);
+    if ((sk->mark & cfg->mark_mask) == (cfg->connmark & cfg->mark_mask))
+        return track_app(skops);
+    // The proxy's end of an app's connection to the outbound listener: a leg.
+    if ((sk->mark & cfg->mark_mask) == (cfg->mark & cfg->mark_mask) &&
+        skops->local_port == cfg->outbound_port)
+        return track_leg(skops);
+    return 1;
 }
 
 int sockops(struct bpf_sock_ops *skops) {
@@ -380,6 +430,8 @@ int sockops(struct bpf_sock_ops *skops) {
         return active_established(skops);
     case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
         return passive_established(skops);
+    case BPF_SOCK_OPS_RTT_CB:
+        return leg_acked_now(skops);
     }
     return 1;
 }
@@ -501,8 +553,24 @@ int sk_lookup(struct bpf_sk_lookup *ctx) {
     return err ? SK_DROP : SK_PASS;
 }
 
+// At most this many bytes wait in the proxy socket a switched app pushes into (written, not yet
+// acknowledged by the other app).  The proxy gives that socket a send buffer well above it, so a
+// push never finds it full: a full socket would fail the app's nonblocking send with EAGAIN and
+// no wakeup would ever follow on the app's own socket.
+#define TARGET_BACKLOG (1 << 20)
+
+// Whether the proxy socket `target` can take more: what was written into it (by the proxy,
+// `relayed`, and pushed by the app) minus what its peer acknowledged (`leg_acked`), under
+// TARGET_BACKLOG.
+static __always_inline int room_in(__u64 *target, __u64 written) {
+    __u64 *acked = leg_acked.lookup(target);
+    return acked && written < *acked + TARGET_BACKLOG;
+}
+
 // Every send of an app socket in `apps` (see the top).  It runs under the socket's lock, so
-// the count is the socket's own.
+// the counts are the socket's own.  A switched socket whose target is backed up (its reader is
+// slow) goes back to the ordinary way, where the app's own socket fills and wakes the app as it
+// drains; it switches again once the proxy has caught up and the target has room.
 int fastpath(struct sk_msg_md *msg) {
     struct flow_key key = {};
     key.netns = ferry_netns_cookie(msg);
@@ -521,22 +589,27 @@ int fastpath(struct sk_msg_md *msg) {
         key.dst[1] = msg->remote_ip6[1];
         key.dst[2] = msg->remote_ip6[2];
         key.dst[3] = msg->remote_ip6[3];
+        unmap_ipv4(&key);
     }
     struct app_state *app = app_state.lookup(&key);
     if (!app)
         return SK_PASS;
+    struct join *join = joins.lookup(&key);
+    __u64 target = join ? join->target : 0;
+    // Not switched: only once the proxy has written on every earlier byte (nothing can overtake).
+    if (!target || (!app->target && join->relayed != app->passed) ||
+        !room_in(&target, join->relayed + app->pushed)) {
+        app->target = 0;
+        app->passed += msg->size;
+        return SK_PASS;
+    }
     if (!app->target) {
-        struct join *join = joins.lookup(&key);
-        if (!join || !join->target || join->relayed != app->passed) {
-            app->passed += msg->size;  // not yet: the proxy still has earlier bytes to pass on
-            return SK_PASS;
-        }
-        app->target = join->target;
         int zero = 0;
         __u64 *count = switches.lookup(&zero);
         if (count)
             __sync_fetch_and_add(count, 1);
     }
-    __u64 target = app->target;
+    app->target = target;
+    app->pushed += msg->size;
     return legs.msg_redirect_hash(msg, &target, 0);  // into the proxy's other socket
 }

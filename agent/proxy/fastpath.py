@@ -16,6 +16,10 @@ SOCKHASH (by socket cookie) and writes a join for each app into `joins`, keyed b
 socket's 4-tuple as the app sees it (the peer of `down`, and of `up`): the proxy socket that
 carries its bytes on (C's: `up`, S's: `down`) and how many of its bytes the proxy has written
 there so far.  While the worker relays, it keeps that count current (`FastPath.progress`).
+Joins are never taken back: a closed app socket's join ages out of the LRU map, and `sockops`
+drops the join under a 4-tuple when a new app socket with that 4-tuple is established (before
+it can send), so a stale join never matches.  An app socket the kernel does not track (the fast
+path was off when it connected) never looks at its join.
 
 The switch.  On an app's send, when the proxy has written on every byte the app sent before
 (`relayed == passed`), the kernel switches that app socket for good: this send and every later
@@ -34,9 +38,13 @@ TCP_INFO and the send queue, which counts the kernel's bytes too.  Without the p
 (another backend, or the agent has not loaded them yet), or when the offer fails, the relay
 stays spliced.
 
-Backpressure.  A switched app's send waits for room in the proxy's socket as a send on that
-socket would: a blocking app blocks, a nonblocking app gets EAGAIN (its own socket stays
-writable, so it retries).
+Backpressure.  A switched app pushes into the proxy's socket, not its own, so a full proxy
+socket would fail a nonblocking app's send with EAGAIN while its own socket stays writable: an
+edge-triggered app (nginx) would wait for a wakeup that never comes.  So the proxy gives its two
+sockets a fixed send buffer (SNDBUF, SO_SNDBUFFORCE) far above what the kernel lets wait in them
+(TARGET_BACKLOG: written minus acknowledged, bpf/ferry.c): past that, the app's sends go the
+ordinary way again, where its own socket fills and wakes it as it drains, and the worker carries
+them; once the worker has caught up and the reader has made room, the next send switches back.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ import os
 import socket
 import struct
 import termios
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,25 +67,27 @@ log = logging.getLogger("ferry.proxy")
 STATE_DIR_ENV = "FERRY_STATE_DIR"  # set by the supervisor for its workers (it imports no relay)
 MAPS_PIN = Path("bpf") / "maps"
 SO_COOKIE = 57
+SO_SNDBUFFORCE = 32
+SNDBUF = 2 << 20  # the kernel doubles it: 4 MiB, well above TARGET_BACKLOG (1 MiB) in bpf/ferry.c
 SO_NETNS_COOKIE = 71
+RECHECK = 1.0  # seconds between looks at whether the agent pinned new maps
 TCP_INFO_SIZE = 136
 TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked in struct tcp_info
 _U64 = struct.Struct("=Q")
 FLOW_KEY = struct.Struct("=Q16s16sHHI")  # struct flow_key in bpf/ferry.c
 JOIN = struct.Struct("=QQ")  # struct join: relayed, target
-APP_STATE = struct.Struct("=QQ")  # struct app_state: passed, target
 
 
 @dataclass
 class Offer:
-    """The joins offered for one relay: each app's key, and what was last written for it."""
+    """The joins offered for one relay: each app's key, and the count last written for it."""
 
-    client: bytes  # C's key (its bytes go on through `up`); b"" when C is not tracked
-    server: bytes  # S's key (its bytes go on through `down`); b"" when S is not tracked
+    client: bytes  # C's key (its bytes go on through `up`)
+    server: bytes  # S's key (its bytes go on through `down`)
     up_cookie: bytes
     down_cookie: bytes
-    client_relayed: int  # -1: C is not tracked, nothing offered
-    server_relayed: int
+    client_relayed: int = 0
+    server_relayed: int = 0
 
 
 class FastPath:
@@ -85,8 +96,8 @@ class FastPath:
     def __init__(self, state_dir: Path | None) -> None:
         self.maps = None if state_dir is None else state_dir / MAPS_PIN
         self._fds: dict[str, tuple[int, int]] = {}  # name -> (fd, inode of the pin it came from)
-        self.offered = 0  # relays offered to the kernel
-        self.failed = 0  # offers that failed (the relay stayed spliced)
+        self._checked: dict[str, float] = {}  # name -> when its pin was last looked at
+        self._leg_size = 0  # value size of `legs`
 
     @classmethod
     def configured(cls, enabled: bool) -> FastPath:
@@ -98,73 +109,40 @@ class FastPath:
     def available(self) -> bool:
         return self.maps is not None and (self.maps / "joins").exists()
 
-    def offer(self, down: socket.socket, up: socket.socket, up_relayed: int,
-              down_relayed: int) -> Offer | None:  # fmt: skip
-        """Put both proxy sockets into `legs` and offer each tracked app its join; None (nothing
-        offered) when there are no maps or neither app is tracked."""
+    def offer(self, down: socket.socket, up: socket.socket) -> Offer | None:
+        """Put both proxy sockets into `legs` and offer each app its join (nothing relayed yet);
+        None (nothing offered) when there are no maps."""
         try:
-            legs, joins, apps = self._fd("legs"), self._fd("joins"), self._fd("app_state")
-            client = _tracked(apps, _keys(down, down.getpeername(), down.getsockname()))
-            server = _tracked(apps, _keys(up, up.getpeername(), up.getsockname()))
-            tracked = [client is not None, server is not None]
-            if client is None or server is None:
-                if not any(tracked):
-                    return None
-                client, server = client or b"", server or b""
-            offer = Offer(client, server, _cookie(up), _cookie(down), -1, -1)
-            size = sys_bpf.map_info(legs).value_size
+            legs, joins = self._fd("legs"), self._fd("joins")
+            offer = Offer(
+                client=_key(down, down.getpeername(), down.getsockname()),
+                server=_key(up, up.getpeername(), up.getsockname()),
+                up_cookie=_cookie(up),
+                down_cookie=_cookie(down),
+            )
             for sock, cookie in ((down, offer.down_cookie), (up, offer.up_cookie)):
-                value = sock.fileno().to_bytes(size, "little")
-                sys_bpf.map_update(legs, cookie, value, f"joining {sock.getsockname()}")
-            if tracked[0]:
-                self._write(joins, client, up_relayed, offer.up_cookie)
-                offer.client_relayed = up_relayed
-            if tracked[1]:
-                self._write(joins, server, down_relayed, offer.down_cookie)
-                offer.server_relayed = down_relayed
+                sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SNDBUF)
+                value = sock.fileno().to_bytes(self._leg_size, "little")
+                sys_bpf.map_update(legs, cookie, value, "offering a proxy socket")
+            self._write(joins, offer.client, 0, offer.up_cookie)
+            self._write(joins, offer.server, 0, offer.down_cookie)
         except OSError as exc:  # gone, not ours to open (no CAP_BPF), or a socket already shut
             log.debug("fast path: not offered: %s", exc)
-            self.failed += 1
             return None
-        self.offered += 1
         return offer
 
     def progress(self, offer: Offer, up_relayed: int, down_relayed: int) -> None:
         """Keep the offer's counts current while the worker still relays."""
         try:
             joins = self._fd("joins")
-            if 0 <= offer.client_relayed != up_relayed:
+            if offer.client_relayed != up_relayed:
                 self._write(joins, offer.client, up_relayed, offer.up_cookie)
                 offer.client_relayed = up_relayed
-            if 0 <= offer.server_relayed != down_relayed:
+            if offer.server_relayed != down_relayed:
                 self._write(joins, offer.server, down_relayed, offer.down_cookie)
                 offer.server_relayed = down_relayed
         except OSError as exc:  # the maps went away: the apps stay on the ordinary path
             log.debug("fast path: offer not kept current: %s", exc)
-            offer.client_relayed = offer.server_relayed = -1
-
-    def withdraw(self, offer: Offer) -> None:
-        """Forget both apps' joins and counts (the relay is closing)."""
-        try:
-            joins, apps = self._fd("joins"), self._fd("app_state")
-        except OSError:
-            return
-        for key in (offer.client, offer.server):
-            if key:
-                sys_bpf.map_delete(joins, key)
-                sys_bpf.map_delete(apps, key)
-
-    def switched(self, offer: Offer) -> int:
-        """How many of the offer's two apps the kernel has switched (status and tests)."""
-        try:
-            apps = self._fd("app_state")
-        except OSError:
-            return 0
-        count = 0
-        for key in filter(None, (offer.client, offer.server)):
-            value = sys_bpf.map_lookup(apps, key, APP_STATE.size)
-            count += value is not None and APP_STATE.unpack(value)[1] != 0
-        return count
 
     def close(self) -> None:
         for fd, _ in self._fds.values():
@@ -172,18 +150,25 @@ class FastPath:
         self._fds.clear()
 
     def _fd(self, name: str) -> int:
-        """An fd on the pinned map `name`, opened again when the agent pinned a new one."""
+        """An fd on the pinned map `name`, opened again when the agent pinned a new one (the
+        pin is looked at once per RECHECK seconds at most)."""
         if self.maps is None:
             raise FileNotFoundError("no fast-path maps")
+        held = self._fds.get(name)
+        now = time.monotonic()
+        if held is not None and now - self._checked[name] < RECHECK:
+            return held[0]
         path = self.maps / name
         inode = os.stat(path).st_ino
-        held = self._fds.get(name)
+        self._checked[name] = now
         if held is not None and held[1] == inode:
             return held[0]
         fd = sys_bpf.obj_get(path)
         if held is not None:
             os.close(held[0])
         self._fds[name] = (fd, inode)
+        if name == "legs":
+            self._leg_size = sys_bpf.map_info(fd).value_size
         return fd
 
     @staticmethod
@@ -213,10 +198,6 @@ class JoinedRelay(Relay):
     def bytes_down(self) -> int:
         return self._sent()[1] if self.offer is not None else self.down_half.nbytes
 
-    @property
-    def offered(self) -> bool:
-        return self.offer is not None
-
     def on_event(self, fd: int, events: int) -> None:
         super().on_event(fd, events)
         if self.offer is not None and not self.closed:
@@ -227,13 +208,12 @@ class JoinedRelay(Relay):
         answer before its join is there."""
         if not super()._finish_connect():
             return False
-        self.offer = self.fastpath.offer(self.down, self.up, 0, 0)
+        self.offer = self.fastpath.offer(self.down, self.up)
         return True
 
     def close(self) -> None:
         if self.offer is not None and not self.closed:
             self._sent()
-            self.fastpath.withdraw(self.offer)
         super().close()
 
     def _sent(self) -> tuple[int, int]:
@@ -247,27 +227,14 @@ class JoinedRelay(Relay):
         return self.sent
 
 
-def _keys(sock: socket.socket, local: tuple[str, int], remote: tuple[str, int]) -> list[bytes]:
-    """The flow keys the app socket at the other end of `sock` (which lives in the app's netns)
-    may have, `local` and `remote` as the app sees them: an IPv4 connection's app socket may be
-    an IPv6 one (a dual-stack socket, IPv4-mapped addresses)."""
+def _key(sock: socket.socket, local: tuple[str, int], remote: tuple[str, int]) -> bytes:
+    """The flow key of the app socket at the other end of `sock` (which lives in the app's
+    netns), `local` and `remote` as the app sees them (an IPv4 connection of a dual-stack app
+    socket is keyed as IPv4 in the kernel too)."""
     netns = _U64.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
-    v6 = socket.AF_INET6
-    if sock.family == v6:
-        addrs = [(v6, socket.inet_pton(v6, local[0]), socket.inet_pton(v6, remote[0]))]
-    else:
-        here, there = socket.inet_aton(local[0]), socket.inet_aton(remote[0])
-        mapped = bytes(10) + b"\xff\xff"
-        addrs = [(socket.AF_INET, here, there), (v6, mapped + here, mapped + there)]
-    return [FLOW_KEY.pack(netns, a, b, local[1], remote[1], int(f)) for f, a, b in addrs]
-
-
-def _tracked(apps: int, keys: list[bytes]) -> bytes | None:
-    """The one of `keys` the kernel tracks (`app_state`), if any."""
-    for key in keys:
-        if sys_bpf.map_lookup(apps, key, APP_STATE.size) is not None:
-            return key
-    return None
+    family = sock.family
+    here, there = socket.inet_pton(family, local[0]), socket.inet_pton(family, remote[0])
+    return FLOW_KEY.pack(netns, here, there, local[1], remote[1], int(family))
 
 
 def _cookie(sock: socket.socket) -> bytes:

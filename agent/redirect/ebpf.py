@@ -40,7 +40,8 @@ Same-node fast path (`redirection.kernel_fastpath`, the config map's `fastpath`)
 puts the app sockets of proxied connections into the `apps` SOCKHASH; the `fastpath` program is
 its sk_msg verdict (BPF_PROG_ATTACH, no link: the map holds it).  The proxy offers joins for
 uninspected same-node connections (`agent.proxy.fastpath`, maps `legs` and `joins`), and each
-app's sends then go straight into the proxy's socket toward the other app (bpf/ferry.c).
+app's sends then go straight into the proxy's socket toward the other app (bpf/ferry.c), as long
+as that socket's backlog stays small (`leg_acked`, kept by `sockops` on every ACK).
 
 State.  Maps, programs and links are pinned under `<state dir>/bpf` (a bpffs instance Ferry
 mounts there unless one already is): `maps/<name>`, `progs/<object key>/<name>`,

@@ -50,6 +50,7 @@ MAPS = (
     "app_state",
     "joins",
     "switches",
+    "leg_acked",
 )
 PROGRAMS = {
     "connect4": (sys_bpf.PROG_CGROUP_SOCK_ADDR, sys_bpf.ATTACH_CGROUP_INET4_CONNECT),

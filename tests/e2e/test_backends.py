@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.proxy.fastpath import APP_STATE, FLOW_KEY
+from agent.proxy.fastpath import FLOW_KEY
 from agent.redirect import bpf_syscall as bpf
 from agent.redirect import ebpf
 from agent.redirect.ebpf_object import load_or_compile
@@ -275,16 +276,22 @@ def kernel_seconds(pid: int) -> float:
     return float(sum(p.cpu_times().system for p in (proxy, *proxy.children(recursive=True))))
 
 
+APP_STATE = struct.Struct("=QQQ")  # struct app_state in bpf/ferry.c: passed, target, pushed
+
+
 def joined(ferry: FerryNode) -> int:
-    """How many app sockets the kernel has switched to the fast path (`app_state` entries with
-    a target)."""
-    fd = bpf.obj_get(ebpf.pin_root(ferry.state_dir) / "maps" / "app_state")
+    """How many open app sockets (in the `apps` SOCKHASH, which a socket leaves as it closes)
+    the kernel has switched to the fast path (their `app_state` has a target)."""
+    maps = ebpf.pin_root(ferry.state_dir) / "maps"
+    apps, state = bpf.obj_get(maps / "apps"), bpf.obj_get(maps / "app_state")
     try:
-        keys = bpf.map_keys(fd, FLOW_KEY.size)
-        values = (bpf.map_lookup(fd, key, APP_STATE.size) for key in keys)
+        values = (
+            bpf.map_lookup(state, key, APP_STATE.size) for key in bpf.map_keys(apps, FLOW_KEY.size)
+        )
         return sum(1 for v in values if v is not None and APP_STATE.unpack(v)[1] != 0)
     finally:
-        os.close(fd)
+        os.close(apps)
+        os.close(state)
 
 
 def switches(ferry: FerryNode) -> int:
@@ -327,6 +334,39 @@ def test_joined_connections_deliver_every_response(node: tuple[SimNode, Pod, Pod
 
 
 @pytest.mark.usefixtures("bpf_object")
+def test_a_slow_reader_holds_back_a_switched_nginx_without_stalling_it(
+    node: tuple[SimNode, Pod, Pod],
+) -> None:
+    """nginx (edge-triggered, nonblocking) sends 48 MiB through the fast path to curl reading
+    at 24 MiB/s: once the proxy's socket holds a backlog, nginx's sends go the ordinary way and
+    its own socket wakes it as it drains, so the download ends in about two seconds, whole.
+    Pushing into a full proxy socket would fail nginx's send with EAGAIN and no wakeup would
+    follow: it stalled after a few MiB until its send timeout."""
+    sim_node, client, server = node
+    server.start_nginx(8082)
+    size = 48 << 20
+    (sim_node.tmpdir / f"nginx-{server.name}-8082" / "www" / "big.bin").write_bytes(bytes(size))
+    ferry = HostMountsFerry(sim_node, config={"redirection": {"backend": "ebpf"}})
+    ferry.start()
+    try:
+        ferry.enroll(client, "shop", "client")
+        ferry.enroll(server, "shop", "server")
+        url = f"http://{server.ip4}:8082/big.bin"
+        argv = ["curl", "-sS", "--max-time", "20", "--limit-rate", "24M", "-o", "/dev/null",
+                "-w", "%{size_download} %{http_code}", url]  # fmt: skip
+        result = client.exec(argv, timeout=30)
+        assert result.stdout == f"{size} 200", (result.stdout, result.stderr)
+        assert switches(ferry) >= 1, "nginx's sends went through the kernel"
+    except BaseException:
+        print(ferry.log_text())
+        raise
+    finally:
+        ferry.stop(ferry.agent)
+        ferry.stop(ferry.proxy)
+        ebpf.cleanup(ferry.state_dir)
+
+
+@pytest.mark.usefixtures("bpf_object")
 def test_same_node_connections_are_joined_in_the_kernel(
     node: tuple[SimNode, Pod, Pod], tmp_path: Path
 ) -> None:
@@ -361,8 +401,9 @@ def test_same_node_connections_are_joined_in_the_kernel(
         assert counted >= received
 
         before = switches(ferry)
-        for seed in range(4):  # each side switched mid-stream, bytes still in the proxy
-            result = client.exec([sys.executable, "-c", STREAM, server.ip4, "7000", str(seed)])
+        addresses = (server.ip4, server.ip4, server.ip6, server.ip6)
+        for seed, address in enumerate(addresses):  # switched while the proxy holds bytes
+            result = client.exec([sys.executable, "-c", STREAM, address, "7000", str(seed)])
             assert result.stdout == f"{4 << 20} True\n", (result.stdout, result.stderr)
         assert switches(ferry) >= before + 4, "the streams went through the kernel"
 
