@@ -557,7 +557,7 @@ int sk_lookup(struct bpf_sk_lookup *ctx) {
 // acknowledged by the other app).  The proxy gives that socket a send buffer well above it, so a
 // push never finds it full: a full socket would fail the app's nonblocking send with EAGAIN and
 // no wakeup would ever follow on the app's own socket.
-#define TARGET_BACKLOG (1 << 20)
+#define TARGET_BACKLOG (8 << 20)
 
 // Whether the proxy socket `target` can take more: what was written into it (by the proxy,
 // `relayed`, and pushed by the app) minus what its peer acknowledged (`leg_acked`), under

@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.proxy.fastpath import FLOW_KEY
+from agent.proxy.fastpath import FLOW_KEY, JOIN
 from agent.redirect import bpf_syscall as bpf
 from agent.redirect import ebpf
 from agent.redirect.ebpf_object import load_or_compile
@@ -331,6 +331,19 @@ def test_joined_connections_deliver_every_response(node: tuple[SimNode, Pod, Pod
         ferry.stop(ferry.agent)
         ferry.stop(ferry.proxy)
         ebpf.cleanup(ferry.state_dir)
+
+
+def test_the_proxy_and_the_kernel_agree_on_the_fast_path_maps() -> None:
+    """The proxy writes `joins` and `legs` by hand (agent.proxy.fastpath): their key and value
+    sizes are the compiled object's."""
+    obj = load_or_compile(Path(os.environ[ebpf.CACHE_ENV]))
+    maps = {spec.name: spec for spec in obj.maps}
+    assert (maps["joins"].key_size, maps["joins"].value_size) == (FLOW_KEY.size, JOIN.size)
+    assert (maps["app_state"].key_size, maps["app_state"].value_size) == (
+        FLOW_KEY.size,
+        APP_STATE.size,
+    )
+    assert maps["legs"].key_size == maps["leg_acked"].key_size == 8
 
 
 @pytest.mark.usefixtures("bpf_object")
