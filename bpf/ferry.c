@@ -107,6 +107,25 @@ struct flow_key {
     __u32 family;
 };
 
+// Fill a flow key's addresses from a context with `<side>_ip4` / `<side>_ip6[4]` fields (sockops,
+// sk_lookup and sk_msg all have them): `src` from the FROM side, `dst` from the TO side.
+#define FLOW_ADDRS(key, ctx, FROM, TO)                  \
+    do {                                                \
+        if ((ctx)->family == AF_INET) {                 \
+            (key)->src[0] = (ctx)->FROM##_ip4;          \
+            (key)->dst[0] = (ctx)->TO##_ip4;            \
+        } else {                                        \
+            (key)->src[0] = (ctx)->FROM##_ip6[0];       \
+            (key)->src[1] = (ctx)->FROM##_ip6[1];       \
+            (key)->src[2] = (ctx)->FROM##_ip6[2];       \
+            (key)->src[3] = (ctx)->FROM##_ip6[3];       \
+            (key)->dst[0] = (ctx)->TO##_ip6[0];         \
+            (key)->dst[1] = (ctx)->TO##_ip6[1];         \
+            (key)->dst[2] = (ctx)->TO##_ip6[2];         \
+            (key)->dst[3] = (ctx)->TO##_ip6[3];         \
+        }                                               \
+    } while (0)
+
 struct listener_key {
     __u64 netns;
     __u32 family;
@@ -272,19 +291,7 @@ static __always_inline void delivery_key(struct bpf_sock_ops *skops, struct flow
     key->family = skops->family;
     key->sport = skops->local_port;
     key->dport = bpf_ntohl(skops->remote_port);
-    if (skops->family == AF_INET) {
-        key->src[0] = skops->local_ip4;
-        key->dst[0] = skops->remote_ip4;
-    } else {
-        key->src[0] = skops->local_ip6[0];
-        key->src[1] = skops->local_ip6[1];
-        key->src[2] = skops->local_ip6[2];
-        key->src[3] = skops->local_ip6[3];
-        key->dst[0] = skops->remote_ip6[0];
-        key->dst[1] = skops->remote_ip6[1];
-        key->dst[2] = skops->remote_ip6[2];
-        key->dst[3] = skops->remote_ip6[3];
-    }
+    FLOW_ADDRS(key, skops, local, remote);
 }
 
 static __always_inline int track_delivery(struct bpf_sock_ops *skops) {
@@ -529,19 +536,7 @@ int sk_lookup(struct bpf_sk_lookup *ctx) {
     struct flow_key flow = {.netns = NETNS_COOKIE, .family = ctx->family};
     flow.sport = bpf_ntohs((__u16)ctx->remote_port);
     flow.dport = port;
-    if (ctx->family == AF_INET) {
-        flow.src[0] = ctx->remote_ip4;
-        flow.dst[0] = ctx->local_ip4;
-    } else {
-        flow.src[0] = ctx->remote_ip6[0];
-        flow.src[1] = ctx->remote_ip6[1];
-        flow.src[2] = ctx->remote_ip6[2];
-        flow.src[3] = ctx->remote_ip6[3];
-        flow.dst[0] = ctx->local_ip6[0];
-        flow.dst[1] = ctx->local_ip6[1];
-        flow.dst[2] = ctx->local_ip6[2];
-        flow.dst[3] = ctx->local_ip6[3];
-    }
+    FLOW_ADDRS(&flow, ctx, remote, local);
     if (deliveries.lookup(&flow))
         return SK_PASS;  // the proxy delivering to the app
     struct listener_key key = {.netns = NETNS_COOKIE, .family = ctx->family};
@@ -577,20 +572,8 @@ int fastpath(struct sk_msg_md *msg) {
     key.family = msg->family;
     key.sport = msg->local_port;
     key.dport = bpf_ntohl(msg->remote_port);
-    if (msg->family == AF_INET) {
-        key.src[0] = msg->local_ip4;
-        key.dst[0] = msg->remote_ip4;
-    } else {
-        key.src[0] = msg->local_ip6[0];
-        key.src[1] = msg->local_ip6[1];
-        key.src[2] = msg->local_ip6[2];
-        key.src[3] = msg->local_ip6[3];
-        key.dst[0] = msg->remote_ip6[0];
-        key.dst[1] = msg->remote_ip6[1];
-        key.dst[2] = msg->remote_ip6[2];
-        key.dst[3] = msg->remote_ip6[3];
-        unmap_ipv4(&key);
-    }
+    FLOW_ADDRS(&key, msg, local, remote);
+    unmap_ipv4(&key);
     struct app_state *app = app_state.lookup(&key);
     if (!app)
         return SK_PASS;
